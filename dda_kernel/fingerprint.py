@@ -1,0 +1,39 @@
+"""Stable fingerprints of specs and settings: the same value gives the same hex string everywhere."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import hashlib
+import json
+from typing import Any
+
+
+def canonical(obj: Any) -> Any:
+    """Return a JSON-serialisable, order-stable form of ``obj``.
+
+    Dataclasses become ``{"__type__": name, field: value}``, tuples and lists become lists, sets and
+    frozensets become sorted lists, floats keep their exact ``repr`` (so 0.1 and 0.1000001 differ).
+    """
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        fields = {f.name: canonical(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return {"__type__": type(obj).__name__, **fields}
+    if isinstance(obj, enum.Enum):
+        return canonical(obj.value)
+    if isinstance(obj, dict):
+        return {str(k): canonical(v) for k, v in sorted(obj.items(), key=lambda kv: str(kv[0]))}
+    if isinstance(obj, (list, tuple)):
+        return [canonical(v) for v in obj]
+    if isinstance(obj, (set, frozenset)):
+        return sorted(canonical(v) for v in obj)
+    if isinstance(obj, float):
+        return {"__float__": repr(obj)}
+    if obj is None or isinstance(obj, (bool, int, str)):
+        return obj
+    raise TypeError(f"cannot fingerprint a value of type {type(obj).__name__}: {obj!r}")
+
+
+def stable_fingerprint(obj: Any, length: int = 16) -> str:
+    """SHA-256 of the canonical JSON of ``obj``, as ``length`` hex characters."""
+    text = json.dumps(canonical(obj), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:length]

@@ -1,0 +1,232 @@
+"""Per-sample projected gradient embeddings of a causal LM (DESIGN.md section 2, steps 1-3).
+
+For each sample i and tracked module m: ĝ_{i,m} = vec(Σ_t (P_out δ_t)(P_in x_t)ᵀ), where x_t is the
+module input at token t and δ_t = ∂l_i/∂y_t the gradient of the sample's loss w.r.t. the module
+output. The weights are frozen; the backward pass starts at the embedding output and computes
+activation gradients only. Because a sample's loss depends only on its own activations, the gradient
+of Σ_i l_i w.r.t. sample i's activations is ∇l_i: one backward pass yields every per-sample gradient.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from dda_kernel.errors import EmptyResponseError, LayoutMismatchError, NonFiniteLossError
+from dda_kernel.modules import tracked_modules
+from dda_kernel.projection import LossReduction, Projector
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class TokenBatch:
+    """A padded batch: ``input_ids``, ``attention_mask``, ``labels`` all of shape (B, T).
+
+    ``labels`` follows the Hugging Face convention: the token id where the loss counts (response
+    tokens), ``IGNORE_INDEX`` elsewhere (prompt, padding); the shift happens inside the loss.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+
+
+@dataclass(frozen=True)
+class EmbeddingBatch:
+    """Result of :func:`embed_batch`: ``vectors`` (B, D), ``loss`` (B,), ``n_tokens`` (B,) response tokens."""
+
+    vectors: torch.Tensor
+    loss: torch.Tensor
+    n_tokens: torch.Tensor
+
+
+def pad_batch(sequences: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int, side: str = "right") -> TokenBatch:
+    """Pad [(input_ids, labels)] pairs of equal per-pair length into a :class:`TokenBatch`.
+
+    ``side`` is ``"right"`` or ``"left"``; padded positions get mask 0 and label ``IGNORE_INDEX``.
+    """
+    if side not in ("right", "left"):
+        raise ValueError(f"padding side must be 'right' or 'left', got {side!r}")
+    width = max(len(ids) for ids, _ in sequences)
+    ids_rows, mask_rows, label_rows = [], [], []
+    for ids, labels in sequences:
+        if len(ids) != len(labels):
+            raise ValueError(f"input_ids and labels differ in length ({len(ids)} vs {len(labels)})")
+        pad = width - len(ids)
+        fill_ids, fill_mask, fill_lab = [pad_id] * pad, [0] * pad, [IGNORE_INDEX] * pad
+        ones = [1] * len(ids)
+        if side == "right":
+            ids_rows.append([*ids, *fill_ids])
+            mask_rows.append([*ones, *fill_mask])
+            label_rows.append([*labels, *fill_lab])
+        else:
+            ids_rows.append([*fill_ids, *ids])
+            mask_rows.append([*fill_mask, *ones])
+            label_rows.append([*fill_lab, *labels])
+    ids_t, mask_t, labels_t = (torch.tensor(rows, dtype=torch.long) for rows in (ids_rows, mask_rows, label_rows))
+    return TokenBatch(ids_t, mask_t, labels_t)
+
+
+def per_sample_loss(
+    logits: torch.Tensor, labels: torch.Tensor, reduction: LossReduction = "mean"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Response-token negative log-likelihood per sample.
+
+    logits: (B, T, V); labels: (B, T). Token t predicts labels[t + 1].
+    Returns (loss (B,), n_tokens (B,)) with loss_i = Σ_t nll_{i,t} (÷ n_tokens_i for ``"mean"``).
+    """
+    shift_logits = logits[:, :-1, :]
+    shift_labels = labels[:, 1:]
+    mask = shift_labels != IGNORE_INDEX
+    nll = nn.functional.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.shape[-1]),
+        shift_labels.clamp(min=0).reshape(-1),
+        reduction="none",
+    ).view_as(shift_labels)
+    n_tokens = mask.sum(dim=1)
+    total = (nll * mask).sum(dim=1)
+    loss = total / n_tokens.clamp(min=1) if reduction == "mean" else total
+    return loss, n_tokens
+
+
+def response_token_counts(labels: torch.Tensor) -> torch.Tensor:
+    """Number of loss-bearing tokens per sample (labels after the one-token shift), shape (B,)."""
+    return (labels[:, 1:] != IGNORE_INDEX).sum(dim=1)
+
+
+def _name(names: Sequence[str] | None, i: int) -> str:
+    return f"sample {names[i]!r}" if names is not None else f"sample #{i} of the batch"
+
+
+def check_batch(batch: TokenBatch, names: Sequence[str] | None = None) -> None:
+    """Raise :class:`EmptyResponseError` for a row with no response token to compute a loss on."""
+    counts = response_token_counts(batch.labels)
+    for i in torch.nonzero(counts == 0).flatten().tolist():
+        raise EmptyResponseError(
+            f"{_name(names, i)} has no response token after truncation: shorten its prompt or raise "
+            "the maximum sequence length"
+        )
+
+
+@contextlib.contextmanager
+def _frozen_eval(model: nn.Module) -> Iterator[None]:
+    """Freeze every parameter and switch to eval mode; restore both on exit."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    was_training = model.training
+    for p, _ in flags:
+        p.requires_grad_(False)
+    model.eval()
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        model.train(was_training)
+
+
+def _embedding_requires_grad(_module: nn.Module, _inputs: Any, output: torch.Tensor) -> torch.Tensor:
+    return output.requires_grad_(True)
+
+
+def embed_batch(
+    model: nn.Module, batch: TokenBatch, projector: Projector, names: Sequence[str] | None = None
+) -> EmbeddingBatch:
+    """Projected per-sample gradients of the response loss for every sample of ``batch``.
+
+    model: a causal LM taking ``input_ids``, ``attention_mask``, ``position_ids`` and returning
+    ``.logits`` (B, T, V), whose dtype is the compute dtype. Position ids are derived from the mask,
+    so left and right padding give the same result. Returns vectors (B, D) in the model's dtype with
+    D = ``projector.layout.dim``. ``names`` label samples in error messages.
+    """
+    check_batch(batch, names)
+    layout = projector.layout
+    modules = tracked_modules(model, layout.spec)
+    if [(n, a, b) for n, _, a, b in modules] != [(s.name, s.d_in, s.d_out) for s in layout.slots]:
+        raise LayoutMismatchError(
+            f"model modules do not match projection layout {layout.fingerprint}: rebuild the layout for this model"
+        )
+    device = next(model.parameters()).device
+    ids, mask, labels = (t.to(device) for t in (batch.input_ids, batch.attention_mask, batch.labels))
+    inputs: list[torch.Tensor] = []
+    outputs: list[torch.Tensor] = []
+
+    def capture(index: int) -> Any:
+        def hook(_m: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+            with torch.no_grad():
+                x = args[0]
+                p_in = projector.p_in[index]
+                inputs.append(x.detach() if p_in is None else x.detach() @ p_in.to(x.dtype).T)
+            outputs.append(out)
+
+        return hook
+
+    handles = [m.register_forward_hook(capture(j)) for j, (_, m, _, _) in enumerate(modules)]
+    embedding = model.get_input_embeddings()  # type: ignore[operator]
+    handles.append(embedding.register_forward_hook(_embedding_requires_grad))
+    try:
+        with _frozen_eval(model), torch.enable_grad():
+            position_ids = (mask.cumsum(dim=-1) - 1).clamp(min=0)
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits
+            loss, n_tokens = per_sample_loss(logits, labels, layout.spec.loss_reduction)
+            _check_finite(loss, names)
+            if len(outputs) != len(modules):
+                raise LayoutMismatchError(
+                    f"{len(modules)} tracked modules ran {len(outputs)} times in one forward pass: "
+                    "exclude shared or unused modules with the projection spec's exclude patterns"
+                )
+            deltas = torch.autograd.grad(loss.sum(), outputs, allow_unused=True)
+    finally:
+        for h in handles:
+            h.remove()
+    vectors = _assemble(projector, inputs, outputs, deltas)
+    _check_finite(vectors.sum(dim=1), names, what="gradient")
+    return EmbeddingBatch(vectors, loss.detach(), n_tokens)
+
+
+def _check_finite(values: torch.Tensor, names: Sequence[str] | None, what: str = "loss") -> None:
+    """Raise :class:`NonFiniteLossError` naming the first sample whose ``values`` entry is NaN/inf."""
+    bad = torch.nonzero(~torch.isfinite(values)).flatten().tolist()
+    if bad:
+        raise NonFiniteLossError(
+            f"{_name(names, bad[0])} has a non-finite {what} ({values[bad[0]].item()}): check the "
+            "checkpoint weights and the sample's tokens"
+        )
+
+
+def _assemble(
+    projector: Projector,
+    inputs: list[torch.Tensor],
+    outputs: list[torch.Tensor],
+    deltas: Sequence[torch.Tensor | None],
+) -> torch.Tensor:
+    """Concatenate ĝ_{i,m} = vec(Σ_t δ̃_t x̃_tᵀ) over modules: (B, T, k_out) × (B, T, k_in) → (B, D)."""
+    parts = []
+    for j, (x_proj, out, delta) in enumerate(zip(inputs, outputs, deltas, strict=True)):
+        d = torch.zeros_like(out) if delta is None else delta
+        p_out = projector.p_out[j]
+        d_proj = d if p_out is None else d @ p_out.to(d.dtype).T
+        batch = d.shape[0]
+        d_flat = d_proj.reshape(batch, -1, d_proj.shape[-1])
+        x_flat = x_proj.reshape(batch, -1, x_proj.shape[-1])
+        g = torch.einsum("btk,btj->bkj", d_flat, x_flat)
+        parts.append(g.reshape(g.shape[0], -1))
+    return torch.cat(parts, dim=1)
+
+
+def contrastive_query(hallucinated: torch.Tensor, corrected: torch.Tensor) -> torch.Tensor:
+    """ĝ_q = ĝ(prompt, hallucinated) − ĝ(prompt, corrected), rows paired: (m, D), (m, D) → (m, D).
+
+    Traces what made the model prefer the error over the correction (DESIGN.md section 2, step 3).
+    """
+    if hallucinated.shape != corrected.shape:
+        raise ValueError(
+            f"hallucinated {tuple(hallucinated.shape)} and corrected {tuple(corrected.shape)} embeddings "
+            "differ in shape: pair every hallucinated output with one corrected output"
+        )
+    return hallucinated - corrected

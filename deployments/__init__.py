@@ -1,0 +1,1 @@
+"""deployments layer of DDA lineage (DESIGN.md section 3)."""

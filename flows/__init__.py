@@ -1,0 +1,1 @@
+"""flows layer of DDA lineage (DESIGN.md section 3)."""

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Every check CI runs: formatting, lint, types (dda_kernel, storage), the whole test suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=.venv/bin
+$BIN/ruff format --check .
+$BIN/ruff check .
+$BIN/mypy dda_kernel storage
+$BIN/python -m pytest "$@"

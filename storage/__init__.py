@@ -1,0 +1,1 @@
+"""storage layer of DDA lineage (DESIGN.md section 3)."""

@@ -1,0 +1,1 @@
+"""tasks layer of DDA lineage (DESIGN.md section 3)."""

@@ -1,0 +1,52 @@
+"""Shared fixtures: tiny LLaMA models built from a config with a fixed seed (nothing is downloaded)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+VOCAB = 61
+
+
+def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float64) -> LlamaForCausalLM:
+    """A 2-layer LLaMA (hidden 24, 4 heads, 2 KV heads) with random weights, in eval mode."""
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=24,
+        intermediate_size=40,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).to(dtype)
+    model.eval()
+    return model
+
+
+def toy_samples(n: int = 6, seed: int = 1) -> list[tuple[list[int], list[int]]]:
+    """(input_ids, labels) pairs of different lengths; labels mask the prompt with -100."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        prompt = [rng.randrange(1, VOCAB) for _ in range(rng.randrange(2, 7))]
+        response = [rng.randrange(1, VOCAB) for _ in range(rng.randrange(1, 6))]
+        out.append((prompt + response, [-100] * len(prompt) + response))
+    return out
+
+
+@pytest.fixture
+def model64() -> LlamaForCausalLM:
+    """The tiny LLaMA in float64."""
+    return tiny_llama()
+
+
+@pytest.fixture
+def samples() -> list[tuple[list[int], list[int]]]:
+    """Six variable-length toy samples."""
+    return toy_samples()

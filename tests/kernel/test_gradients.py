@@ -1,0 +1,159 @@
+"""Per-sample gradient embeddings against exact float64 references on a tiny LLaMA."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from dda_kernel import (
+    EmptyResponseError,
+    NonFiniteLossError,
+    NoTrackedModulesError,
+    ProjectionSpec,
+    build_projector,
+    contrastive_query,
+    embed_batch,
+    layout_for,
+    linear_modules,
+    pad_batch,
+    project_gradient,
+)
+from tests.conftest import tiny_llama
+
+EXACT = ProjectionSpec(identity=True)
+
+
+def reference_gradients(model: torch.nn.Module, samples, names: list[str]) -> torch.Tensor:
+    """Loop of single-sample ``loss.backward()``: rows = concat vec(∂l/∂W_m).
+
+    The loss is written out here (mean response-token NLL from ``log_softmax``), in float64
+    throughout; Hugging Face's built-in loss upcasts logits to float32, too coarse for a 1e-9 check.
+    """
+    weights = {n: m.weight for n, m, _, _ in linear_modules(model)}
+    for p in model.parameters():
+        p.requires_grad_(True)
+    rows = []
+    for ids, labels in samples:
+        model.zero_grad()
+        logits = model(input_ids=torch.tensor([ids])).logits[0]
+        targets = torch.tensor(labels[1:])
+        keep = targets != -100
+        logp = torch.log_softmax(logits[:-1][keep], dim=-1)
+        loss = -logp.gather(1, targets[keep][:, None]).mean()
+        loss.backward()
+        rows.append(torch.cat([weights[n].grad.flatten() for n in names]))
+    return torch.stack(rows)
+
+
+def embed(model, samples, spec=EXACT, side="right", batch_size=None):
+    layout = layout_for(model, spec)
+    projector = build_projector(layout, dtype=torch.float64)
+    size = batch_size or len(samples)
+    parts = [
+        embed_batch(model, pad_batch(samples[i : i + size], pad_id=0, side=side), projector).vectors
+        for i in range(0, len(samples), size)
+    ]
+    return torch.cat(parts), layout
+
+
+def test_identity_projection_equals_single_sample_backward(model64, samples):
+    got, layout = embed(model64, samples)
+    names = [s.name for s in layout.slots]
+    assert "lm_head" not in names
+    assert len(names) == 14
+    want = reference_gradients(model64, samples, names)
+    assert got.shape == want.shape == (len(samples), layout.dim)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("batch_size", [1, 2, 4])
+def test_batch_size_padding_side_and_order_invariance(model64, samples, side, batch_size):
+    ref, _ = embed(model64, samples, batch_size=len(samples))
+    got, _ = embed(model64, samples, side=side, batch_size=batch_size)
+    torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-12)
+    order = [3, 0, 5, 1, 4, 2]
+    shuffled, _ = embed(model64, [samples[i] for i in order], side=side, batch_size=batch_size)
+    torch.testing.assert_close(shuffled, ref[order], rtol=1e-9, atol=1e-12)
+
+
+def test_projected_equals_projection_of_exact_gradient(model64, samples):
+    spec = ProjectionSpec(k_in=5, k_out=3, seed=7)
+    got, layout = embed(model64, samples, spec=spec)
+    exact, exact_layout = embed(model64, samples)
+    projector = build_projector(layout, dtype=torch.float64)
+    parts = []
+    for j, (slot, eslot) in enumerate(zip(layout.slots, exact_layout.slots, strict=True)):
+        grad = exact[:, exact_layout.slice_of(eslot)].reshape(-1, slot.d_out, slot.d_in)
+        parts.append(project_gradient(projector, j, grad))
+    assert got.shape == (len(samples), 14 * 15)
+    torch.testing.assert_close(got, torch.cat(parts, dim=1), rtol=1e-9, atol=1e-12)
+
+
+def test_lora_effective_weight_gradients_equal_merged_model(samples):
+    base = tiny_llama(seed=3)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
+    torch.manual_seed(11)
+    lora = get_peft_model(copy.deepcopy(base), config)
+    merged = copy.deepcopy(lora).merge_and_unload()
+    assert not torch.equal(merged.model.layers[0].self_attn.q_proj.weight, base.model.layers[0].self_attn.q_proj.weight)
+    got, lora_layout = embed(lora, samples)
+    want, merged_layout = embed(merged, samples)
+    assert lora_layout.fingerprint == merged_layout.fingerprint == layout_for(base, EXACT).fingerprint
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+    names = [s.name for s in merged_layout.slots]
+    torch.testing.assert_close(got, reference_gradients(merged, samples, names), rtol=1e-9, atol=1e-12)
+
+
+def test_embedding_leaves_model_state_untouched(samples):
+    model = tiny_llama()
+    model.train()
+    flags = [p.requires_grad for p in model.parameters()]
+    embed(model, samples)
+    assert model.training
+    assert [p.requires_grad for p in model.parameters()] == flags
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_float32_matches_float64(samples):
+    spec = ProjectionSpec(k_in=4, k_out=4)
+    v64, _ = embed(tiny_llama(), samples, spec=spec)
+    model32 = tiny_llama(dtype=torch.float32)
+    layout = layout_for(model32, spec)
+    v32 = embed_batch(model32, pad_batch(samples, 0), build_projector(layout, torch.float32)).vectors
+    assert v32.dtype == torch.float32
+    torch.testing.assert_close(v32.double(), v64, rtol=1e-4, atol=1e-6)
+
+
+def test_contrastive_query_is_difference_of_gradients(model64, samples):
+    halluc = samples[:3]
+    fixed = [([*ids[:-1], ids[-1] % 60 + 1], [*labels[:-1], ids[-1] % 60 + 1]) for ids, labels in halluc]
+    g_h, _ = embed(model64, halluc)
+    g_c, _ = embed(model64, fixed)
+    q = contrastive_query(g_h, g_c)
+    torch.testing.assert_close(q, g_h - g_c)
+    assert float(q.norm()) > 0
+
+
+def test_empty_response_names_the_sample(model64):
+    batch = pad_batch([([1, 2, 3], [-100, 5, 6]), ([4, 5, 6], [-100, -100, -100])], pad_id=0)
+    projector = build_projector(layout_for(model64, EXACT), torch.float64)
+    with pytest.raises(EmptyResponseError, match="'b'.*no response token"):
+        embed_batch(model64, batch, projector, names=["a", "b"])
+
+
+def test_no_matching_module_is_an_error(model64):
+    with pytest.raises(NoTrackedModulesError, match="no linear module matches.*fix the module patterns"):
+        layout_for(model64, ProjectionSpec(include=(r"does_not_exist",)))
+
+
+def test_non_finite_loss_names_the_sample(samples):
+    model = tiny_llama()
+    with torch.no_grad():
+        model.model.embed_tokens.weight[samples[1][0][0]] = float("nan")
+    projector = build_projector(layout_for(model, EXACT), torch.float64)
+    with pytest.raises(NonFiniteLossError, match="'s1'.*non-finite"):
+        embed_batch(model, pad_batch(samples[:3], 0), projector, names=["s0", "s1", "s2"])
