@@ -1,0 +1,184 @@
+"""Gradient-embedding throughput against a plain training step, and peak memory (DESIGN.md section 8).
+
+    .venv/bin/python -m benchmarks.embed_throughput --model tiny
+    .venv/bin/python -m benchmarks.embed_throughput --model smollm2 --batch 8 --repeats 3
+
+For one model, batch and sequence length, in one process, it times (median of ``--repeats`` after
+one warm-up): a plain training step (forward + backward with weight gradients), a LoRA training
+step (r = 8 on q/v), and ``dda_kernel.embed_batch`` at the default projection. It reports
+samples/s, tokens/s and the ratio embed / training step. ``--memory`` reruns each mode in a fresh
+subprocess and reports its peak RSS above the loaded model, for several batch sizes and for 1 vs 4
+batches, to show memory is bounded by the batch and not by how much data is embedded.
+
+Measured 2026-11-21 on the project machine (2 CPUs, torch 2.13 CPU, float32, seq 64, default
+projection k_in = k_out = 8 over every block linear; results/embed_throughput_*.json):
+
+| model | batch | D | train step | LoRA step | embed | embed / train step | embed / LoRA step |
+| --- | --- | --- | --- | --- | --- | --- | --- |
+| tiny LLaMA 6.0 M | 16 | 1 792 | 69.4 samples/s | 95.8 | 94.0 | 1.35 | 0.98 |
+| SmolLM2-135M | 8 | 13 440 | 2.17 samples/s | 3.70 | 3.57 | 1.65 | 0.96 |
+
+Peak RSS above the loaded model, SmolLM2, embed: batch 2 → 294 MiB, 4 → 499, 8 → 1 024; 4 batches
+of 8 → 1 294 (the train step: 873 / 1 041 / 1 288 / 1 447). Memory grows with the batch, not with
+the number of batches (the 4-batch figure is allocator high-water, not retained data).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+from peft import LoraConfig, get_peft_model
+
+from dda_kernel import ProjectionSpec, build_projector, embed_batch, layout_for, pad_batch, per_sample_loss
+from dda_kernel.gradients import TokenBatch
+from tasks.models import load_smollm2, tiny_llama
+
+
+def make_batch(vocab: int, batch: int, seq: int, seed: int = 0) -> TokenBatch:
+    """Random tokens: the first half of each sequence is the prompt, the second half the response."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(batch):
+        ids = torch.randint(3, vocab, (seq,), generator=gen).tolist()
+        rows.append((ids, [-100] * (seq // 2) + ids[seq // 2 :]))
+    return pad_batch(rows, pad_id=0)
+
+
+def load(name: str) -> torch.nn.Module:
+    if name == "tiny":
+        return tiny_llama(vocab_size=4096)
+    model, _ = load_smollm2()
+    return model
+
+
+def train_step(model: torch.nn.Module, batch: TokenBatch) -> None:
+    """One plain training step: forward, response loss, backward into the weight gradients."""
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    per_sample_loss(logits, batch.labels)[0].mean().backward()
+    model.zero_grad(set_to_none=True)
+
+
+def runners(model: torch.nn.Module, batch: TokenBatch) -> dict[str, Callable[[], None]]:
+    spec = ProjectionSpec()
+    projector = build_projector(layout_for(model, spec), torch.float32)
+    out: dict[str, Callable[[], None]] = {
+        "train_step": lambda: train_step(model, batch),
+        "embed": lambda: embed_batch(model, batch, projector) and None,
+    }
+    return out
+
+
+def lora_runner(model: torch.nn.Module, batch: TokenBatch) -> Callable[[], None]:
+    lora = get_peft_model(model, LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))
+    return lambda: train_step(lora, batch)
+
+
+def timed(fn: Callable[[], None], repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def peak_rss_mib() -> float:
+    """VmHWM of this process (peak resident set size since the last reset), in MiB."""
+    with open("/proc/self/status") as f:
+        line = next(x for x in f if x.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024
+
+
+def memory_child(model_name: str, mode: str, batch: int, seq: int, n_batches: int) -> None:
+    """Run ``mode`` on ``n_batches`` batches; print JSON with peak RSS above the loaded model (MiB)."""
+    model = load(model_name)
+    vocab = model.get_input_embeddings().num_embeddings
+    data = [make_batch(vocab, batch, seq, seed=i) for i in range(n_batches)]
+    before = rss_mib()
+    with open("/proc/self/clear_refs", "w") as f:  # reset VmHWM (the peak RSS) to the current RSS
+        f.write("5")
+    for b in data:
+        fn = lora_runner(model, b) if mode == "lora_step" else runners(model, b)[mode]
+        fn()
+    peak = peak_rss_mib()
+    print(json.dumps({"mode": mode, "batch": batch, "n_batches": n_batches, "peak_above_model_mib": peak - before}))
+
+
+def memory_table(model_name: str, seq: int, batches: list[int]) -> list[dict[str, float]]:
+    rows = []
+    for mode in ("train_step", "embed"):
+        for batch, n_batches in [(b, 1) for b in batches] + [(batches[-1], 4)]:
+            cmd = [sys.executable, "-m", "benchmarks.embed_throughput", "--model", model_name, "--seq", str(seq)]
+            cmd += ["--child", mode, "--batch", str(batch), "--n-batches", str(n_batches)]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+            rows.append(json.loads(out))
+            print(f"  memory {rows[-1]}", flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=["tiny", "smollm2"], default="tiny")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--memory", action="store_true")
+    parser.add_argument("--child", choices=["train_step", "embed", "lora_step"])
+    parser.add_argument("--n-batches", type=int, default=1)
+    parser.add_argument("--json", help="write the figures to this file")
+    args = parser.parse_args()
+    if args.child:
+        memory_child(args.model, args.child, args.batch, args.seq, args.n_batches)
+        return
+    torch.manual_seed(0)
+    model = load(args.model)
+    vocab = model.get_input_embeddings().num_embeddings
+    batch = make_batch(vocab, args.batch, args.seq)
+    layout = layout_for(model, ProjectionSpec())
+    print(
+        f"model={args.model} params={sum(p.numel() for p in model.parameters()) / 1e6:.1f}M batch={args.batch} "
+        f"seq={args.seq} threads={torch.get_num_threads()} tracked_modules={len(layout.slots)} dim={layout.dim}"
+    )
+    seconds = {name: timed(fn, args.repeats) for name, fn in runners(model, batch).items()}
+    seconds["lora_step"] = timed(lora_runner(model, batch), args.repeats)
+    report: dict[str, object] = {"model": args.model, "batch": args.batch, "seq": args.seq, "dim": layout.dim}
+    for name, s in seconds.items():
+        report[name] = {
+            "seconds_per_batch": s,
+            "samples_per_s": args.batch / s,
+            "tokens_per_s": args.batch * args.seq / s,
+        }
+        print(
+            f"  {name:10s} {s * 1e3:9.1f} ms/batch  {args.batch / s:8.1f} samples/s  {args.batch * args.seq / s:9.0f} tokens/s"
+        )
+    report["ratio_embed_vs_train_step"] = seconds["train_step"] / seconds["embed"]
+    report["ratio_embed_vs_lora_step"] = seconds["lora_step"] / seconds["embed"]
+    print(
+        f"  throughput ratio embed / train step = {report['ratio_embed_vs_train_step']:.2f}   "
+        f"embed / LoRA step = {report['ratio_embed_vs_lora_step']:.2f}"
+    )
+    if args.memory:
+        report["memory"] = memory_table(
+            args.model, args.seq, [max(1, args.batch // 4), max(1, args.batch // 2), args.batch]
+        )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
