@@ -1,0 +1,163 @@
+"""Training samples and queries in: the input contract of DESIGN.md section 4, validated row by row."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from storage.errors import DatasetFormatError, SampleConflictError
+from storage.store import LineageStore, utcnow
+
+
+class Message(BaseModel):
+    """One chat turn."""
+
+    model_config = ConfigDict(extra="forbid")
+    role: str
+    content: str
+
+
+class SampleIn(BaseModel):
+    """One training row: ``prompt`` + ``response``, or chat ``messages`` whose last assistant turn is the response."""
+
+    model_config = ConfigDict(extra="forbid")
+    id: str | None = Field(default=None, min_length=1)
+    prompt: str = ""
+    response: str = ""
+    messages: list[Message] | None = None
+    source: str | None = None
+    license: str | None = None
+    meta: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _resolve_chat(self) -> SampleIn:
+        if self.messages is not None:
+            if not self.messages or self.messages[-1].role != "assistant":
+                raise ValueError("'messages' must end with an assistant turn (the response)")
+            self.prompt = "".join(f"{m.role}: {m.content}\n" for m in self.messages[:-1])
+            self.response = self.messages[-1].content
+            self.meta = {**self.meta, "messages": [m.model_dump() for m in self.messages]}
+        if not self.response.strip():
+            raise ValueError("'response' is missing or empty")
+        return self
+
+
+class QueryIn(BaseModel):
+    """One output to trace: ``prompt``, ``response`` (the output), optional ``corrected``."""
+
+    model_config = ConfigDict(extra="forbid")
+    id: str | None = Field(default=None, min_length=1)
+    prompt: str
+    response: str = Field(min_length=1)
+    corrected: str | None = None
+    meta: dict[str, Any] = Field(default_factory=dict)
+
+
+def content_hash(prompt: str, response: str) -> str:
+    """SHA-256 of prompt ‖ NUL ‖ response, 32 hex characters: the default sample (and query) id."""
+    return hashlib.sha256(f"{prompt}\x00{response}".encode()).hexdigest()[:32]
+
+
+def _rows(path: Path) -> list[tuple[int, Any]]:
+    """(line number, parsed row or the JSONDecodeError) for each non-blank row of a JSONL/Parquet file."""
+    if path.suffix == ".parquet":
+        return list(enumerate(pq.read_table(path).to_pylist(), start=1))
+    out = []
+    with path.open(encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                out.append((line_no, json.loads(line)))
+            except json.JSONDecodeError as e:
+                out.append((line_no, e))
+    return out
+
+
+def read_rows(path: str | Path, model: type[SampleIn] | type[QueryIn]) -> list[Any]:
+    """Validate every row of a JSONL or Parquet file; any bad row fails the whole file.
+
+    Raises :class:`DatasetFormatError` listing every bad line (row number for Parquet) and why.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetFormatError(f"{path} does not exist or is not a file")
+    good, bad = [], []
+    for line_no, raw in _rows(path):
+        if isinstance(raw, json.JSONDecodeError):
+            bad.append(f"line {line_no}: not valid JSON ({raw.msg})")
+            continue
+        try:
+            good.append(model.model_validate(raw))
+        except ValidationError as e:
+            first = e.errors()[0]
+            where = ".".join(str(x) for x in first["loc"]) or "row"
+            bad.append(f"line {line_no}: {where}: {first['msg']}")
+    if bad:
+        shown = "; ".join(bad[:5]) + (f"; and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise DatasetFormatError(f"{path}: {len(bad)} malformed row(s), nothing ingested — {shown}")
+    if not good:
+        raise DatasetFormatError(f"{path} holds no rows")
+    return good
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    """How many rows a call added and how many were already there unchanged."""
+
+    added: int
+    unchanged: int
+
+
+def ingest_samples(store: LineageStore, samples: Sequence[SampleIn], dataset: str) -> IngestResult:
+    """Register training samples; the same sample again adds nothing.
+
+    Raises :class:`SampleConflictError` naming the id when a different sample arrives under an
+    existing id (or twice in ``samples``); nothing is written then.
+    """
+    rows: dict[str, dict[str, Any]] = {}
+    for s in samples:
+        digest = content_hash(s.prompt, s.response)
+        sid = s.id or digest
+        if sid in rows and rows[sid]["content_hash"] != digest:
+            raise SampleConflictError(
+                f"sample id {sid!r} appears twice with different content: give each sample its own id"
+            )
+        rows[sid] = {
+            "sample_id": sid, "dataset": dataset, "source": s.source, "license": s.license, "prompt": s.prompt,
+            "response": s.response, "meta_json": json.dumps(s.meta, sort_keys=True), "content_hash": digest,
+            "n_tokens": None, "ingested_at": utcnow(),
+        }  # fmt: skip
+    existing = store.read("samples", columns=["sample_id", "content_hash"])
+    known = dict(zip(existing["sample_id"].to_pylist(), existing["content_hash"].to_pylist(), strict=True))
+    for sid, row in rows.items():
+        if sid in known and known[sid] != row["content_hash"]:
+            raise SampleConflictError(
+                f"sample id {sid!r} already names a different sample (content hash {known[sid]} vs "
+                f"{row['content_hash']}): give the new sample another id"
+            )
+    new = [r for sid, r in rows.items() if sid not in known]
+    store.upsert("samples", pa.Table.from_pylist(new))
+    return IngestResult(added=len(new), unchanged=len(rows) - len(new))
+
+
+def register_queries(store: LineageStore, queries: Sequence[QueryIn]) -> list[str]:
+    """Register outputs to trace (upsert by id, default id = content hash); returns their ids in order."""
+    now = utcnow()
+    rows: list[dict[str, Any]] = [
+        {"query_id": q.id or content_hash(q.prompt, q.response + "\x00" + (q.corrected or "")), "prompt": q.prompt,
+         "response": q.response, "corrected": q.corrected, "meta_json": json.dumps(q.meta, sort_keys=True),
+         "created_at": now}
+        for q in queries
+    ]  # fmt: skip
+    existing = set(store.read("queries", columns=["query_id"])["query_id"].to_pylist())
+    store.upsert("queries", pa.Table.from_pylist([r for r in rows if r["query_id"] not in existing]))
+    return [r["query_id"] for r in rows]

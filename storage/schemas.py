@@ -1,0 +1,168 @@
+"""Typed row models of the lineage store (LanceDB ``LanceModel``) and their natural keys.
+
+Every table is keyed by natural ids (never by row position), so writes are idempotent upserts.
+Vectors are float16 (``VECTOR_TYPE``): ``tests/storage/test_vectors.py`` bounds the score error this
+costs against float32. The dimension of the two vector tables comes from the projection layout.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from functools import cache
+
+import pyarrow as pa
+from lancedb.pydantic import LanceModel, Vector
+from pydantic import create_model
+
+VECTOR_TYPE = pa.float16()
+SCHEMA_VERSION = 1
+
+
+class SampleRow(LanceModel):
+    """A training sample. Key: ``sample_id`` (the user's id, else a content hash of prompt + response)."""
+
+    sample_id: str
+    dataset: str
+    source: str | None
+    license: str | None
+    prompt: str
+    response: str
+    meta_json: str
+    content_hash: str
+    n_tokens: int | None
+    ingested_at: datetime
+
+
+class CheckpointRow(LanceModel):
+    """The base model or one fine-tuning checkpoint. Key: ``checkpoint_id``."""
+
+    checkpoint_id: str
+    run_id: str
+    role: str
+    step: int
+    epoch: float | None
+    learning_rate: float | None
+    path: str
+    fingerprint: str
+    projection_fingerprint: str
+    indexed_at: datetime
+
+
+class QueryRow(LanceModel):
+    """An output to trace. Key: ``query_id``; ``corrected`` enables the contrastive query."""
+
+    query_id: str
+    prompt: str
+    response: str
+    corrected: str | None
+    meta_json: str
+    created_at: datetime
+
+
+class ScoreRow(LanceModel):
+    """Per-checkpoint scores of a (query, sample). Key: (query_id, sample_id, checkpoint_id, settings_fingerprint).
+
+    ``score`` = s̃_t, ``base_score`` = s̃_0, ``debiased_score`` = s̃_t − λ s̃_0 (after normalisation),
+    ``weight`` = w_t, the checkpoint's weight in the denoise mean.
+    """
+
+    query_id: str
+    sample_id: str
+    checkpoint_id: str
+    settings_fingerprint: str
+    score: float
+    base_score: float
+    debiased_score: float
+    weight: float
+    written_at: datetime
+
+
+class DDAStateRow(LanceModel):
+    """Running denoise state of a (query, sample). Key: (query_id, sample_id, settings_fingerprint).
+
+    dda_score = weighted_sum / total_weight over the checkpoints listed in ``checkpoints``.
+    """
+
+    query_id: str
+    sample_id: str
+    settings_fingerprint: str
+    weighted_sum: float
+    total_weight: float
+    checkpoints: list[str]
+    updated_at: datetime
+
+
+class RunRow(LanceModel):
+    """Which flow run wrote what, with which settings. Key: ``run_id``."""
+
+    run_id: str
+    flow_name: str
+    started_at: datetime
+    finished_at: datetime | None
+    status: str
+    settings_json: str
+    settings_fingerprint: str
+    projection_fingerprint: str
+    code_version: str
+    wrote_json: str
+
+
+@cache
+def embedding_row_model(dim: int) -> type[LanceModel]:
+    """Row model of training-sample embeddings. Key: (sample_id, checkpoint_id, projection_fingerprint)."""
+    return create_model(  # type: ignore[call-overload, no-any-return]
+        f"EmbeddingRow{dim}",
+        __base__=LanceModel,
+        __doc__="Projected gradient ĝ_i(θ_t) of one sample at one checkpoint, with its loss and norm.",
+        sample_id=(str, ...),
+        checkpoint_id=(str, ...),
+        projection_fingerprint=(str, ...),
+        vector=(Vector(dim, value_type=VECTOR_TYPE), ...),
+        loss=(float, ...),
+        grad_norm=(float, ...),
+        n_tokens=(int, ...),
+    )
+
+
+@cache
+def query_embedding_row_model(dim: int) -> type[LanceModel]:
+    """Row model of query embeddings. Key: (query_id, checkpoint_id, projection_fingerprint, kind)."""
+    return create_model(  # type: ignore[call-overload, no-any-return]
+        f"QueryEmbeddingRow{dim}",
+        __base__=LanceModel,
+        __doc__="Projected query gradient ĝ_q(θ_t), 'plain' or 'contrastive', at one checkpoint.",
+        query_id=(str, ...),
+        checkpoint_id=(str, ...),
+        projection_fingerprint=(str, ...),
+        kind=(str, ...),
+        vector=(Vector(dim, value_type=pa.float32()), ...),
+        grad_norm=(float, ...),
+    )
+
+
+TABLE_KEYS: dict[str, tuple[str, ...]] = {
+    "samples": ("sample_id",),
+    "checkpoints": ("checkpoint_id",),
+    "queries": ("query_id",),
+    "embeddings": ("sample_id", "checkpoint_id", "projection_fingerprint"),
+    "query_embeddings": ("query_id", "checkpoint_id", "projection_fingerprint", "kind"),
+    "scores": ("query_id", "sample_id", "checkpoint_id", "settings_fingerprint"),
+    "dda_state": ("query_id", "sample_id", "settings_fingerprint"),
+    "runs": ("run_id",),
+}
+
+
+def table_schema(table: str, dim: int) -> pa.Schema:
+    """The Arrow schema of ``table`` for embeddings of dimension ``dim``."""
+    models: dict[str, type[LanceModel]] = {
+        "samples": SampleRow,
+        "checkpoints": CheckpointRow,
+        "queries": QueryRow,
+        "embeddings": embedding_row_model(dim),
+        "query_embeddings": query_embedding_row_model(dim),
+        "scores": ScoreRow,
+        "dda_state": DDAStateRow,
+        "runs": RunRow,
+    }
+    schema: pa.Schema = models[table].to_arrow_schema()  # type: ignore[no-untyped-call]
+    return schema

@@ -1,0 +1,136 @@
+"""DuckDB SQL over the lineage store: the views of DESIGN.md section 5, named lineage queries, and a
+read-only gate for user SQL.
+
+Each call opens an in-memory DuckDB connection, registers the Lance tables as lazy scans
+(``to_lance()``, filters pushed down), creates the views, then locks the connection down: no file
+access, no replacement scans, configuration locked. User SQL must be exactly one SELECT/WITH query.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+
+from storage.errors import ReadOnlySQLError, StorageError
+from storage.schemas import table_schema
+from storage.store import LineageStore
+
+BASE_TABLES = ("samples", "checkpoints", "queries", "scores", "dda_state", "runs")
+
+VIEWS: dict[str, str] = {
+    "samples": "SELECT sample_id, dataset, source, license, prompt, response, n_tokens, content_hash, meta_json, "
+    "ingested_at FROM _samples",
+    "checkpoints": "SELECT checkpoint_id, run_id, role, step, epoch, learning_rate, path, fingerprint, "
+    "projection_fingerprint, indexed_at FROM _checkpoints",
+    "queries": "SELECT query_id, prompt, response, corrected, meta_json, created_at FROM _queries",
+    "scores": "SELECT query_id, sample_id, checkpoint_id, score, base_score, debiased_score, weight, "
+    "settings_fingerprint, written_at FROM _scores",
+    "lineage": """
+        SELECT query_id, sample_id, weighted_sum / total_weight AS dda_score, len(checkpoints) AS n_checkpoints,
+               row_number() OVER (PARTITION BY query_id, settings_fingerprint
+                                  ORDER BY weighted_sum / total_weight DESC, sample_id) AS rank,
+               updated_at, settings_fingerprint
+        FROM _dda_state""",
+    "source_influence": """
+        SELECT l.query_id, coalesce(s.source, '(unknown)') AS source, sum(l.dda_score) AS total_score,
+               sum(greatest(l.dda_score, 0)) / nullif(sum(sum(greatest(l.dda_score, 0)))
+                   OVER (PARTITION BY l.query_id, l.settings_fingerprint), 0) AS share,
+               count(*) AS n_samples, l.settings_fingerprint
+        FROM lineage l JOIN samples s USING (sample_id)
+        GROUP BY l.query_id, l.settings_fingerprint, coalesce(s.source, '(unknown)')""",
+    "license_influence": """
+        SELECT l.query_id, coalesce(s.license, '(unknown)') AS license, sum(l.dda_score) AS total_score,
+               sum(greatest(l.dda_score, 0)) / nullif(sum(sum(greatest(l.dda_score, 0)))
+                   OVER (PARTITION BY l.query_id, l.settings_fingerprint), 0) AS share,
+               count(*) AS n_samples, l.settings_fingerprint
+        FROM lineage l JOIN samples s USING (sample_id)
+        GROUP BY l.query_id, l.settings_fingerprint, coalesce(s.license, '(unknown)')""",
+    "runs": "SELECT * FROM _runs",
+}
+
+NAMED_QUERIES: dict[str, str] = {
+    "top_sources": """
+        SELECT l.rank, l.sample_id, l.dda_score, s.source, s.license, s.prompt, s.response
+        FROM lineage l JOIN samples s USING (sample_id)
+        WHERE l.query_id = $query_id AND l.rank <= $k ORDER BY l.rank""",
+    "influence_by_source": """
+        SELECT source, total_score, share, n_samples FROM source_influence
+        WHERE query_id = $query_id ORDER BY share DESC NULLS LAST, source""",
+    "influence_by_license": """
+        SELECT license, total_score, share, n_samples FROM license_influence
+        WHERE query_id = $query_id ORDER BY share DESC NULLS LAST, license""",
+    "recurring_samples": """
+        SELECT sample_id, count(DISTINCT query_id) AS n_queries, avg(rank) AS mean_rank, sum(dda_score) AS total_score
+        FROM lineage WHERE rank <= $k GROUP BY sample_id
+        ORDER BY n_queries DESC, mean_rank, sample_id LIMIT $limit""",
+    "sample_history": """
+        SELECT c.step, c.epoch, sc.checkpoint_id, sc.score, sc.base_score, sc.debiased_score,
+               sum(sc.weight * sc.debiased_score) OVER w / sum(sc.weight) OVER w AS smoothed
+        FROM scores sc JOIN checkpoints c USING (checkpoint_id)
+        WHERE sc.query_id = $query_id AND sc.sample_id = $sample_id
+        WINDOW w AS (PARTITION BY sc.settings_fingerprint ORDER BY c.step ROWS UNBOUNDED PRECEDING)
+        ORDER BY c.step""",
+}
+
+
+def _relation(store: LineageStore, name: str) -> Any:
+    if store.has_table(name):
+        return store.db.open_table(name).to_lance()
+    return table_schema(name, 1).empty_table()
+
+
+def connect(store: LineageStore) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB connection with the store's views, locked down for read-only use."""
+    con = duckdb.connect(":memory:")
+    for name in BASE_TABLES:
+        con.register(f"_{name}", _relation(store, name))
+    for name, body in VIEWS.items():
+        con.execute(f"CREATE VIEW {name} AS {body}")
+    con.execute("SET python_enable_replacements = false")
+    con.execute("SET enable_external_access = false")
+    con.execute("SET lock_configuration = true")
+    return con
+
+
+def check_read_only(con: duckdb.DuckDBPyConnection, sql: str) -> None:
+    """Raise :class:`ReadOnlySQLError` unless ``sql`` is exactly one SELECT (or WITH … SELECT) statement."""
+    try:
+        statements = con.extract_statements(sql)
+    except duckdb.Error as e:
+        raise ReadOnlySQLError(f"SQL does not parse: {str(e).splitlines()[0]}") from e
+    if len(statements) != 1:
+        raise ReadOnlySQLError(f"expected one SELECT statement, got {len(statements)}: run them one at a time")
+    kind = statements[0].type
+    if kind != duckdb.StatementType.SELECT:
+        raise ReadOnlySQLError(
+            f"only SELECT/WITH queries are allowed, got {kind.name}: the lineage store is read-only through SQL"
+        )
+
+
+def query(store: LineageStore, sql: str, params: Mapping[str, Any] | None = None) -> pa.Table:
+    """Run one read-only query over the views; returns an Arrow table.
+
+    File access, extensions and settings are refused by :class:`ReadOnlySQLError`; other SQL errors
+    are :class:`StorageError` with DuckDB's first line.
+    """
+    con = connect(store)
+    try:
+        check_read_only(con, sql)
+        result: pa.Table = con.execute(sql, dict(params) if params else None).to_arrow_table()
+        return result
+    except duckdb.PermissionException as e:
+        raise ReadOnlySQLError(f"SQL may not read or write files: {str(e).splitlines()[0]}") from e
+    except duckdb.Error as e:
+        raise StorageError(f"SQL error: {str(e).splitlines()[0]}") from e
+    finally:
+        con.close()
+
+
+def named_query(store: LineageStore, name: str, **params: Any) -> pa.Table:
+    """Run one of :data:`NAMED_QUERIES` with its parameters (e.g. ``top_sources(query_id=…, k=10)``)."""
+    if name not in NAMED_QUERIES:
+        raise StorageError(f"unknown lineage query {name!r}: choose one of {', '.join(NAMED_QUERIES)}")
+    return query(store, NAMED_QUERIES[name], params)

@@ -1,0 +1,159 @@
+"""The versioned lineage store: LanceDB tables under one data folder, written by idempotent upserts.
+
+Layout: ``<root>/store.json`` (schema version, projection fingerprint, dimension) and
+``<root>/lance/<table>.lance``. Lance commits are atomic, so a process killed mid-write leaves the
+previous version readable; every write is a ``merge_insert`` on the table's natural key, so re-running
+it completes the work without duplicates.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import lancedb
+import pyarrow as pa
+
+from storage.errors import FingerprintMismatchError, StorageError
+from storage.schemas import SCHEMA_VERSION, TABLE_KEYS, table_schema
+
+
+def utcnow() -> datetime:
+    """Naive UTC timestamp (the stores' timestamp columns are UTC without a zone)."""
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+@dataclass(frozen=True)
+class StoreMeta:
+    """What every vector in the store depends on; fixed at creation."""
+
+    schema_version: int
+    projection_fingerprint: str
+    dim: int
+    created_at: str
+
+
+def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        json.dump(payload, f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def tag_name(checkpoint_id: str) -> str:
+    """Lance tag for a checkpoint: ``ckpt-`` + the id with characters outside [A-Za-z0-9._-] replaced."""
+    return "ckpt-" + re.sub(r"[^A-Za-z0-9._-]", "_", checkpoint_id)
+
+
+class LineageStore:
+    """All tables of one data folder. Open with :meth:`open`; every method is a function of its inputs."""
+
+    def __init__(self, root: Path, meta: StoreMeta | None) -> None:
+        self.root = root
+        self.meta = meta
+        self.db = lancedb.connect(str(root / "lance"))
+
+    @classmethod
+    def open(cls, root: str | Path, projection_fingerprint: str | None = None, dim: int | None = None) -> LineageStore:
+        """Open (or create) the store at ``root``.
+
+        With ``projection_fingerprint`` and ``dim``: a new store records them; an existing one must
+        match them, else :class:`FingerprintMismatchError` names both values. Without them the store
+        is opened as it is (for reading and SQL).
+        """
+        root = Path(root)
+        meta_path = root / "store.json"
+        meta = StoreMeta(**json.loads(meta_path.read_text())) if meta_path.exists() else None
+        if meta is not None and meta.schema_version != SCHEMA_VERSION:
+            raise StorageError(
+                f"store {root} has schema version {meta.schema_version}, this code reads {SCHEMA_VERSION}: "
+                "re-index into a new data folder"
+            )
+        if projection_fingerprint is not None:
+            if dim is None:
+                raise ValueError("opening a store for writing needs both projection_fingerprint and dim")
+            if meta is None:
+                root.mkdir(parents=True, exist_ok=True)
+                meta = StoreMeta(SCHEMA_VERSION, projection_fingerprint, dim, utcnow().isoformat())
+                _write_json_atomic(meta_path, asdict(meta))
+            elif (meta.projection_fingerprint, meta.dim) != (projection_fingerprint, dim):
+                raise FingerprintMismatchError(
+                    f"store {root} holds projection {meta.projection_fingerprint} (dim {meta.dim}), asked for "
+                    f"{projection_fingerprint} (dim {dim}): use the store's projection settings or another data folder"
+                )
+        root.mkdir(parents=True, exist_ok=True)
+        return cls(root, meta)
+
+    # -- tables ---------------------------------------------------------------------------------
+
+    def _dim(self) -> int:
+        if self.meta is None:
+            raise StorageError(f"store {self.root} has no projection yet: index a checkpoint first")
+        return self.meta.dim
+
+    def has_table(self, name: str) -> bool:
+        """True when table ``name`` exists."""
+        return name in self.db.list_tables().tables
+
+    def table(self, name: str) -> Any:
+        """The LanceDB table ``name``, created empty with its pinned schema on first use."""
+        if name not in TABLE_KEYS:
+            raise StorageError(f"unknown table {name!r}: the store has {', '.join(TABLE_KEYS)}")
+        dim = self._dim() if name in ("embeddings", "query_embeddings") else 1
+        return self.db.create_table(name, schema=table_schema(name, dim), exist_ok=True)
+
+    def upsert(self, name: str, data: pa.Table) -> int:
+        """Insert-or-replace rows of ``data`` on the table's natural key; returns rows inserted (not updated)."""
+        if data.num_rows == 0:
+            return 0
+        table = self.table(name)
+        data = data.select(table.schema.names).cast(table.schema)
+        result = (
+            table.merge_insert(list(TABLE_KEYS[name]))
+            .when_matched_update_all()
+            .when_not_matched_insert_all()
+            .execute(data)
+        )
+        return int(result.num_inserted_rows)
+
+    def read(
+        self, name: str, columns: Sequence[str] | None = None, where: str | None = None, as_of: int | str | None = None
+    ) -> pa.Table:
+        """Rows of ``name`` (only ``columns``, filtered by a Lance SQL ``where``), as of a version or tag."""
+        if not self.has_table(name):
+            empty = table_schema(name, self.meta.dim if self.meta else 1).empty_table()
+            return empty.select(list(columns)) if columns else empty
+        table = self.db.open_table(name)
+        if as_of is not None:
+            table.checkout(as_of)
+        result: pa.Table = table.to_lance().to_table(columns=list(columns) if columns else None, filter=where)
+        return result
+
+    def versions(self, name: str) -> list[int]:
+        """Version numbers of table ``name``, oldest first."""
+        return [int(v["version"]) for v in self.table(name).list_versions()]
+
+    def tag_checkpoint(self, checkpoint_id: str) -> str:
+        """Tag the current version of every vector and score table as ``ckpt-<id>``; returns the tag."""
+        tag = tag_name(checkpoint_id)
+        for name in ("embeddings", "checkpoints"):
+            table = self.table(name)
+            if tag in table.tags.list():
+                table.tags.update(tag, table.version)
+            else:
+                table.tags.create(tag, table.version)
+        return tag
+
+    def disk_bytes(self, name: str) -> int:
+        """Bytes on disk of table ``name`` (every version's files)."""
+        folder = self.root / "lance" / f"{name}.lance"
+        return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())

@@ -1,0 +1,100 @@
+"""Gradient embeddings in and out of the store: float16 sample vectors, float32 query vectors (numpy)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from storage.errors import FingerprintMismatchError
+from storage.store import LineageStore
+
+
+def _vector_column(vectors: np.ndarray, dtype: type) -> pa.FixedSizeListArray:
+    flat: np.ndarray = np.ascontiguousarray(vectors, dtype=dtype).reshape(-1)
+    return pa.FixedSizeListArray.from_arrays(pa.array(flat), vectors.shape[1])
+
+
+def _check(store: LineageStore, vectors: np.ndarray, n: int) -> str:
+    meta = store.meta
+    if meta is None or vectors.ndim != 2 or vectors.shape[1] != meta.dim:
+        raise FingerprintMismatchError(
+            f"vectors of shape {vectors.shape} do not fit store {store.root} "
+            f"(projection {meta.projection_fingerprint if meta else 'none'}, dim {meta.dim if meta else 'none'})"
+        )
+    if vectors.shape[0] != n:
+        raise ValueError(f"{vectors.shape[0]} vectors for {n} ids")
+    return meta.projection_fingerprint
+
+
+def write_embeddings(
+    store: LineageStore,
+    checkpoint_id: str,
+    sample_ids: Sequence[str],
+    vectors: np.ndarray,
+    loss: np.ndarray,
+    n_tokens: np.ndarray,
+) -> int:
+    """Upsert ĝ_i(θ_t) for ``sample_ids`` (vectors (n, D), stored float16) with loss and ‖ĝ_i‖ (from float32)."""
+    fp = _check(store, vectors, len(sample_ids))
+    norms = np.linalg.norm(vectors.astype(np.float64), axis=1)
+    data = pa.table({
+        "sample_id": list(sample_ids), "checkpoint_id": [checkpoint_id] * len(sample_ids),
+        "projection_fingerprint": [fp] * len(sample_ids), "vector": _vector_column(vectors, np.float16),
+        "loss": np.asarray(loss, dtype=np.float64), "grad_norm": norms,
+        "n_tokens": np.asarray(n_tokens, dtype=np.int64),
+    })  # fmt: skip
+    return store.upsert("embeddings", data)
+
+
+def read_embeddings(
+    store: LineageStore, checkpoint_id: str, as_of: int | str | None = None
+) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(sample_ids sorted, vectors (n, D) float16, grad norms (n,)) of one checkpoint at this store's projection."""
+    fp = store.meta.projection_fingerprint if store.meta else ""
+    where = f"checkpoint_id = '{_quote(checkpoint_id)}' AND projection_fingerprint = '{_quote(fp)}'"
+    table = store.read("embeddings", ["sample_id", "vector", "grad_norm"], where, as_of).sort_by("sample_id")
+    ids = table["sample_id"].to_pylist()
+    flat = table["vector"].combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    dim = store.meta.dim if store.meta else 0
+    return ids, flat.reshape(len(ids), dim), table["grad_norm"].to_numpy()
+
+
+def embedded_sample_ids(store: LineageStore, checkpoint_id: str) -> set[str]:
+    """Ids of samples already embedded at ``checkpoint_id`` (for resuming an interrupted run)."""
+    where = f"checkpoint_id = '{_quote(checkpoint_id)}'"
+    return set(store.read("embeddings", ["sample_id"], where)["sample_id"].to_pylist())
+
+
+def write_query_embeddings(
+    store: LineageStore, checkpoint_id: str, kind: str, query_ids: Sequence[str], vectors: np.ndarray
+) -> int:
+    """Upsert ĝ_q(θ_t) (float32) of ``kind`` 'plain' or 'contrastive' for ``query_ids``."""
+    fp = _check(store, vectors, len(query_ids))
+    n = len(query_ids)
+    data = pa.table({
+        "query_id": list(query_ids), "checkpoint_id": [checkpoint_id] * n, "projection_fingerprint": [fp] * n,
+        "kind": [kind] * n, "vector": _vector_column(vectors, np.float32),
+        "grad_norm": np.linalg.norm(vectors.astype(np.float64), axis=1),
+    })  # fmt: skip
+    return store.upsert("query_embeddings", data)
+
+
+def read_query_embeddings(store: LineageStore, checkpoint_id: str, kind: str, query_ids: Sequence[str]) -> np.ndarray:
+    """Query vectors (m, D) float32 in the order of ``query_ids``; raises KeyError naming a missing one."""
+    where = f"checkpoint_id = '{_quote(checkpoint_id)}' AND kind = '{_quote(kind)}'"
+    table = store.read("query_embeddings", ["query_id", "vector"], where)
+    index = {q: i for i, q in enumerate(table["query_id"].to_pylist())}
+    missing = [q for q in query_ids if q not in index]
+    if missing:
+        raise KeyError(f"query {missing[0]!r} has no {kind} embedding at checkpoint {checkpoint_id!r}")
+    flat = table["vector"].combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    matrix = flat.reshape(table.num_rows, -1)
+    selected: np.ndarray = matrix[[index[q] for q in query_ids]]
+    return selected
+
+
+def _quote(value: str) -> str:
+    """Escape a string literal for a Lance filter."""
+    return value.replace("'", "''")
