@@ -163,7 +163,8 @@ def main() -> None:
             "tokens_per_s": args.batch * args.seq / s,
         }
         print(
-            f"  {name:10s} {s * 1e3:9.1f} ms/batch  {args.batch / s:8.1f} samples/s  {args.batch * args.seq / s:9.0f} tokens/s"
+            f"  {name:10s} {s * 1e3:9.1f} ms/batch  {args.batch / s:8.1f} samples/s  "
+            f"{args.batch * args.seq / s:9.0f} tokens/s"
         )
     report["ratio_embed_vs_train_step"] = seconds["train_step"] / seconds["embed"]
     report["ratio_embed_vs_lora_step"] = seconds["lora_step"] / seconds["embed"]
