@@ -119,7 +119,7 @@ def query(store: LineageStore, sql: str, params: Mapping[str, Any] | None = None
     con = connect(store)
     try:
         check_read_only(con, sql)
-        result: pa.Table = con.execute(sql, dict(params) if params else None).to_arrow_table()
+        result: pa.Table = con.sql(sql, params=dict(params) if params else None).to_arrow_table()
         return result
     except duckdb.PermissionException as e:
         raise ReadOnlySQLError(f"SQL may not read or write files: {str(e).splitlines()[0]}") from e

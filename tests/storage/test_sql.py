@@ -1,0 +1,145 @@
+"""DuckDB views and named lineage queries against pure-Python references; hostile SQL is refused."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from storage.errors import ReadOnlySQLError, StorageError
+from storage.samples import QueryIn, register_queries
+from storage.scores import StoredState, read_dda_state, write_dda_state, write_scores
+from storage.sql import named_query, query
+from storage.store import utcnow
+from tests.storage.helpers import seeded_store
+
+SETTINGS = "settings-a"
+N = 12
+SAMPLES = [f"s{i:03d}" for i in range(N)]
+SOURCES = {f"s{i:03d}": ("news", "forum", "wiki")[i % 3] for i in range(N)}
+CHECKPOINTS = [("base", 0), ("c1", 10), ("c2", 20), ("c3", 30)]
+
+
+@pytest.fixture()
+def world(tmp_path):
+    """A store with 12 samples, 2 queries, base + 3 checkpoints of scores and the running state."""
+    store = seeded_store(tmp_path, n=N)
+    queries = register_queries(
+        store, [QueryIn(id="q1", prompt="p", response="r"), QueryIn(id="q2", prompt="p", response="s")]
+    )
+    rows = [
+        {"checkpoint_id": c, "run_id": "run", "role": "base" if c == "base" else "finetuned", "step": step,
+         "epoch": step / 10, "learning_rate": 1e-4, "path": f"/x/{c}", "fingerprint": f"fp-{c}",
+         "projection_fingerprint": "p", "indexed_at": utcnow()}
+        for c, step in CHECKPOINTS
+    ]  # fmt: skip
+    store.upsert("checkpoints", pa.Table.from_pylist(rows))
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal((2, N))
+    weights = {"c1": 1.0, "c2": 2.0, "c3": 0.5}
+    debiased = {}
+    for c, w in weights.items():
+        s = rng.standard_normal((2, N))
+        debiased[c] = s - base
+        write_scores(store, SETTINGS, c, queries, SAMPLES, s, base, debiased[c], w)
+    total = sum(weights.values())
+    weighted = sum(w * debiased[c] for c, w in weights.items())
+    state = StoredState(queries, SAMPLES, weighted, np.full(2, total), [frozenset(weights)] * 2)
+    write_dda_state(store, SETTINGS, state)
+    return store, weighted / total, debiased, weights
+
+
+def test_lineage_view_equals_reference(world):
+    store, dda, _, _ = world
+    table = query(
+        store, "SELECT query_id, sample_id, dda_score, n_checkpoints, rank FROM lineage ORDER BY query_id, rank"
+    )
+    assert table.num_rows == 2 * N
+    for qi, q in enumerate(["q1", "q2"]):
+        rows = [r for r in table.to_pylist() if r["query_id"] == q]
+        order = np.argsort(-dda[qi], kind="stable")
+        assert [r["sample_id"] for r in rows] == [SAMPLES[i] for i in order]
+        np.testing.assert_allclose([r["dda_score"] for r in rows], dda[qi][order], rtol=1e-12)
+        assert {r["n_checkpoints"] for r in rows} == {3}
+
+
+def test_source_influence_equals_reference(world):
+    store, dda, _, _ = world
+    got = {(r["query_id"], r["source"]): r for r in query(store, "SELECT * FROM source_influence").to_pylist()}
+    for qi, q in enumerate(["q1", "q2"]):
+        totals, positive = defaultdict(float), defaultdict(float)
+        for i, sid in enumerate(SAMPLES):
+            totals[SOURCES[sid]] += dda[qi, i]
+            positive[SOURCES[sid]] += max(dda[qi, i], 0.0)
+        for source in totals:
+            row = got[(q, source)]
+            assert row["n_samples"] == 4
+            assert row["total_score"] == pytest.approx(totals[source], rel=1e-12)
+            assert row["share"] == pytest.approx(positive[source] / sum(positive.values()), rel=1e-12)
+
+
+def test_named_queries(world):
+    store, dda, debiased, weights = world
+    top = named_query(store, "top_sources", query_id="q2", k=3).to_pylist()
+    assert [r["sample_id"] for r in top] == [SAMPLES[i] for i in np.argsort(-dda[1], kind="stable")[:3]]
+    by_license = named_query(store, "influence_by_license", query_id="q1").to_pylist()
+    assert {r["license"] for r in by_license} == {"cc-by", "proprietary"}
+    recurring = named_query(store, "recurring_samples", k=3, limit=50).to_pylist()
+    top_sets = [set(np.argsort(-dda[qi], kind="stable")[:3]) for qi in range(2)]
+    expected = {SAMPLES[i]: sum(i in s for s in top_sets) for i in range(N) if any(i in s for s in top_sets)}
+    assert {r["sample_id"]: r["n_queries"] for r in recurring} == expected
+    history = named_query(store, "sample_history", query_id="q1", sample_id="s004").to_pylist()
+    assert [r["checkpoint_id"] for r in history] == ["c1", "c2", "c3"]
+    running_num, running_den = 0.0, 0.0
+    for row, c in zip(history, ["c1", "c2", "c3"], strict=True):
+        running_num += weights[c] * debiased[c][0, 4]
+        running_den += weights[c]
+        assert row["smoothed"] == pytest.approx(running_num / running_den, rel=1e-12)
+    assert history[-1]["smoothed"] == pytest.approx(dda[0, 4], rel=1e-12)
+    stored = read_dda_state(store, SETTINGS, "q1")
+    np.testing.assert_allclose(stored.weighted_sum[0] / stored.total_weight[0], dda[0])
+
+
+HOSTILE = [
+    "INSERT INTO _samples SELECT * FROM _samples",
+    "DELETE FROM _scores",
+    "UPDATE _dda_state SET weighted_sum = 0",
+    "DROP VIEW lineage",
+    "CREATE TABLE t AS SELECT 1",
+    "ATTACH '/tmp/evil.db' AS evil",
+    "INSTALL httpfs",
+    "LOAD httpfs",
+    "COPY (SELECT * FROM samples) TO '/tmp/leak.csv'",
+    "EXPORT DATABASE '/tmp/leak'",
+    "PRAGMA enable_profiling",
+    "SET enable_external_access = true",
+    "SELECT 1; DELETE FROM _scores",
+    "SELECT * FROM read_csv('/etc/passwd')",
+    "SELECT * FROM read_text('/etc/hostname')",
+    "SELECT * FROM glob('/*')",
+    "SELECT * FROM '/etc/hosts'",
+    "CALL pragma_version()",
+    "CHECKPOINT",
+    "VACUUM",
+]
+
+
+@pytest.mark.parametrize("sql", HOSTILE)
+def test_hostile_sql_is_refused_and_the_store_is_unchanged(world, sql, tmp_path):
+    store = world[0]
+    before = {t: (store.table(t).version, store.table(t).count_rows()) for t in ("samples", "scores", "dda_state")}
+    with pytest.raises((ReadOnlySQLError, StorageError)):
+        query(store, sql)
+    after = {t: (store.table(t).version, store.table(t).count_rows()) for t in ("samples", "scores", "dda_state")}
+    assert after == before
+    assert not (tmp_path / "leak.csv").exists()
+
+
+def test_write_statements_name_the_rule(world):
+    with pytest.raises(ReadOnlySQLError, match="only SELECT/WITH queries are allowed, got DELETE"):
+        query(world[0], "DELETE FROM _scores")
+    with pytest.raises(ReadOnlySQLError, match="may not read or write files"):
+        query(world[0], "SELECT * FROM read_csv('/etc/passwd')")
+    assert query(world[0], "WITH x AS (SELECT count(*) AS n FROM samples) SELECT n FROM x").to_pylist() == [{"n": N}]

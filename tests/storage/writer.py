@@ -1,0 +1,25 @@
+"""A writer process for the integrity tests: upserts embeddings in batches, printing after each commit.
+
+python -m tests.storage.writer ROOT PREFIX N_BATCHES BATCH
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+
+from storage.vectors import write_embeddings
+from tests.storage.helpers import open_store, random_vectors
+
+
+def main(root: str, prefix: str, n_batches: int, batch: int) -> None:
+    store = open_store(root)
+    for b in range(n_batches):
+        ids = [f"{prefix}{b * batch + i:05d}" for i in range(batch)]
+        write_embeddings(store, "ckpt", ids, random_vectors(batch, seed=b), np.zeros(batch), np.ones(batch))
+        print(f"committed {b}", flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
