@@ -22,7 +22,7 @@ SOURCES = {f"s{i:03d}": ("news", "forum", "wiki")[i % 3] for i in range(N)}
 CHECKPOINTS = [("base", 0), ("c1", 10), ("c2", 20), ("c3", 30)]
 
 
-@pytest.fixture()
+@pytest.fixture
 def world(tmp_path):
     """A store with 12 samples, 2 queries, base + 3 checkpoints of scores and the running state."""
     store = seeded_store(tmp_path, n=N)
