@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -48,17 +49,34 @@ def write_embeddings(
     return store.upsert("embeddings", data)
 
 
-def read_embeddings(
-    store: LineageStore, checkpoint_id: str, as_of: int | str | None = None
-) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """(sample_ids sorted, vectors (n, D) float16, grad norms (n,)) of one checkpoint at this store's projection."""
+@dataclass(frozen=True)
+class EmbeddingMatrix:
+    """One checkpoint's stored vectors in storage order (no row reordering: 100k × D floats are large).
+
+    ``vectors`` (n, D) float16 and ``grad_norms`` (n,) follow ``sample_ids``; ``order`` sorts them by id,
+    so scores computed in storage order are aligned across checkpoints with ``scores[:, order]``.
+    """
+
+    sample_ids: np.ndarray
+    vectors: np.ndarray
+    grad_norms: np.ndarray
+
+    @property
+    def order(self) -> np.ndarray:
+        """Permutation that sorts rows by sample id."""
+        perm: np.ndarray = np.argsort(self.sample_ids, kind="stable")
+        return perm
+
+
+def read_embeddings(store: LineageStore, checkpoint_id: str, as_of: int | str | None = None) -> EmbeddingMatrix:
+    """The vectors of one checkpoint at this store's projection, as stored (see :class:`EmbeddingMatrix`)."""
     fp = store.meta.projection_fingerprint if store.meta else ""
     where = f"checkpoint_id = '{_quote(checkpoint_id)}' AND projection_fingerprint = '{_quote(fp)}'"
-    table = store.read("embeddings", ["sample_id", "vector", "grad_norm"], where, as_of).sort_by("sample_id")
-    ids = table["sample_id"].to_pylist()
+    table = store.read("embeddings", ["sample_id", "vector", "grad_norm"], where, as_of)
+    ids = table["sample_id"].to_numpy(zero_copy_only=False).astype(str)
     flat = table["vector"].combine_chunks().flatten().to_numpy(zero_copy_only=False)
     dim = store.meta.dim if store.meta else 0
-    return ids, flat.reshape(len(ids), dim), table["grad_norm"].to_numpy()
+    return EmbeddingMatrix(ids, flat.reshape(len(ids), dim), table["grad_norm"].to_numpy())
 
 
 def embedded_sample_ids(store: LineageStore, checkpoint_id: str) -> set[str]:

@@ -128,10 +128,11 @@ def test_embedding_upserts_are_idempotent_and_versions_are_tagged(tmp_path):
     assert store.table("embeddings").count_rows() == 17
     assert store.read("embeddings", ["sample_id"], as_of=tag).num_rows == 12
     assert embedded_sample_ids(store, "ckpt-2") == set(ids[:5])
-    got_ids, got, norms = read_embeddings(store, "ckpt-1")
-    assert got_ids == sorted(ids)
-    np.testing.assert_allclose(got.astype(np.float32), vectors, rtol=1e-3, atol=1e-3)
-    np.testing.assert_allclose(norms, np.linalg.norm(vectors.astype(np.float64), axis=1))
+    matrix = read_embeddings(store, "ckpt-1")
+    order = matrix.order
+    assert matrix.sample_ids[order].tolist() == sorted(ids)
+    np.testing.assert_allclose(matrix.vectors[order].astype(np.float32), vectors, rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(matrix.grad_norms[order], np.linalg.norm(vectors.astype(np.float64), axis=1))
 
 
 def test_float16_storage_bounds_the_score_error(tmp_path):
@@ -141,7 +142,8 @@ def test_float16_storage_bounds_the_score_error(tmp_path):
     ids = [f"s{i:03d}" for i in range(200)]
     vectors = (rng.standard_normal((200, DIM)) * rng.lognormal(0, 2, (200, 1))).astype(np.float32)
     write_embeddings(store, "c", ids, vectors, np.zeros(200), np.ones(200))
-    _, stored, _ = read_embeddings(store, "c")
+    matrix = read_embeddings(store, "c")
+    stored = matrix.vectors[matrix.order]
     q = rng.standard_normal((5, DIM)).astype(np.float32)
     exact = q.astype(np.float64) @ vectors.astype(np.float64).T
     got = q.astype(np.float64) @ stored.astype(np.float64).T
