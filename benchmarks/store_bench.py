@@ -132,7 +132,8 @@ def main() -> None:
             lat = sql_latency(store, n_rows)
             report[f"sql_top10_{n_rows}"] = lat
             print(
-                f"SQL top_sources k=10 over {n_rows} samples: p50 {lat['p50'] * 1e3:.0f} ms, p95 {lat['p95'] * 1e3:.0f} ms"
+                f"SQL top_sources k=10 over {n_rows} samples: "
+                f"p50 {lat['p50'] * 1e3:.0f} ms, p95 {lat['p95'] * 1e3:.0f} ms"
             )
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
