@@ -20,6 +20,18 @@ from storage.store import LineageStore
 
 BASE_TABLES = ("samples", "checkpoints", "queries", "scores", "dda_state", "runs")
 
+
+def _influence_view(column: str) -> str:
+    """Per (query, ``column`` value): Σ dda_score, its share of the positive influence Σ max(dda_score, 0), count."""
+    return f"""
+        SELECT l.query_id, coalesce(s.{column}, '(unknown)') AS {column}, sum(l.dda_score) AS total_score,
+               sum(greatest(l.dda_score, 0)) / nullif(sum(sum(greatest(l.dda_score, 0)))
+                   OVER (PARTITION BY l.query_id, l.settings_fingerprint), 0) AS share,
+               count(*) AS n_samples, l.settings_fingerprint
+        FROM lineage l JOIN samples s USING (sample_id)
+        GROUP BY l.query_id, l.settings_fingerprint, coalesce(s.{column}, '(unknown)')"""
+
+
 VIEWS: dict[str, str] = {
     "samples": "SELECT sample_id, dataset, source, license, prompt, response, n_tokens, content_hash, meta_json, "
     "ingested_at FROM _samples",
@@ -34,20 +46,8 @@ VIEWS: dict[str, str] = {
                                   ORDER BY weighted_sum / total_weight DESC, sample_id) AS rank,
                updated_at, settings_fingerprint
         FROM _dda_state""",
-    "source_influence": """
-        SELECT l.query_id, coalesce(s.source, '(unknown)') AS source, sum(l.dda_score) AS total_score,
-               sum(greatest(l.dda_score, 0)) / nullif(sum(sum(greatest(l.dda_score, 0)))
-                   OVER (PARTITION BY l.query_id, l.settings_fingerprint), 0) AS share,
-               count(*) AS n_samples, l.settings_fingerprint
-        FROM lineage l JOIN samples s USING (sample_id)
-        GROUP BY l.query_id, l.settings_fingerprint, coalesce(s.source, '(unknown)')""",
-    "license_influence": """
-        SELECT l.query_id, coalesce(s.license, '(unknown)') AS license, sum(l.dda_score) AS total_score,
-               sum(greatest(l.dda_score, 0)) / nullif(sum(sum(greatest(l.dda_score, 0)))
-                   OVER (PARTITION BY l.query_id, l.settings_fingerprint), 0) AS share,
-               count(*) AS n_samples, l.settings_fingerprint
-        FROM lineage l JOIN samples s USING (sample_id)
-        GROUP BY l.query_id, l.settings_fingerprint, coalesce(s.license, '(unknown)')""",
+    "source_influence": _influence_view("source"),
+    "license_influence": _influence_view("license"),
     "runs": "SELECT * FROM _runs",
 }
 
