@@ -161,7 +161,7 @@ def embed_batch(
             with torch.no_grad():
                 x = args[0]
                 p_in = projector.p_in[index]
-                inputs.append(x.detach() if p_in is None else x.detach() @ p_in.to(x.dtype).T)
+                inputs.append(x.detach() if p_in is None else x.detach() @ p_in.to(x.device, x.dtype).T)
             outputs.append(out)
 
         return hook
@@ -210,7 +210,7 @@ def _assemble(
     for j, (x_proj, out, delta) in enumerate(zip(inputs, outputs, deltas, strict=True)):
         d = torch.zeros_like(out) if delta is None else delta
         p_out = projector.p_out[j]
-        d_proj = d if p_out is None else d @ p_out.to(d.dtype).T
+        d_proj = d if p_out is None else d @ p_out.to(d.device, d.dtype).T
         batch = d.shape[0]
         d_flat = d_proj.reshape(batch, -1, d_proj.shape[-1])
         x_flat = x_proj.reshape(batch, -1, x_proj.shape[-1])

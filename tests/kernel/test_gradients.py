@@ -157,3 +157,15 @@ def test_non_finite_loss_names_the_sample(samples):
     projector = build_projector(layout_for(model, EXACT), torch.float64)
     with pytest.raises(NonFiniteLossError, match="'s1'.*non-finite"):
         embed_batch(model, pad_batch(samples[:3], 0), projector, names=["s0", "s1", "s2"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu(samples):
+    spec = ProjectionSpec(k_in=4, k_out=4)
+    cpu, layout = embed(tiny_llama(), samples, spec=spec)
+    model = tiny_llama().cuda()
+    projector = build_projector(layout, torch.float64)  # CPU matrices: moved to the model's device on use
+    gpu = embed_batch(model, pad_batch(samples, 0), projector).vectors
+    assert gpu.is_cuda
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-9, atol=1e-11)
