@@ -54,7 +54,7 @@ def make_batch(vocab: int, batch: int, seq: int, seed: int = 0) -> TokenBatch:
 
 def load(name: str) -> torch.nn.Module:
     if name == "tiny":
-        return tiny_llama(vocab_size=4096)
+        return tiny_llama(vocab_size=4096, hidden=256, layers=4, heads=8, intermediate=1024)
     model, _ = load_smollm2()
     return model
 
@@ -69,11 +69,11 @@ def train_step(model: torch.nn.Module, batch: TokenBatch) -> None:
 def runners(model: torch.nn.Module, batch: TokenBatch) -> dict[str, Callable[[], None]]:
     spec = ProjectionSpec()
     projector = build_projector(layout_for(model, spec), torch.float32)
-    out: dict[str, Callable[[], None]] = {
-        "train_step": lambda: train_step(model, batch),
-        "embed": lambda: embed_batch(model, batch, projector) and None,
-    }
-    return out
+
+    def embed() -> None:
+        embed_batch(model, batch, projector)
+
+    return {"train_step": lambda: train_step(model, batch), "embed": embed}
 
 
 def lora_runner(model: torch.nn.Module, batch: TokenBatch) -> Callable[[], None]:

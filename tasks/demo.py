@@ -12,7 +12,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from dda_kernel import (
     ProjectionSpec,
@@ -30,6 +29,7 @@ from dda_kernel import (
     row_norms,
 )
 from dda_kernel.metrics import roc_auc
+from tasks.models import tiny_llama
 from tasks.tokenize import encode_pairs, word_level_tokenizer
 from tasks.toy_world import ToySample, build_samples, held_out_prompts
 from tasks.train import greedy_generate, train_epochs
@@ -47,23 +47,6 @@ class DemoResult:
     hallucinated: list[tuple[str, str]]
     auc: dict[str, float] = field(default_factory=dict)
     top: list[tuple[float, ToySample]] = field(default_factory=list)
-
-
-def _model(vocab: int, seed: int) -> LlamaForCausalLM:
-    config = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        pad_token_id=0,
-        eos_token_id=2,
-        bos_token_id=2,
-    )
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(config)
 
 
 def _embed_all(model: torch.nn.Module, encoded: list, projector, batch_size: int = 32) -> torch.Tensor:  # type: ignore[no-untyped-def]
@@ -84,7 +67,8 @@ def run_demo(seed: int = 0, log: Log = print) -> DemoResult:
     enc_base = encode_pairs(tokenizer, [(s.prompt, " " + s.response) for s in base_data], 64)
     enc_train = encode_pairs(tokenizer, [(s.prompt, " " + s.response) for s in train], 64, [s.sample_id for s in train])
 
-    model = _model(len(tokenizer), seed)
+    model = tiny_llama(len(tokenizer), hidden=64, layers=2, heads=4, seed=seed, max_positions=64)
+    model.train()
     log(f"pretraining the base model on {len(base_data)} clean summaries")
     base_state = train_epochs(model, enc_base, epochs=6, lr=3e-3, seed=seed)[-1]
     log(f"fine-tuning on {len(train)} samples ({sum(s.corrupted for s in train)} say China for England)")

@@ -39,13 +39,23 @@ def load_smollm2(dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, o
 
 
 def tiny_llama(
-    vocab_size: int, hidden: int = 256, layers: int = 4, heads: int = 8, seed: int = 0, max_positions: int = 128
+    vocab_size: int,
+    hidden: int = 256,
+    layers: int = 4,
+    heads: int = 8,
+    seed: int = 0,
+    max_positions: int = 128,
+    intermediate: int | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> LlamaForCausalLM:
-    """A LLaMA built from a config with random weights (fixed seed): hidden × 4 MLP, heads/2 KV heads."""
+    """A LLaMA built from a config with random weights (fixed seed), in eval mode.
+
+    MLP width ``intermediate`` (default 2 × hidden), heads/2 KV heads, pad id 0.
+    """
     config = LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=hidden,
-        intermediate_size=4 * hidden,
+        intermediate_size=intermediate or 2 * hidden,
         num_hidden_layers=layers,
         num_attention_heads=heads,
         num_key_value_heads=max(1, heads // 2),
@@ -53,6 +63,6 @@ def tiny_llama(
         pad_token_id=0,
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    model = LlamaForCausalLM(config).to(dtype)
     model.eval()
     return model

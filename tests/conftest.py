@@ -6,27 +6,18 @@ import random
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
+
+from tasks import models
 
 VOCAB = 61
 
 
 def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float64) -> LlamaForCausalLM:
-    """A 2-layer LLaMA (hidden 24, 4 heads, 2 KV heads) with random weights, in eval mode."""
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=24,
-        intermediate_size=40,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        pad_token_id=0,
+    """A 2-layer LLaMA (hidden 24, MLP 40, 4 heads, 2 KV heads) with random weights, in eval mode."""
+    return models.tiny_llama(
+        VOCAB, hidden=24, layers=2, heads=4, seed=seed, max_positions=64, intermediate=40, dtype=dtype
     )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).to(dtype)
-    model.eval()
-    return model
 
 
 def toy_samples(n: int = 6, seed: int = 1) -> list[tuple[list[int], list[int]]]:
