@@ -8,8 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from storage.store import LineageStore, utcnow
-from storage.vectors import _quote
+from storage.store import LineageStore, utcnow, where_equal
 
 
 def write_scores(
@@ -68,7 +67,7 @@ def write_dda_state(store: LineageStore, settings_fingerprint: str, state: Store
 
 def read_dda_state(store: LineageStore, settings_fingerprint: str, query_id: str) -> StoredState | None:
     """The stored state of one query (samples sorted by id), or None when it has none yet."""
-    where = f"settings_fingerprint = '{_quote(settings_fingerprint)}' AND query_id = '{_quote(query_id)}'"
+    where = where_equal(settings_fingerprint=settings_fingerprint, query_id=query_id)
     table = store.read("dda_state", ["sample_id", "weighted_sum", "total_weight", "checkpoints"], where)
     if table.num_rows == 0:
         return None

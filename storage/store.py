@@ -49,6 +49,11 @@ def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def where_equal(**columns: str) -> str:
+    """A Lance filter ``a = 'x' AND b = 'y'`` with every value quoted as an SQL string literal."""
+    return " AND ".join(f"{name} = '{value.replace(chr(39), chr(39) * 2)}'" for name, value in columns.items())
+
+
 def tag_name(checkpoint_id: str) -> str:
     """Lance tag for a checkpoint: ``ckpt-`` + the id with characters outside [A-Za-z0-9._-] replaced."""
     return "ckpt-" + re.sub(r"[^A-Za-z0-9._-]", "_", checkpoint_id)
@@ -71,6 +76,7 @@ class LineageStore:
         is opened as it is (for reading and SQL).
         """
         root = Path(root)
+        root.mkdir(parents=True, exist_ok=True)
         meta_path = root / "store.json"
         meta = StoreMeta(**json.loads(meta_path.read_text())) if meta_path.exists() else None
         if meta is not None and meta.schema_version != SCHEMA_VERSION:
@@ -82,7 +88,6 @@ class LineageStore:
             if dim is None:
                 raise ValueError("opening a store for writing needs both projection_fingerprint and dim")
             if meta is None:
-                root.mkdir(parents=True, exist_ok=True)
                 meta = StoreMeta(SCHEMA_VERSION, projection_fingerprint, dim, utcnow().isoformat())
                 _write_json_atomic(meta_path, asdict(meta))
             elif (meta.projection_fingerprint, meta.dim) != (projection_fingerprint, dim):
@@ -90,7 +95,6 @@ class LineageStore:
                     f"store {root} holds projection {meta.projection_fingerprint} (dim {meta.dim}), asked for "
                     f"{projection_fingerprint} (dim {dim}): use the store's projection settings or another data folder"
                 )
-        root.mkdir(parents=True, exist_ok=True)
         return cls(root, meta)
 
     # -- tables ---------------------------------------------------------------------------------
@@ -138,12 +142,8 @@ class LineageStore:
         result: pa.Table = table.to_lance().to_table(columns=list(columns) if columns else None, filter=where)
         return result
 
-    def versions(self, name: str) -> list[int]:
-        """Version numbers of table ``name``, oldest first."""
-        return [int(v["version"]) for v in self.table(name).list_versions()]
-
     def tag_checkpoint(self, checkpoint_id: str) -> str:
-        """Tag the current version of every vector and score table as ``ckpt-<id>``; returns the tag."""
+        """Tag the current ``embeddings`` and ``checkpoints`` versions as ``ckpt-<id>``; returns the tag."""
         tag = tag_name(checkpoint_id)
         for name in ("embeddings", "checkpoints"):
             table = self.table(name)

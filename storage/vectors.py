@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 
 from storage.errors import FingerprintMismatchError
-from storage.store import LineageStore
+from storage.store import LineageStore, where_equal
 
 
 def _vector_column(vectors: np.ndarray, dtype: type) -> pa.FixedSizeListArray:
@@ -27,6 +27,12 @@ def _check(store: LineageStore, vectors: np.ndarray, n: int) -> str:
     if vectors.shape[0] != n:
         raise ValueError(f"{vectors.shape[0]} vectors for {n} ids")
     return meta.projection_fingerprint
+
+
+def _at_checkpoint(store: LineageStore, checkpoint_id: str, **more: str) -> str:
+    """Filter for rows of ``checkpoint_id`` at this store's projection fingerprint (and ``more`` columns)."""
+    fp = store.meta.projection_fingerprint if store.meta else ""
+    return where_equal(checkpoint_id=checkpoint_id, projection_fingerprint=fp, **more)
 
 
 def write_embeddings(
@@ -70,9 +76,7 @@ class EmbeddingMatrix:
 
 def read_embeddings(store: LineageStore, checkpoint_id: str, as_of: int | str | None = None) -> EmbeddingMatrix:
     """The vectors of one checkpoint at this store's projection, as stored (see :class:`EmbeddingMatrix`)."""
-    fp = store.meta.projection_fingerprint if store.meta else ""
-    where = f"checkpoint_id = '{_quote(checkpoint_id)}' AND projection_fingerprint = '{_quote(fp)}'"
-    table = store.read("embeddings", ["sample_id", "vector", "grad_norm"], where, as_of)
+    table = store.read("embeddings", ["sample_id", "vector", "grad_norm"], _at_checkpoint(store, checkpoint_id), as_of)
     ids = table["sample_id"].to_numpy(zero_copy_only=False).astype(str)
     flat = table["vector"].combine_chunks().flatten().to_numpy(zero_copy_only=False)
     dim = store.meta.dim if store.meta else 0
@@ -81,7 +85,7 @@ def read_embeddings(store: LineageStore, checkpoint_id: str, as_of: int | str | 
 
 def embedded_sample_ids(store: LineageStore, checkpoint_id: str) -> set[str]:
     """Ids of samples already embedded at ``checkpoint_id`` (for resuming an interrupted run)."""
-    where = f"checkpoint_id = '{_quote(checkpoint_id)}'"
+    where = _at_checkpoint(store, checkpoint_id)
     return set(store.read("embeddings", ["sample_id"], where)["sample_id"].to_pylist())
 
 
@@ -101,8 +105,7 @@ def write_query_embeddings(
 
 def read_query_embeddings(store: LineageStore, checkpoint_id: str, kind: str, query_ids: Sequence[str]) -> np.ndarray:
     """Query vectors (m, D) float32 in the order of ``query_ids``; raises KeyError naming a missing one."""
-    where = f"checkpoint_id = '{_quote(checkpoint_id)}' AND kind = '{_quote(kind)}'"
-    table = store.read("query_embeddings", ["query_id", "vector"], where)
+    table = store.read("query_embeddings", ["query_id", "vector"], _at_checkpoint(store, checkpoint_id, kind=kind))
     index = {q: i for i, q in enumerate(table["query_id"].to_pylist())}
     missing = [q for q in query_ids if q not in index]
     if missing:
@@ -111,8 +114,3 @@ def read_query_embeddings(store: LineageStore, checkpoint_id: str, kind: str, qu
     matrix = flat.reshape(table.num_rows, -1)
     selected: np.ndarray = matrix[[index[q] for q in query_ids]]
     return selected
-
-
-def _quote(value: str) -> str:
-    """Escape a string literal for a Lance filter."""
-    return value.replace("'", "''")

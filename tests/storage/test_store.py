@@ -151,3 +151,12 @@ def test_float16_storage_bounds_the_score_error(tmp_path):
     assert np.all(np.abs(got - exact) <= bound)
     relative = np.abs(got - exact).max() / np.abs(exact).max()
     assert relative < 1e-3
+
+
+def test_ids_with_quotes_are_filtered_exactly(tmp_path):
+    store = seeded_store(tmp_path)
+    ids = ["s000", "s001"]
+    write_embeddings(store, "it's", ids, random_vectors(2), np.zeros(2), np.ones(2))
+    write_embeddings(store, "its", ids, random_vectors(2, seed=1), np.zeros(2), np.ones(2))
+    assert sorted(read_embeddings(store, "it's").sample_ids.tolist()) == ids
+    assert embedded_sample_ids(store, "it' OR '1'='1") == set()
