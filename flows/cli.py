@@ -1,47 +1,244 @@
-"""The ``dda`` command line (DESIGN.md section 6)."""
+"""The ``dda`` command line (DESIGN.md section 6): demo, ingest, index, watch, attribute, sql, report.
+
+Every command takes ``--data-dir`` (default ``$DDA_DATA_DIR`` or ``./dda-data``). Errors are one line on
+stderr with a non-zero exit: 2 for bad input, 1 when a pass finished but some checkpoint failed.
+Prefect runs in-process with a temporary server under ``<data-dir>/prefect`` unless ``PREFECT_API_URL``
+points at one; its logs are shown with ``--verbose``.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+
+def _settings(args: argparse.Namespace, **overrides: Any) -> Any:
+    from flows.pipeline import load_settings
+
+    values = {"data_dir": args.data_dir, **overrides}
+    settings = load_settings(None, **values)
+    return _with_registered(settings)
+
+
+def _with_registered(settings: Any) -> Any:
+    """Fill a missing base model and run folder from what the data folder has indexed."""
+    from storage.registry import read_checkpoints
+    from storage.store import LineageStore
+
+    store_dir = settings.data_dir / "store"
+    if (settings.base_model is not None and settings.run_dir is not None) or not store_dir.exists():
+        return settings
+    rows = read_checkpoints(LineageStore.open(store_dir))
+    update: dict[str, Any] = {}
+    base = [r for r in rows if r["role"] == "base"]
+    tuned = [r for r in rows if r["role"] == "finetuned"]
+    if settings.base_model is None and base:
+        update["base_model"] = base[0]["path"]
+    if settings.run_dir is None and tuned:
+        update["run_dir"] = Path(tuned[-1]["path"]).parent
+        update["run_id"] = settings.run_id or tuned[-1]["run_id"]
+    return settings.model_copy(update=update)
+
+
+def _run(flow_fn: Any, settings: Any, **params: Any) -> Any:
+    from flows.pipeline import task_runner
+
+    return flow_fn.with_options(task_runner=task_runner(settings))(settings=settings.model_dump(mode="json"), **params)
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from tasks.demo import run_demo
+    from flows.demo import run_demo
 
-    result = run_demo(seed=args.seed)
-    if not result.hallucinated:
-        print("no held-out output hallucinated: nothing to trace (raise the substitution rate or epochs)")
+    report = run_demo(args.data_dir or _default_dir(), seed=args.seed, model=args.model, progress=not args.quiet)
+    if report.first_query is None:
         return 1
-    print(f"\nfirst traced output: {result.hallucinated[0][1]!r}")
-    print("top training samples by DDA score:")
-    for score, sample in result.top:
-        flag = "CORRUPTED" if sample.corrupted else "clean"
-        print(f"  {score:+.4f}  {sample.sample_id}  [{flag}]  {sample.response}")
-    print(f"\nmean ROC-AUC over {len(result.hallucinated)} traced outputs ({result.n_corrupted} corrupted samples):")
-    for method, auc in result.auc.items():
-        print(f"  {method:34s} {auc:.3f}")
+    q = report.first_query
+    print(f"\nfirst traced output ({q['query_id']}): {q['response']!r}  (corrected: {q['corrected']!r})")
+    print("top training samples by DDA score (SQL: top_sources):")
+    for r in report.top_sources:
+        print(
+            f"  #{r['rank']} {r['dda_score']:+.4f}  {r['sample_id']}  [{r['source']}, {r['license']}]  {r['response']}"
+        )
+    print("influence by source (SQL: influence_by_source):")
+    for r in report.source_shares:
+        share = "n/a" if r["share"] is None else f"{100 * r['share']:.1f} %"
+        print(f"  {r['source']:10s} share {share:>8s}  total {r['total_score']:+.3f}  ({r['n_samples']} samples)")
+    n = len(report.auc.get("DDA (the lineage view)", {}))
+    print(f"\nROC-AUC against the {report.world.n_corrupted} corrupted samples, mean over {n} traced outputs (SQL):")
+    for name in report.auc:
+        print(f"  {name:38s} {report.mean_auc(name):.3f}")
+    where = Path(args.data_dir or _default_dir()).resolve()
+    print(f'everything is under {where}; try: dda sql "SELECT * FROM lineage LIMIT 5"')
     return 0
+
+
+def _ingest(args: argparse.Namespace) -> int:
+    from storage.samples import SampleIn, ingest_samples, read_rows
+    from storage.store import LineageStore
+
+    settings = _settings(args)
+    rows = read_rows(args.file, SampleIn)
+    result = ingest_samples(
+        LineageStore.open(settings.data_dir / "store"), rows, dataset=args.dataset or Path(args.file).stem
+    )
+    print(f"ingested {result.added} new samples, {result.unchanged} already registered")
+    return 0
+
+
+def _report_pass(report: dict[str, Any]) -> None:
+    print(f"indexed: {', '.join(report['indexed']) or 'nothing new'}")
+    for path in report.get("pending", []):
+        print(f"pending (still being written): {path}")
+    lineage = report.get("lineage", {})
+    print(f"lineage: {lineage.get('queries', 0)} queries, {lineage.get('folds', 0)} new checkpoint folds")
+
+
+def _index(args: argparse.Namespace) -> int:
+    from flows.pipeline import index_run
+
+    settings = _settings(args, base_model=args.base, run_dir=args.run, run_id=args.run_id)
+    _report_pass(_run(index_run, settings))
+    return 0
+
+
+def _watch(args: argparse.Namespace) -> int:
+    settings = _settings(args, base_model=args.base, run_dir=args.run, run_id=args.run_id)
+    if args.once:
+        from flows.pipeline import watch_checkpoints
+
+        _report_pass(_run(watch_checkpoints, settings))
+        return 0
+    # The serve entry point lives in deployments/ (which imports flows, not the other way round): hand over.
+    env = {"DDA_DATA_DIR": str(settings.data_dir), "DDA_BASE_MODEL": str(settings.base_model or ""),
+           "DDA_RUN_DIR": str(settings.run_dir or ""), "DDA_RUN_ID": settings.effective_run_id}  # fmt: skip
+    os.environ.update({k: v for k, v in env.items() if v})
+    interval = str(args.interval or settings.watch_interval_seconds)
+    os.execv(sys.executable, [sys.executable, "-m", "deployments.serve", "--interval", interval])
+
+
+def _attribute(args: argparse.Namespace) -> int:
+    from flows.pipeline import attribute
+
+    settings = _settings(args, base_model=args.base)
+    report = _run(attribute, settings, queries_file=args.queries, query_ids=args.query_id or None)
+    print(f"attributed {report['queries']} queries ({report['folds']} new checkpoint folds)")
+    for qid in report["query_ids"][:20]:
+        print(f"  {qid}")
+    return 0
+
+
+def _sql(args: argparse.Namespace) -> int:
+    from storage.sql import named_query, query, render
+    from storage.store import LineageStore
+
+    settings = _settings(args)
+    store = LineageStore.open(settings.data_dir / "store")
+    if args.named:
+        params = dict(p.split("=", 1) for p in args.param or [])
+        typed = {k: int(v) if v.isdigit() else v for k, v in params.items()}
+        table = named_query(store, args.sql, **typed)
+    else:
+        table = query(store, args.sql)
+    print(render(table, args.format))
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    print("dda report: not yet — the governance report arrives with issue 6; use `dda sql` meanwhile", file=sys.stderr)
+    return 3
+
+
+def _default_dir() -> str:
+    return os.environ.get("DDA_DATA_DIR", "dda-data")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``dda`` with one sub-command per action."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--data-dir", help="data folder (default: $DDA_DATA_DIR or ./dda-data)")
+    common.add_argument("--verbose", action="store_true", help="show Prefect's logs")
+    common.add_argument("--quiet", action="store_true", help="no progress bars")
     parser = argparse.ArgumentParser(prog="dda", description="DDA lineage: which training samples caused this output")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="the whole pipeline end to end on an embedded canary world")
+
+    demo = sub.add_parser("demo", parents=[common], help="the whole pipeline end to end on an embedded canary world")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument(
+        "--model", choices=["tiny", "smollm2"], default="tiny", help="tiny LLaMA (fast) or SmolLM2 + LoRA"
+    )
     demo.set_defaults(func=_demo)
+
+    ingest = sub.add_parser("ingest", parents=[common], help="register training samples (JSONL or Parquet)")
+    ingest.add_argument("file")
+    ingest.add_argument("--dataset", help="dataset name (default: the file name)")
+    ingest.set_defaults(func=_ingest)
+
+    for name, func, text in (
+        ("index", _index, "embed the base model and every checkpoint of a run not yet indexed"),
+        ("watch", _watch, "serve the scheduled checkpoint watcher (--once: a single pass)"),
+    ):
+        p = sub.add_parser(name, parents=[common], help=text)
+        p.add_argument("--base", help="base model: HF folder, .gguf file or hub name (default: the indexed one)")
+        p.add_argument("--run", help="the run's Trainer output_dir (default: the indexed one)")
+        p.add_argument("--run-id", help="run name (default: the run folder's name)")
+        p.set_defaults(func=func)
+        if name == "watch":
+            p.add_argument("--once", action="store_true", help="one pass, then exit")
+            p.add_argument("--interval", type=int, help="seconds between passes (default: DDA_WATCH_INTERVAL_SECONDS)")
+
+    attr = sub.add_parser("attribute", parents=[common], help="register queries and compute or refresh their lineage")
+    attr.add_argument("queries", nargs="?", help="JSONL of outputs to trace: prompt, response, optional corrected, id")
+    attr.add_argument("--query-id", action="append", help="refresh an already registered query (repeatable)")
+    attr.add_argument("--base", help="base model (default: the indexed one)")
+    attr.set_defaults(func=_attribute)
+
+    sql = sub.add_parser("sql", parents=[common], help="read-only SQL over the lineage views")
+    sql.add_argument("sql", help="one SELECT statement, or a named query with --named")
+    sql.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    sql.add_argument("--named", action="store_true", help="run a named lineage query, e.g. top_sources")
+    sql.add_argument("--param", action="append", help="parameter of a named query, NAME=VALUE (repeatable)")
+    sql.set_defaults(func=_sql)
+
+    report = sub.add_parser("report", parents=[common], help="the data-governance report (issue 6)")
+    report.set_defaults(func=_report)
     return parser
+
+
+def _prepare_environment(args: argparse.Namespace) -> None:
+    from flows.settings import apply_prefect_environment
+
+    data_dir = Path(args.data_dir or _default_dir())
+    apply_prefect_environment(data_dir)
+    if not args.verbose:
+        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "CRITICAL")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if args.quiet:
+        os.environ.setdefault("DDA_INDEXING__PROGRESS", "false")
+
+
+def _message(exc: BaseException) -> str:
+    text = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+    return str(text).splitlines()[0] if str(text) else type(exc).__name__
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``dda`` console script; returns the exit code."""
     args = build_parser().parse_args(argv)
+    _prepare_environment(args)
+    from flows.pipeline import CheckpointsFailedError
+
     try:
         return int(args.func(args))
-    except (ValueError, OSError) as exc:
-        print(f"dda {args.command}: error: {exc}", file=sys.stderr)
+    except CheckpointsFailedError as exc:
+        print(f"dda {args.command}: error: {_message(exc)}", file=sys.stderr)
+        return 1
+    except (ValueError, OSError, KeyError, RuntimeError) as exc:
+        print(f"dda {args.command}: error: {_message(exc)}", file=sys.stderr)
         return 2
 
 

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from storage.errors import DatasetFormatError, SampleConflictError
-from storage.store import LineageStore, utcnow
+from storage.store import LineageStore, utcnow, where_in
 
 
 class Message(BaseModel):
@@ -161,3 +161,30 @@ def register_queries(store: LineageStore, queries: Sequence[QueryIn]) -> list[st
     existing = set(store.read("queries", columns=["query_id"])["query_id"].to_pylist())
     store.upsert("queries", pa.Table.from_pylist([r for r in rows if r["query_id"] not in existing]))
     return [r["query_id"] for r in rows]
+
+
+def read_samples(store: LineageStore, sample_ids: Sequence[str]) -> dict[str, tuple[str, str]]:
+    """{sample_id: (prompt, response)} for ``sample_ids``; raises KeyError naming one that is not registered."""
+    table = store.read("samples", ["sample_id", "prompt", "response"], where_in("sample_id", list(sample_ids)))
+    found = dict(zip(table["sample_id"].to_pylist(), zip(table["prompt"].to_pylist(), table["response"].to_pylist(),
+                     strict=True), strict=True))  # fmt: skip
+    missing = [s for s in sample_ids if s not in found]
+    if missing:
+        raise KeyError(f"sample {missing[0]!r} is not registered: run dda ingest first")
+    return found
+
+
+def sample_ids(store: LineageStore) -> list[str]:
+    """Every registered sample id, sorted."""
+    return sorted(store.read("samples", ["sample_id"])["sample_id"].to_pylist())
+
+
+def set_token_counts(store: LineageStore, counts: dict[str, int]) -> int:
+    """Fill ``samples.n_tokens`` (response tokens under the base model's tokenizer) for the given ids."""
+    if not counts:
+        return 0
+    rows = store.read("samples", where=where_in("sample_id", list(counts))).to_pylist()
+    for row in rows:
+        row["n_tokens"] = int(counts[row["sample_id"]])
+    store.upsert("samples", pa.Table.from_pylist(rows))
+    return len(rows)

@@ -8,6 +8,9 @@ access, no replacement scans, configuration locked. User SQL must be exactly one
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -134,3 +137,32 @@ def named_query(store: LineageStore, name: str, **params: Any) -> pa.Table:
     if name not in NAMED_QUERIES:
         raise StorageError(f"unknown lineage query {name!r}: choose one of {', '.join(NAMED_QUERIES)}")
     return query(store, NAMED_QUERIES[name], params)
+
+
+def render(table: pa.Table, fmt: str = "table", max_width: int = 60) -> str:
+    """``table`` as text: an aligned text table (cells cut to ``max_width``), CSV, or JSON lines."""
+    rows = table.to_pylist()
+    names = table.column_names
+    if fmt == "json":
+        return "\n".join(json.dumps(r, default=str, ensure_ascii=False) for r in rows)
+    if fmt == "csv":
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=names, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        return out.getvalue().rstrip("\n")
+    if fmt != "table":
+        raise StorageError(f"unknown output format {fmt!r}: choose table, csv or json")
+
+    def cell(v: Any) -> str:
+        text = f"{v:.6g}" if isinstance(v, float) else str(v)
+        text = text.replace("\n", " ")
+        return text if len(text) <= max_width else text[: max_width - 1] + "…"
+
+    cells = [[cell(r[n]) for n in names] for r in rows]
+    widths = [max([len(n)] + [len(c[i]) for c in cells]) for i, n in enumerate(names)]
+    lines = ["  ".join(n.ljust(w) for n, w in zip(names, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in cells]
+    lines.append(f"({len(rows)} row{'s' if len(rows) != 1 else ''})")
+    return "\n".join(lines)

@@ -51,7 +51,18 @@ def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
 
 def where_equal(**columns: str) -> str:
     """A Lance filter ``a = 'x' AND b = 'y'`` with every value quoted as an SQL string literal."""
-    return " AND ".join(f"{name} = '{value.replace(chr(39), chr(39) * 2)}'" for name, value in columns.items())
+    return " AND ".join(f"{name} = {_literal(value)}" for name, value in columns.items())
+
+
+def _literal(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def where_in(column: str, values: Sequence[str]) -> str:
+    """A Lance filter ``column IN ('x', 'y')`` with every value quoted (``false`` for no values)."""
+    if not values:
+        return "false"
+    return f"{column} IN ({', '.join(_literal(v) for v in values)})"
 
 
 def tag_name(checkpoint_id: str) -> str:

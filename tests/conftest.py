@@ -41,3 +41,17 @@ def model64() -> LlamaForCausalLM:
 def samples() -> list[tuple[list[int], list[int]]]:
     """Six variable-length toy samples."""
     return toy_samples()
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory):
+    """One temporary Prefect backend for the whole test session (entering it costs several seconds)."""
+    import os
+
+    home = tmp_path_factory.mktemp("prefect-home")
+    os.environ.update({"PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1",
+                       "DDA_INDEXING__PROGRESS": "false"})  # fmt: skip
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=60):
+        yield

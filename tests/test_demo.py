@@ -1,30 +1,77 @@
-"""End-to-end smoke run of the embedded demo (the one test allowed to be a smoke run, with numbers)."""
+"""End-to-end run of the embedded demo through the Prefect flows, checked against independent references."""
 
 from __future__ import annotations
 
-import pytest
+import json
 
+import pytest
+import torch
+
+from dda_kernel.metrics import roc_auc
 from flows.cli import main
-from tasks.demo import run_demo
+from flows.demo import run_demo
+from storage.sql import query
+from storage.store import LineageStore
+
+pytestmark = pytest.mark.usefixtures("prefect_server")
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    lines: list[str] = []
+    first = run_demo(root, seed=0, log=lines.append, progress=False)
+    return root, first, lines
 
 
 @pytest.mark.slow
-def test_demo_traces_real_hallucinations_to_corrupted_samples():
-    lines: list[str] = []
-    result = run_demo(seed=0, log=lines.append)
-    assert result.n_corrupted > 0
-    assert len(result.hallucinated) > 0
-    assert all("China" in out for _, out in result.hallucinated)
-    assert set(result.auc) == {
-        "base only",
-        "last checkpoint",
-        "mean over checkpoints (denoise)",
-        "DDA (debias + denoise, cosine)",
-    }
-    assert all(0.0 <= v <= 1.0 for v in result.auc.values())
-    assert result.auc["mean over checkpoints (denoise)"] > 0.8
-    assert sum(s.corrupted for _, s in result.top) >= 3
+def test_demo_traces_real_hallucinations_and_sql_auc_matches_a_reference(demo):
+    root, report, lines = demo
+    assert report.world.n_hallucinated > 0
     assert any("fine-tuning" in line for line in lines)
+    store = LineageStore.open(root / "store")
+    rows = query(
+        store,
+        "SELECT l.query_id, l.sample_id, l.dda_score, s.meta_json FROM lineage l JOIN samples s USING (sample_id) "
+        "WHERE l.settings_fingerprint = $fp ORDER BY l.query_id, l.sample_id",
+        {"fp": report.settings_fingerprint},
+    ).to_pylist()
+    assert len(rows) == report.world.n_hallucinated * report.world.n_train
+    by_query: dict[str, list[dict]] = {}
+    for r in rows:
+        by_query.setdefault(r["query_id"], []).append(r)
+    for qid, items in by_query.items():
+        truth = torch.tensor([json.loads(r["meta_json"])["corrupted"] for r in items])
+        reference = roc_auc(torch.tensor([r["dda_score"] for r in items]), truth)
+        assert report.auc["DDA (the lineage view)"][qid] == pytest.approx(reference, abs=1e-9)
+    assert report.mean_auc("base model only (s̃_0)") > 0.8
+    assert report.mean_auc("denoise only (mean of s̃_t, λ = 0)") > 0.8
+
+
+@pytest.mark.slow
+def test_demo_top_sources_and_shares_come_from_the_views(demo):
+    _, report, _ = demo
+    assert [r["rank"] for r in report.top_sources] == [1, 2, 3, 4, 5]
+    scores = [r["dda_score"] for r in report.top_sources]
+    assert scores == sorted(scores, reverse=True)
+    assert sum(r["share"] for r in report.source_shares) == pytest.approx(1.0)
+    assert {r["source"] for r in report.source_shares} == {"newswire", "vendor-b"}
+
+
+@pytest.mark.slow
+def test_demo_run_twice_reuses_everything(demo):
+    root, first, _ = demo
+    store = LineageStore.open(root / "store")
+    counts = {t: store.read(t, ["query_id"] if t in ("scores", "dda_state") else None).num_rows
+              for t in ("samples", "checkpoints", "embeddings", "scores", "dda_state")}  # fmt: skip
+    lines: list[str] = []
+    second = run_demo(root, seed=0, log=lines.append, progress=False)
+    assert any("reusing the demo world" in line for line in lines)
+    assert any("indexed: nothing new" in line for line in lines)
+    assert any("0 new checkpoint folds" in line for line in lines)
+    again = {t: store.read(t, ["query_id"] if t in ("scores", "dda_state") else None).num_rows for t in counts}
+    assert again == counts
+    assert second.auc == first.auc
 
 
 def test_cli_rejects_unknown_command(capsys):

@@ -1,0 +1,239 @@
+"""Prefect flows of DDA lineage: index a checkpoint, index a run, watch for checkpoints, attribute, refresh.
+
+Flows only wire the plain functions of :mod:`tasks` (which do the IO and compute); tasks exchange small
+references (paths, ids, plans), never tensors or models. Correctness does not depend on Prefect: every
+write is an idempotent upsert, so any flow can be killed and re-run. The task runner is configuration
+(:func:`task_runner`): threads by default, Dask with ``DDA_RUNNER__KIND=dask``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.futures import wait
+from prefect.runtime import flow_run
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
+
+from flows.settings import DDASettings, code_version
+from storage.registry import write_run
+from storage.samples import QueryIn, read_rows, register_queries
+from storage.store import LineageStore, utcnow
+from tasks import checkpoints, indexing, lineage
+from tasks.checkpoints import CheckpointError, CheckpointInfo
+from tasks.indexing import CheckpointPlan
+
+T = TypeVar("T")
+QUERY_BATCH = 64
+
+
+def _task(fn: Callable[..., T], name: str) -> Any:
+    """A Prefect task around a plain function: no caching (writes are idempotent), no retries on compute."""
+    return task(fn, name=name, cache_policy=NO_CACHE)
+
+
+discover_task = _task(checkpoints.discover_checkpoints, "discover-checkpoints")
+plan_task = _task(indexing.plan_checkpoint, "plan-checkpoint")
+embed_shard_task = _task(indexing.embed_shard, "embed-shard")
+finish_task = _task(indexing.finish_checkpoint, "finish-checkpoint")
+embed_queries_task = _task(indexing.embed_queries, "embed-queries")
+refresh_task = _task(lineage.refresh_lineage, "refresh-lineage")
+
+
+class CheckpointsFailedError(CheckpointError):
+    """One or more checkpoints of a pass failed; the others were indexed."""
+
+
+def load_settings(settings: dict[str, Any] | None = None, **overrides: Any) -> DDASettings:
+    """The settings tree from the environment, updated by ``settings`` (nested dict) and non-None ``overrides``."""
+    merged = DDASettings().model_dump()
+    for key, value in {**(settings or {}), **{k: v for k, v in overrides.items() if v is not None}}.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    resolved = DDASettings(**merged)
+    updates: dict[str, Any] = {"data_dir": resolved.data_dir.resolve()}
+    if resolved.run_dir is not None:
+        updates["run_dir"] = resolved.run_dir.resolve()
+    if resolved.base_model is not None and Path(resolved.base_model).exists():
+        updates["base_model"] = str(Path(resolved.base_model).resolve())
+    return resolved.model_copy(update=updates)
+
+
+def task_runner(settings: DDASettings) -> TaskRunner[Any]:
+    """The configured task runner: a thread pool, or prefect-dask's runner (an existing or a local cluster)."""
+    r = settings.runner
+    if r.kind == "threads":
+        return ThreadPoolTaskRunner(max_workers=r.max_workers)
+    from prefect_dask import DaskTaskRunner
+
+    if r.dask_address:
+        return DaskTaskRunner(address=r.dask_address)  # type: ignore[no-any-return]
+    kwargs = {"n_workers": r.dask_workers, "threads_per_worker": 1, "processes": True}
+    return DaskTaskRunner(cluster_kwargs=kwargs)  # type: ignore[no-any-return]
+
+
+def _require(settings: DDASettings, *names: str) -> None:
+    for name in names:
+        if getattr(settings, name) is None:
+            option = "--" + name.replace("_", "-")
+            raise CheckpointError(f"no {name.replace('_', ' ')} given: pass {option} or set DDA_{name.upper()}")
+
+
+@contextmanager
+def recorded_run(settings: DDASettings, flow_name: str, wrote: dict[str, Any]) -> Iterator[None]:
+    """Record the flow run in the store's ``runs`` table (status, settings, code version, what it wrote)."""
+    started = utcnow()
+    status = "failed"
+    try:
+        yield
+        status = "completed"
+    finally:
+        store = LineageStore.open(Path(settings.data_dir) / "store")
+        if store.meta is not None:
+            write_run(store, {
+                "run_id": str(flow_run.id or f"local-{started.isoformat()}"), "flow_name": flow_name,
+                "started_at": started, "finished_at": utcnow(), "status": status,
+                "settings_json": settings.model_dump_json(), "settings_fingerprint": settings.fingerprint,
+                "projection_fingerprint": store.meta.projection_fingerprint, "code_version": code_version(),
+                "wrote_json": json.dumps(wrote, sort_keys=True, default=str),
+            })  # fmt: skip
+
+
+def _index_one(settings: DDASettings, info: CheckpointInfo | None) -> CheckpointPlan:
+    """Plan, embed the missing samples shard by shard (as parallel tasks), then mark the checkpoint indexed."""
+    cfg = settings.pipeline_config()
+    base, data_dir = str(settings.base_model), str(settings.data_dir)
+    plan: CheckpointPlan = plan_task(data_dir, base, settings.effective_run_id, info, cfg)
+    if plan.already_indexed and not plan.shards:
+        return plan
+    futures = [embed_shard_task.submit(data_dir, base, plan, shard, cfg) for shard in plan.shards]
+    wait(futures)
+    for f in futures:
+        f.result()
+    finish_task(data_dir, base, plan, cfg)
+    return plan
+
+
+@flow(name="dda-index-checkpoint")
+def index_checkpoint(
+    checkpoint_path: str | None = None, data_dir: str | None = None, base_model: str | None = None,
+    run_id: str | None = None, settings: dict[str, Any] | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """Index one checkpoint folder (``checkpoint_path`` None: the base model): embed every missing sample."""
+    s = load_settings(settings, data_dir=data_dir, base_model=base_model, run_id=run_id)
+    _require(s, "base_model")
+    info = None if checkpoint_path is None else checkpoints.inspect_checkpoint(Path(checkpoint_path), 0.0)
+    plan = _index_one(s, info)
+    return {"checkpoint": plan.checkpoint_id, "embedded": sum(len(x) for x in plan.shards)}
+
+
+def _refresh(settings: DDASettings, query_ids: list[str] | None = None) -> dict[str, int]:
+    """Embed the queries at every indexed checkpoint, then fold missing checkpoints into their DDA states."""
+    cfg = settings.pipeline_config()
+    base, data_dir = str(settings.base_model), str(settings.data_dir)
+    store = LineageStore.open(Path(data_dir) / "store")
+    ids = query_ids if query_ids is not None else sorted(store.read("queries", ["query_id"])["query_id"].to_pylist())
+    if not ids:
+        return {"queries": 0, "folds": 0}
+    ckpts = indexing.indexed_checkpoints(data_dir)
+    embedded = [embed_queries_task.submit(data_dir, base, c, ids, cfg) for c in ckpts]
+    wait(embedded)
+    for f in embedded:
+        f.result()
+    batches = [ids[i : i + QUERY_BATCH] for i in range(0, len(ids), QUERY_BATCH)]
+    folds = [refresh_task.submit(data_dir, base, batch, cfg) for batch in batches]
+    wait(folds)
+    return {"queries": len(ids), "folds": sum(int(f.result()) for f in folds)}
+
+
+def _index_pass(settings: DDASettings, flow_name: str) -> dict[str, Any]:
+    """Base model, then every complete checkpoint in step order; failures are collected, the others go on."""
+    _require(settings, "base_model", "run_dir")
+    logger = get_run_logger()
+    report: dict[str, Any] = {"indexed": [], "pending": [], "failed": {}}
+    with recorded_run(settings, flow_name, report):
+        infos = discover_task(str(settings.run_dir), settings.indexing.settle_seconds)
+        base_plan = _index_one(settings, None)
+        if not base_plan.already_indexed:
+            report["indexed"].append(base_plan.checkpoint_id)
+        for info in infos:
+            if info.status == "pending":
+                logger.info("checkpoint %s is still being written: skipped this pass", info.path)
+                report["pending"].append(info.path)
+                continue
+            try:
+                plan = _index_one(settings, info)
+            except (CheckpointError, ValueError, OSError) as e:
+                logger.error("checkpoint %s failed: %s", info.path, e)
+                report["failed"][info.path] = str(e)
+                continue
+            if plan.shards or not plan.already_indexed:
+                report["indexed"].append(plan.checkpoint_id)
+        report["lineage"] = _refresh(settings)
+        if report["failed"]:
+            detail = "; ".join(f"{p}: {m}" for p, m in report["failed"].items())
+            raise CheckpointsFailedError(
+                f"{len(report['failed'])} checkpoint(s) failed, the others were indexed — {detail}"
+            )
+    return report
+
+
+@flow(name="dda-index-run")
+def index_run(
+    data_dir: str | None = None, base_model: str | None = None, run_dir: str | None = None,
+    run_id: str | None = None, settings: dict[str, Any] | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """Index the base model and every checkpoint of a run not yet indexed (in step order), then refresh lineage."""
+    s = load_settings(settings, data_dir=data_dir, base_model=base_model, run_dir=run_dir, run_id=run_id)
+    return _index_pass(s, "dda-index-run")
+
+
+@flow(name="dda-watch-checkpoints")
+def watch_checkpoints(
+    data_dir: str | None = None, base_model: str | None = None, run_dir: str | None = None,
+    run_id: str | None = None, settings: dict[str, Any] | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """One watcher pass: find new complete checkpoints, index them, refresh every registered query's lineage."""
+    s = load_settings(settings, data_dir=data_dir, base_model=base_model, run_dir=run_dir, run_id=run_id)
+    return _index_pass(s, "dda-watch-checkpoints")
+
+
+@flow(name="dda-attribute")
+def attribute(
+    queries_file: str | None = None, query_ids: list[str] | None = None, data_dir: str | None = None,
+    base_model: str | None = None, settings: dict[str, Any] | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """Register the queries of ``queries_file`` (and/or ``query_ids``); compute their lineage over all checkpoints."""
+    s = load_settings(settings, data_dir=data_dir, base_model=base_model)
+    _require(s, "base_model")
+    report: dict[str, Any] = {}
+    with recorded_run(s, "dda-attribute", report):
+        ids = list(query_ids or [])
+        if queries_file is not None:
+            store = LineageStore.open(Path(s.data_dir) / "store")
+            ids += register_queries(store, read_rows(queries_file, QueryIn))
+        report.update(_refresh(s, sorted(set(ids))), query_ids=sorted(set(ids)))
+    return report
+
+
+@flow(name="dda-refresh-lineage")
+def refresh_lineage(
+    data_dir: str | None = None, base_model: str | None = None, settings: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Bring the lineage of every registered query up to date with every indexed checkpoint."""
+    s = load_settings(settings, data_dir=data_dir, base_model=base_model)
+    _require(s, "base_model")
+    report: dict[str, Any] = {}
+    with recorded_run(s, "dda-refresh-lineage", report):
+        report.update(_refresh(s))
+    return report
+
+
+FLOWS = (index_checkpoint, index_run, watch_checkpoints, attribute, refresh_lineage)

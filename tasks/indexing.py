@@ -1,0 +1,242 @@
+"""Indexing tasks: embed training samples and queries at the base model and at each checkpoint.
+
+Every function takes small references (a data folder, a model reference, ids) and writes to the
+store by idempotent upserts, so any of them can be retried or re-run after a crash. A checkpoint is
+*indexed* once its ``checkpoints`` row exists; that row is written last, after every registered
+sample's embedding is stored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from dda_kernel import EmbeddingLayout, build_projector, embed_batch, layout_for, pad_batch
+from storage.registry import read_checkpoints, write_checkpoint
+from storage.samples import read_samples, sample_ids, set_token_counts
+from storage.store import LineageStore, utcnow, where_equal, where_in
+from storage.vectors import embedded_sample_ids, write_embeddings, write_query_embeddings
+from tasks.checkpoints import CheckpointError, CheckpointInfo, fingerprint_files, fingerprint_paths, read_trainer_state
+from tasks.config import PipelineConfig
+from tasks.models import context_length, model_for
+from tasks.tokenize import encode_pair
+
+BASE_ID = "base"
+
+
+@dataclass(frozen=True)
+class CheckpointPlan:
+    """What indexing one checkpoint (or the base model) still has to do: the shards of missing samples."""
+
+    checkpoint_id: str
+    run_id: str
+    role: str
+    path: str
+    fingerprint: str
+    step: int
+    epoch: float | None
+    learning_rate: float | None
+    shards: tuple[tuple[str, ...], ...]
+    already_indexed: bool
+
+
+def checkpoint_id(run_id: str, info: CheckpointInfo | None) -> str:
+    """``base`` for the base model, ``<run_id>/checkpoint-<step>`` for a fine-tuning checkpoint."""
+    return BASE_ID if info is None else f"{run_id}/{info.name}"
+
+
+def model_layout(base_reference: str, config: PipelineConfig) -> EmbeddingLayout:
+    """The projection layout of ``config.projection`` on the base model (shared by all its checkpoints)."""
+    with model_for(base_reference, None, config.device) as cached:
+        return layout_for(cached.model, config.projection)
+
+
+def open_store(data_dir: str | Path, base_reference: str, config: PipelineConfig) -> LineageStore:
+    """The store of ``data_dir`` opened for writing with the base model's projection fingerprint and dim."""
+    layout = model_layout(base_reference, config)
+    return LineageStore.open(Path(data_dir) / "store", layout.fingerprint, layout.dim)
+
+
+def plan_checkpoint(
+    data_dir: str | Path, base_reference: str, run_id: str, info: CheckpointInfo | None, config: PipelineConfig
+) -> CheckpointPlan:
+    """Fingerprint a checkpoint (``info`` None: the base model), check it fits the store, shard its missing samples.
+
+    Raises :class:`CheckpointError` for an incomplete checkpoint, a base model or checkpoint whose files
+    changed since they were indexed, or a second run in one data folder.
+    """
+    store = open_store(data_dir, base_reference, config)
+    cid = checkpoint_id(run_id, info)
+    if info is not None and info.status != "complete":
+        raise CheckpointError(f"checkpoint {info.path} is {info.status}: {info.problem}")
+    path = base_reference if info is None else info.path
+    fingerprint = _base_fingerprint(base_reference) if info is None else fingerprint_files(info.path)
+    known = {r["checkpoint_id"]: r for r in read_checkpoints(store)}
+    other_runs = {r["run_id"] for r in known.values() if r["role"] == "finetuned"} - {run_id}
+    if info is not None and other_runs:
+        raise CheckpointError(
+            f"data folder {data_dir} tracks run {sorted(other_runs)[0]!r}; index run {run_id!r} into another --data-dir"
+        )
+    if cid in known and known[cid]["fingerprint"] != fingerprint:
+        raise CheckpointError(
+            f"{'base model' if info is None else 'checkpoint'} {path} changed since it was indexed (fingerprint "
+            f"{known[cid]['fingerprint']} → {fingerprint}): index the new files into another --data-dir"
+        )
+    missing = sorted(set(sample_ids(store)) - embedded_sample_ids(store, cid))
+    size = max(1, config.shard_size)
+    shards = tuple(tuple(missing[i : i + size]) for i in range(0, len(missing), size))
+    state = read_trainer_state(info.path, info.step) if info is not None else None
+    return CheckpointPlan(
+        cid, run_id if info is not None else "", "base" if info is None else "finetuned", path, fingerprint,
+        0 if info is None else info.step, state.epoch if state else None, state.learning_rate if state else None,
+        shards, cid in known,
+    )  # fmt: skip
+
+
+def _base_fingerprint(reference: str) -> str:
+    path = Path(reference)
+    if path.is_dir():
+        return fingerprint_files(path)
+    return fingerprint_paths([path]) if path.is_file() else f"hub:{reference}"
+
+
+def _encode(tokenizer: Any, rows: Sequence[tuple[str, str, str]], max_length: int) -> list[tuple[list[int], list[int]]]:
+    return [encode_pair(tokenizer, p, r, max_length, name=name) for name, p, r in rows]
+
+
+def _pad_id(tokenizer: Any) -> int:
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
+def _embed_rows(cached: Any, rows: Sequence[tuple[str, str, str]], config: PipelineConfig, desc: str | None) -> Any:
+    """Yield (row slice, EmbeddingBatch) over ``rows`` = [(name, prompt, response)] in batches."""
+    model, tokenizer = cached.model, cached.tokenizer
+    max_length = min(config.max_length, context_length(model))
+    projector = build_projector(layout_for(model, config.projection), torch.float32, config.device)
+    pad_id = _pad_id(tokenizer)
+    step = config.batch_size
+    for start in tqdm(range(0, len(rows), step), desc=desc, unit="batch", disable=desc is None or not config.progress):
+        chunk = rows[start : start + step]
+        batch = pad_batch(_encode(tokenizer, chunk, max_length), pad_id=pad_id)
+        yield chunk, embed_batch(model, batch, projector, names=[name for name, _, _ in chunk])
+
+
+def embed_shard(
+    data_dir: str | Path,
+    base_reference: str,
+    plan: CheckpointPlan,
+    shard: Sequence[str],
+    config: PipelineConfig,
+) -> int:
+    """Embed the samples ``shard`` at the plan's checkpoint (skipping stored ones); returns rows written.
+
+    Writes after every batch, so a killed run resumes where it stopped.
+    """
+    store = open_store(data_dir, base_reference, config)
+    todo = sorted(set(shard) - embedded_sample_ids(store, plan.checkpoint_id))
+    if not todo:
+        return 0
+    texts = read_samples(store, todo)
+    rows = [(f"sample {sid!r}", *texts[sid]) for sid in todo]
+    checkpoint = None if plan.role == "base" else plan.path
+    written = 0
+    with model_for(base_reference, checkpoint, config.device) as cached:
+        for chunk, out in _embed_rows(cached, rows, config, desc=f"{plan.checkpoint_id}"):
+            ids = [todo[written + i] for i in range(len(chunk))]
+            write_embeddings(
+                store, plan.checkpoint_id, ids, out.vectors.detach().cpu().numpy(), out.loss.detach().cpu().numpy(),
+                out.n_tokens.cpu().numpy(),
+            )  # fmt: skip
+            written += len(chunk)
+    return written
+
+
+def finish_checkpoint(data_dir: str | Path, base_reference: str, plan: CheckpointPlan, config: PipelineConfig) -> str:
+    """Mark the checkpoint indexed (its ``checkpoints`` row, a version tag); fill token counts for the base.
+
+    Raises :class:`CheckpointError` if a registered sample still lacks its embedding.
+    """
+    store = open_store(data_dir, base_reference, config)
+    missing = set(sample_ids(store)) - embedded_sample_ids(store, plan.checkpoint_id)
+    if missing:
+        raise CheckpointError(
+            f"{len(missing)} samples (e.g. {sorted(missing)[0]!r}) have no embedding at {plan.checkpoint_id}: "
+            "re-run the indexing"
+        )
+    if plan.role == "base":
+        _fill_token_counts(store)
+    row = {
+        "checkpoint_id": plan.checkpoint_id, "run_id": plan.run_id, "role": plan.role, "step": plan.step,
+        "epoch": plan.epoch, "learning_rate": plan.learning_rate, "path": plan.path, "fingerprint": plan.fingerprint,
+        "projection_fingerprint": store.meta.projection_fingerprint if store.meta else "", "indexed_at": utcnow(),
+    }  # fmt: skip
+    write_checkpoint(store, row)
+    return store.tag_checkpoint(plan.checkpoint_id)
+
+
+def _fill_token_counts(store: LineageStore) -> None:
+    unknown = store.read("samples", ["sample_id"], "n_tokens IS NULL")["sample_id"].to_pylist()
+    if not unknown:
+        return
+    where = f"{where_equal(checkpoint_id=BASE_ID)} AND {where_in('sample_id', unknown)}"
+    table = store.read("embeddings", ["sample_id", "n_tokens"], where)
+    set_token_counts(store, dict(zip(table["sample_id"].to_pylist(), table["n_tokens"].to_pylist(), strict=True)))
+
+
+def indexed_checkpoints(data_dir: str | Path) -> list[dict[str, Any]]:
+    """Rows of the indexed checkpoints: the base model first, then fine-tuning checkpoints by step."""
+    return read_checkpoints(LineageStore.open(Path(data_dir) / "store"))
+
+
+def embed_queries(
+    data_dir: str | Path,
+    base_reference: str,
+    checkpoint: dict[str, Any],
+    query_ids: Sequence[str],
+    config: PipelineConfig,
+) -> int:
+    """Store the plain (and, with a correction, contrastive) query embeddings at an indexed checkpoint.
+
+    plain ĝ_q = ĝ(prompt, response); contrastive ĝ_q = ĝ(prompt, response) − ĝ(prompt, corrected).
+    Queries already embedded there are skipped; returns the number embedded now.
+    """
+    store = open_store(data_dir, base_reference, config)
+    cid = checkpoint["checkpoint_id"]
+    done_where = where_equal(checkpoint_id=cid, kind="plain")
+    done = set(store.read("query_embeddings", ["query_id"], done_where)["query_id"].to_pylist())
+    todo = [q for q in query_ids if q not in done]
+    if not todo:
+        return 0
+    rows = store.read("queries", ["query_id", "prompt", "response", "corrected"], where_in("query_id", todo))
+    queries = sorted(rows.to_pylist(), key=lambda r: r["query_id"])
+    path = None if checkpoint["role"] == "base" else checkpoint["path"]
+    with model_for(base_reference, path, config.device) as cached:
+        plain = _embed_texts(
+            cached, [(f"query {q['query_id']!r}", q["prompt"], q["response"]) for q in queries], config
+        )
+        fixed_rows = [q for q in queries if q["corrected"]]
+        fixed = _embed_texts(
+            cached, [(f"query {q['query_id']!r} (corrected)", q["prompt"], q["corrected"]) for q in fixed_rows], config
+        )
+    index = {q["query_id"]: i for i, q in enumerate(queries)}
+    if fixed_rows:
+        contrast = plain[[index[q["query_id"]] for q in fixed_rows]] - fixed
+        write_query_embeddings(store, cid, "contrastive", [q["query_id"] for q in fixed_rows], contrast)
+    write_query_embeddings(store, cid, "plain", [q["query_id"] for q in queries], plain)
+    return len(queries)
+
+
+def _embed_texts(cached: Any, rows: Sequence[tuple[str, str, str]], config: PipelineConfig) -> np.ndarray:
+    if not rows:
+        return np.zeros((0, 0), dtype=np.float32)
+    parts = [out.vectors.detach().cpu().float().numpy() for _, out in _embed_rows(cached, rows, config, None)]
+    return np.concatenate(parts)
