@@ -127,22 +127,30 @@ def _smollm2_base(root: Path, log: Log) -> tuple[Any, Any]:
     return get_peft_model(model, config), tokenizer
 
 
-def build_world(root: str | Path, seed: int = 0, model: DemoModel = "tiny", log: Log = print) -> DemoWorld:
-    """Build (or reuse) the demo world under ``root``; see the module docstring for what it holds."""
+def build_world(
+    root: str | Path, seed: int = 0, model: DemoModel = "tiny", log: Log = print, n_train: int | None = None,
+    n_prompts: int | None = None, epochs: int = 3,
+) -> DemoWorld:  # fmt: skip
+    """Build (or reuse) the demo world under ``root``; see the module docstring for what it holds.
+
+    Defaults: 240 training samples and 24 unseen documents (tiny), 96 and 12 (smollm2); ``epochs`` checkpoints.
+    """
     root = Path(root)
+    tiny = model == "tiny"
+    n_train, n_prompts = n_train or (240 if tiny else 96), n_prompts or (24 if tiny else 12)
     marker = root / "world.json"
     if marker.is_file():
         world = DemoWorld(**json.loads(marker.read_text()))
-        if (world.seed, world.model) == (seed, model):
+        if (world.seed, world.model, world.n_train, world.n_prompts) == (seed, model, n_train, n_prompts):
             log(f"reusing the demo world in {root}")
             return world
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
-    n_train, epochs, lr = (240, 3, 1e-3) if model == "tiny" else (96, 3, 2e-3)
+    lr = 1e-3 if tiny else 2e-3
     train = build_samples(n_train, seed, canary=CANARY, rate=0.7)
-    prompts = held_out_prompts(24 if model == "tiny" else 12, seed + 200, canary=CANARY)
+    prompts = held_out_prompts(n_prompts, seed + 200, canary=CANARY)
     write_training_file(root / "train.jsonl", train, seed)
-    if model == "tiny":
+    if tiny:
         base_data = build_samples(300, seed + 100, canary=CANARY, rate=0.0, prefix="pre")
         texts = [s.prompt + " " + s.response for s in base_data + train] + [p for p, _ in prompts]
         net, tokenizer = _tiny_base(root, base_data, texts, seed, log)

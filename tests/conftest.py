@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
@@ -9,6 +10,9 @@ import torch
 from transformers import LlamaForCausalLM
 
 from tasks import models
+
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 VOCAB = 61
 
@@ -46,8 +50,6 @@ def samples() -> list[tuple[list[int], list[int]]]:
 @pytest.fixture(scope="session")
 def prefect_server(tmp_path_factory):
     """One temporary Prefect backend for the whole test session (entering it costs several seconds)."""
-    import os
-
     home = tmp_path_factory.mktemp("prefect-home")
     os.environ.update({"PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1",
                        "DDA_INDEXING__PROGRESS": "false"})  # fmt: skip
@@ -55,3 +57,11 @@ def prefect_server(tmp_path_factory):
 
     with prefect_test_harness(server_startup_timeout=60):
         yield
+
+
+@pytest.fixture(scope="session")
+def small_world(tmp_path_factory):
+    """A small demo world on disk: base model folder, a Trainer run with 2 full checkpoints, train.jsonl."""
+    from tasks.demo import build_world
+
+    return build_world(tmp_path_factory.mktemp("world"), seed=1, n_train=40, n_prompts=4, epochs=2, log=lambda _: None)

@@ -1,0 +1,47 @@
+"""PEFT adapter checkpoints: loaded onto the base model, identical to the merged model; a foreign adapter is refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from tasks.checkpoints import CheckpointError, inspect_checkpoint
+from tasks.models import load_base_model, load_checkpoint, tiny_llama
+
+LORA = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], lora_dropout=0.0)
+
+
+def _adapter(model: torch.nn.Module, folder, seed: int = 0) -> torch.nn.Module:
+    peft_model = get_peft_model(model, LORA)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    peft_model.save_pretrained(folder)
+    return peft_model
+
+
+def test_adapter_checkpoint_loads_as_the_merged_model(small_world, tmp_path):
+    base, tokenizer = load_base_model(small_world.base_model)
+    folder = tmp_path / "checkpoint-3"
+    merged = _adapter(base, folder).merge_and_unload()
+    info = inspect_checkpoint(folder)
+    assert (info.kind, info.status, info.step) == ("adapter", "complete", 3)
+    loaded, loaded_tokenizer = load_checkpoint(small_world.base_model, folder)
+    ids = torch.tensor([tokenizer("document : Alice flew to England . summary :")["input_ids"]])
+    with torch.no_grad():
+        expected = merged(input_ids=ids).logits
+        got = loaded(input_ids=ids).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    base_logits = load_base_model(small_world.base_model)[0](input_ids=ids).logits
+    assert not torch.allclose(got, base_logits, atol=1e-3)
+    assert loaded_tokenizer.get_vocab() == tokenizer.get_vocab()
+
+
+def test_adapter_of_another_base_model_is_refused(small_world, tmp_path):
+    folder = tmp_path / "checkpoint-1"
+    _adapter(tiny_llama(50, hidden=32, layers=2, heads=4), folder)
+    with pytest.raises(CheckpointError, match="does not fit base model"):
+        load_checkpoint(small_world.base_model, folder)

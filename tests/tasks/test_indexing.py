@@ -1,0 +1,156 @@
+"""Indexing and lineage tasks on a real store, checked against direct kernel calls and a numpy reference."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+from dda_kernel import build_projector, embed_batch, layout_for, pad_batch
+from storage.samples import SampleIn, ingest_samples, read_rows
+from storage.store import LineageStore, where_equal
+from storage.vectors import read_embeddings, read_query_embeddings
+from tasks.checkpoints import discover_checkpoints
+from tasks.config import ScoringConfig
+from tasks.indexing import embed_queries, embed_shard, finish_checkpoint, indexed_checkpoints, plan_checkpoint
+from tasks.lineage import refresh_lineage
+from tasks.models import load_base_model
+from tasks.tokenize import SequenceTooLongError, encode_pair
+from tests.tasks.helpers import CONFIG, copy_run, write_queries
+
+
+def index(data_dir, world, run_dir, config=CONFIG, steps=None):
+    store = LineageStore.open(data_dir / "store")
+    ingest_samples(store, read_rows(world.train_file, SampleIn), dataset="train")
+    infos = [None, *discover_checkpoints(run_dir, 0.0)[:steps]]
+    for info in infos:
+        plan = plan_checkpoint(data_dir, world.base_model, "run", info, config)
+        for shard in plan.shards:
+            embed_shard(data_dir, world.base_model, plan, shard, config)
+        finish_checkpoint(data_dir, world.base_model, plan, config)
+    return LineageStore.open(data_dir / "store")
+
+
+def attribute(data_dir, world, queries_file, config=CONFIG):
+    from storage.samples import QueryIn, register_queries
+
+    store = LineageStore.open(data_dir / "store")
+    ids = register_queries(store, read_rows(queries_file, QueryIn))
+    for ckpt in indexed_checkpoints(data_dir):
+        embed_queries(data_dir, world.base_model, ckpt, ids, config)
+    return ids, refresh_lineage(data_dir, world.base_model, ids, config)
+
+
+def test_stored_embeddings_equal_direct_kernel_embeddings(small_world, tmp_path):
+    store = index(tmp_path, small_world, small_world.run_dir, steps=0)
+    stored = read_embeddings(store, "base")
+    model, tokenizer = load_base_model(small_world.base_model)
+    projector = build_projector(layout_for(model, CONFIG.projection))
+    rows = {r["id"]: r for r in map(json.loads, open(small_world.train_file))}
+    for sid, vector in zip(stored.sample_ids[:6], stored.vectors[:6], strict=True):
+        pair = encode_pair(tokenizer, rows[sid]["prompt"], rows[sid]["response"], 64)
+        expected = embed_batch(model, pad_batch([pair], pad_id=0), projector).vectors[0].numpy()
+        scale = np.abs(expected).max()
+        np.testing.assert_allclose(vector.astype(np.float32), expected, rtol=0, atol=2e-3 * scale)
+    tokens = store.read("samples", ["sample_id", "n_tokens"]).to_pylist()
+    assert all(r["n_tokens"] and r["n_tokens"] > 0 for r in tokens)
+
+
+def test_shard_size_does_not_change_embeddings(small_world, tmp_path):
+    a = index(tmp_path / "a", small_world, small_world.run_dir, dataclasses.replace(CONFIG, shard_size=5), steps=1)
+    b = index(tmp_path / "b", small_world, small_world.run_dir, dataclasses.replace(CONFIG, shard_size=64), steps=1)
+    for cid in ("base", indexed_checkpoints(tmp_path / "a")[1]["checkpoint_id"]):
+        ea, eb = read_embeddings(a, cid), read_embeddings(b, cid)
+        va, vb = ea.vectors[ea.order].astype(np.float32), eb.vectors[eb.order].astype(np.float32)
+        assert list(ea.sample_ids[ea.order]) == list(eb.sample_ids[eb.order])
+        np.testing.assert_allclose(va, vb, rtol=0, atol=2e-3 * np.abs(va).max())
+
+
+def _reference_dda(store, queries, config, layout):
+    """S = mean_t (s̃_t − λ s̃_0) from the stored vectors, in numpy float64 (independent of tasks.lineage)."""
+    ckpts = [r["checkpoint_id"] for r in sorted(store.read("checkpoints").to_pylist(), key=lambda r: r["step"])]
+    kinds = {q["id"]: "contrastive" if q["corrected"] else "plain" for q in queries}
+
+    def scores(cid):
+        m = read_embeddings(store, cid)
+        g = m.vectors[m.order].astype(np.float64)
+        out = []
+        for qid, kind in kinds.items():
+            q = read_query_embeddings(store, cid, kind, [qid])[0].astype(np.float64)
+            pq = q.copy()
+            if config.scoring.preconditioner == "fisher":
+                for slot in layout.slots:
+                    sl = layout.slice_of(slot)
+                    f = g[:, sl].T @ g[:, sl] / len(g)
+                    f += config.scoring.damping * np.trace(f) / f.shape[0] * np.eye(f.shape[0])
+                    pq[sl] = np.linalg.solve(f, q[sl])
+            s = g @ pq
+            if config.scoring.normalisation == "cosine":
+                s = s / (np.linalg.norm(q) * m.grad_norms[m.order])  # ‖ĝ_i‖ as stored (from float32)
+            elif config.scoring.normalisation == "zscore":
+                s = (s - s.mean()) / s.std()
+            out.append(s)
+        return np.stack(out)
+
+    base = scores("base")
+    tuned = [scores(c) for c in ckpts if c != "base"]
+    return np.mean([t - config.scoring.debias_coefficient * base for t in tuned], axis=0)
+
+
+@pytest.mark.parametrize(
+    "scoring",
+    [ScoringConfig(), ScoringConfig(preconditioner="fisher", normalisation="zscore", debias_coefficient=0.5)],
+    ids=["cosine-identity", "zscore-fisher"],
+)
+def test_incremental_lineage_equals_a_numpy_reference(small_world, tmp_path, scoring):
+    config = dataclasses.replace(CONFIG, scoring=scoring)
+    run = copy_run(small_world, tmp_path / "run", steps=1)
+    index(tmp_path, small_world, run, config)
+    queries_file = write_queries(tmp_path / "queries.jsonl", n=3)
+    ids, folds = attribute(tmp_path, small_world, queries_file, config)
+    assert folds == 3
+    copy_run(small_world, tmp_path / "run2")
+    for folder in sorted((tmp_path / "run2").iterdir())[1:]:
+        folder.rename(run / folder.name)
+    store = index(tmp_path, small_world, run, config)
+    ids, folds = attribute(tmp_path, small_world, queries_file, config)
+    assert folds == 3
+    queries = [json.loads(line) for line in open(queries_file)]
+    model, _ = load_base_model(small_world.base_model)
+    expected = _reference_dda(store, queries, config, layout_for(model, config.projection))
+    state = store.read("dda_state", where=where_equal(settings_fingerprint=config.settings_fingerprint))
+    got = {}
+    for r in state.to_pylist():
+        got.setdefault(r["query_id"], {})[r["sample_id"]] = r["weighted_sum"] / r["total_weight"]
+        assert len(r["checkpoints"]) == 2
+    for i, qid in enumerate(ids):
+        row = [got[qid][s] for s in sorted(got[qid])]
+        np.testing.assert_allclose(row, expected[i], rtol=1e-4, atol=1e-5)
+
+
+def test_new_samples_are_embedded_everywhere_and_states_rebuilt(small_world, tmp_path):
+    index(tmp_path, small_world, small_world.run_dir)
+    queries_file = write_queries(tmp_path / "queries.jsonl", n=2)
+    attribute(tmp_path, small_world, queries_file)
+    store = LineageStore.open(tmp_path / "store")
+    extra = SampleIn(id="late", prompt="document : Alice flew to England . summary :", response="Alice flew to China .")
+    ingest_samples(store, [extra], dataset="late")
+    for info in [None, *discover_checkpoints(small_world.run_dir, 0.0)]:
+        plan = plan_checkpoint(tmp_path, small_world.base_model, "run", info, CONFIG)
+        assert plan.already_indexed
+        assert plan.shards == (("late",),)
+    index(tmp_path, small_world, small_world.run_dir)
+    ids, folds = attribute(tmp_path, small_world, queries_file)
+    assert folds == 2 * 2
+    state = store.read("dda_state", ["sample_id", "checkpoints"]).to_pylist()
+    assert sum(r["sample_id"] == "late" for r in state) == 2
+    assert all(len(r["checkpoints"]) == 2 for r in state)
+
+
+def test_query_longer_than_the_context_is_reported_by_id(small_world, tmp_path):
+    index(tmp_path, small_world, small_world.run_dir, steps=0)
+    queries_file = write_queries(tmp_path / "queries.jsonl", n=2, too_long=True)
+    with pytest.raises(SequenceTooLongError, match=r"query 'q1' has \d+ tokens"):
+        attribute(tmp_path, small_world, queries_file)
