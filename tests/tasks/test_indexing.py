@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -48,7 +49,7 @@ def test_stored_embeddings_equal_direct_kernel_embeddings(small_world, tmp_path)
     stored = read_embeddings(store, "base")
     model, tokenizer = load_base_model(small_world.base_model)
     projector = build_projector(layout_for(model, CONFIG.projection))
-    rows = {r["id"]: r for r in map(json.loads, open(small_world.train_file))}
+    rows = {r["id"]: r for r in map(json.loads, Path(small_world.train_file).read_text().splitlines())}
     for sid, vector in zip(stored.sample_ids[:6], stored.vectors[:6], strict=True):
         pair = encode_pair(tokenizer, rows[sid]["prompt"], rows[sid]["response"], 64)
         expected = embed_batch(model, pad_batch([pair], pad_id=0), projector).vectors[0].numpy()
@@ -117,7 +118,7 @@ def test_incremental_lineage_equals_a_numpy_reference(small_world, tmp_path, sco
     store = index(tmp_path, small_world, run, config)
     ids, folds = attribute(tmp_path, small_world, queries_file, config)
     assert folds == 3
-    queries = [json.loads(line) for line in open(queries_file)]
+    queries = [json.loads(line) for line in queries_file.read_text().splitlines()]
     model, _ = load_base_model(small_world.base_model)
     expected = _reference_dda(store, queries, config, layout_for(model, config.projection))
     state = store.read("dda_state", where=where_equal(settings_fingerprint=config.settings_fingerprint))
@@ -142,7 +143,7 @@ def test_new_samples_are_embedded_everywhere_and_states_rebuilt(small_world, tmp
         assert plan.already_indexed
         assert plan.shards == (("late",),)
     index(tmp_path, small_world, small_world.run_dir)
-    ids, folds = attribute(tmp_path, small_world, queries_file)
+    _, folds = attribute(tmp_path, small_world, queries_file)
     assert folds == 2 * 2
     state = store.read("dda_state", ["sample_id", "checkpoints"]).to_pylist()
     assert sum(r["sample_id"] == "late" for r in state) == 2
