@@ -235,6 +235,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except CheckpointsFailedError as exc:
+        if exc.report:
+            _report_pass(exc.report)
         print(f"dda {args.command}: error: {_message(exc)}", file=sys.stderr)
         return 1
     except (ValueError, OSError, KeyError, RuntimeError) as exc:

@@ -43,10 +43,15 @@ embed_shard_task = _task(indexing.embed_shard, "embed-shard")
 finish_task = _task(indexing.finish_checkpoint, "finish-checkpoint")
 embed_queries_task = _task(indexing.embed_queries, "embed-queries")
 refresh_task = _task(lineage.refresh_lineage, "refresh-lineage")
+check_lengths_task = _task(indexing.check_lengths, "check-query-lengths")
 
 
 class CheckpointsFailedError(CheckpointError):
-    """One or more checkpoints of a pass failed; the others were indexed."""
+    """One or more checkpoints of a pass failed; the others were indexed (``report`` says what was done)."""
+
+    def __init__(self, message: str, report: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.report = report or {}
 
 
 def load_settings(settings: dict[str, Any] | None = None, **overrides: Any) -> DDASettings:
@@ -179,9 +184,8 @@ def _index_pass(settings: DDASettings, flow_name: str) -> dict[str, Any]:
         report["lineage"] = _refresh(settings)
         if report["failed"]:
             detail = "; ".join(f"{p}: {m}" for p, m in report["failed"].items())
-            raise CheckpointsFailedError(
-                f"{len(report['failed'])} checkpoint(s) failed, the others were indexed — {detail}"
-            )
+            message = f"{len(report['failed'])} checkpoint(s) failed, the others were indexed — {detail}"
+            raise CheckpointsFailedError(message, report)
     return report
 
 
@@ -217,8 +221,11 @@ def attribute(
     with recorded_run(s, "dda-attribute", report):
         ids = list(query_ids or [])
         if queries_file is not None:
-            store = LineageStore.open(Path(s.data_dir) / "store")
-            ids += register_queries(store, read_rows(queries_file, QueryIn))
+            rows = read_rows(queries_file, QueryIn)
+            texts = [(f"query {q.id!r}" if q.id else f"query on row {i + 1}", q.prompt, text) for i, q in enumerate(rows)
+                     for text in (q.response, q.corrected) if text]  # fmt: skip
+            check_lengths_task(str(s.base_model), texts, s.pipeline_config())
+            ids += register_queries(LineageStore.open(Path(s.data_dir) / "store"), rows)
         report.update(_refresh(s, sorted(set(ids))), query_ids=sorted(set(ids)))
     return report
 

@@ -240,3 +240,11 @@ def _embed_texts(cached: Any, rows: Sequence[tuple[str, str, str]], config: Pipe
         return np.zeros((0, 0), dtype=np.float32)
     parts = [out.vectors.detach().cpu().float().numpy() for _, out in _embed_rows(cached, rows, config, None)]
     return np.concatenate(parts)
+
+
+def check_lengths(base_reference: str, rows: Sequence[tuple[str, str, str]], config: PipelineConfig) -> int:
+    """Raise :class:`~tasks.tokenize.SequenceTooLongError` naming the first (name, prompt, response) row that
+    exceeds the context; nothing is truncated. Returns the longest length in tokens."""
+    with model_for(base_reference, None, config.device) as cached:
+        max_length = min(config.max_length, context_length(cached.model))
+        return max((len(ids) for ids, _ in _encode(cached.tokenizer, rows, max_length)), default=0)
