@@ -222,8 +222,8 @@ def attribute(
         ids = list(query_ids or [])
         if queries_file is not None:
             rows = read_rows(queries_file, QueryIn)
-            texts = [(f"query {q.id!r}" if q.id else f"query on row {i + 1}", q.prompt, text) for i, q in enumerate(rows)
-                     for text in (q.response, q.corrected) if text]  # fmt: skip
+            names = [f"query {q.id!r}" if q.id else f"query on row {i + 1}" for i, q in enumerate(rows)]
+            texts = [(n, q.prompt, t) for n, q in zip(names, rows, strict=True) for t in (q.response, q.corrected) if t]
             check_lengths_task(str(s.base_model), texts, s.pipeline_config())
             ids += register_queries(LineageStore.open(Path(s.data_dir) / "store"), rows)
         report.update(_refresh(s, sorted(set(ids))), query_ids=sorted(set(ids)))

@@ -116,9 +116,12 @@ def test_watcher_reports_bad_checkpoints_by_name_and_indexes_the_others(small_wo
     out, err = proc.communicate(timeout=240)
     assert proc.returncode == 1, err[-3000:]
     assert len(err.strip().splitlines()) == 1, err[-3000:]
-    assert "checkpoint-9001" in err and "checkpoint-9002" in err and "9003" not in err
+    assert "checkpoint-9001" in err
+    assert "checkpoint-9002" in err
+    assert "9003" not in err
     assert "not a fine-tune of the base model" in err
-    assert "pending (still being written)" in out and "checkpoint-9003" in out
+    assert "pending (still being written)" in out
+    assert "checkpoint-9003" in out
     indexed = [r["checkpoint_id"] for r in table(data_dir, "checkpoints")]
     assert sorted(indexed) == sorted(["base"] + [f"run/{p.name}" for p in Path(small_world.run_dir).iterdir()])
 
@@ -130,7 +133,9 @@ def test_malformed_rows_are_listed_by_line_and_nothing_is_ingested(tmp_path, cap
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert len(err.splitlines()) == 1
-    assert "line 2" in err and "line 4" in err and "nothing ingested" in err
+    assert "line 2" in err
+    assert "line 4" in err
+    assert "nothing ingested" in err
     assert LineageStore.open(tmp_path / "data" / "store").read("samples").num_rows == 0
 
 
@@ -144,7 +149,8 @@ def test_too_long_query_is_reported_and_nothing_registered(small_world, tmp_path
     queries = write_queries(tmp_path / "queries.jsonl", n=3, too_long=True)
     assert cli("attribute", str(queries), *args) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]  # in-process, Prefect's own logs come first
-    assert "query 'q2' has" in err and "more than the maximum of 64" in err
+    assert "query 'q2' has" in err
+    assert "more than the maximum of 64" in err
     assert LineageStore.open(data_dir / "store").read("queries").num_rows == 0
 
 
@@ -152,4 +158,5 @@ def test_sql_refuses_writes_with_one_line(tmp_path, capsys):
     code = cli("sql", "DROP TABLE samples", "--data-dir", str(tmp_path))
     err = capsys.readouterr().err.strip()
     assert code == 2
-    assert len(err.splitlines()) == 1 and "only SELECT" in err
+    assert len(err.splitlines()) == 1
+    assert "only SELECT" in err
