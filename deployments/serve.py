@@ -12,18 +12,30 @@ from typing import Any
 
 from prefect import serve
 
-from flows.pipeline import attribute, index_run, load_settings, refresh_lineage, task_runner, watch_checkpoints
+from flows.pipeline import (
+    attribute,
+    index_checkpoint,
+    index_run,
+    load_settings,
+    refresh_lineage,
+    task_runner,
+    watch_checkpoints,
+)
 
 WATCHER = "dda-watcher"
 
 
 def deployments(settings: Any, interval: int) -> list[Any]:
-    """The watcher on an interval schedule, and index/attribute/refresh on demand, all with ``settings``."""
+    """The watcher on an interval schedule and the on-demand flows, all with ``settings`` as a parameter.
+
+    Names match ``deployments/prefect.yaml``.
+    """
     params = {"settings": settings.model_dump(mode="json")}
     runner = task_runner(settings)
     return [
         watch_checkpoints.with_options(task_runner=runner).to_deployment(WATCHER, interval=interval, parameters=params),
         index_run.with_options(task_runner=runner).to_deployment("dda-index-run", parameters=params),
+        index_checkpoint.with_options(task_runner=runner).to_deployment("dda-index-checkpoint", parameters=params),
         attribute.with_options(task_runner=runner).to_deployment("dda-attribute", parameters=params),
         refresh_lineage.with_options(task_runner=runner).to_deployment("dda-refresh-lineage", parameters=params),
     ]

@@ -99,6 +99,9 @@ def recorded_run(settings: DDASettings, flow_name: str, wrote: dict[str, Any]) -
     try:
         yield
         status = "completed"
+    except (KeyboardInterrupt, SystemExit):
+        status = "interrupted"
+        raise
     finally:
         store = LineageStore.open(Path(settings.data_dir) / "store")
         if store.meta is not None:
