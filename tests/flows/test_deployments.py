@@ -92,9 +92,8 @@ def local_server(tmp_path_factory):
 
 
 def _env(url: str, home: Path, **extra: str) -> dict[str, str]:
-    env = {**os.environ, "PREFECT_API_URL": url, "PREFECT_HOME": str(home), "DO_NOT_TRACK": "1",
-           "DDA_INDEXING__PROGRESS": "false", "DDA_PROJECTION__K_IN": "4", "DDA_PROJECTION__K_OUT": "4", **extra}  # fmt: skip
-    return env
+    fixed = {"PREFECT_API_URL": url, "PREFECT_HOME": str(home), "DO_NOT_TRACK": "1", "DDA_INDEXING__PROGRESS": "false"}
+    return {**os.environ, **fixed, "DDA_PROJECTION__K_IN": "4", "DDA_PROJECTION__K_OUT": "4", **extra}
 
 
 def _indexed(data_dir: Path) -> set[str]:
