@@ -222,6 +222,12 @@ def _prepare_environment(args: argparse.Namespace) -> None:
 
 
 def _message(exc: BaseException) -> str:
+    from pydantic import ValidationError
+
+    if isinstance(exc, ValidationError):
+        first = exc.errors()[0]
+        where = ".".join(str(x) for x in first["loc"])
+        return f"setting {where}: {first['msg']} (see the README's configuration table)"
     text = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
     return str(text).splitlines()[0] if str(text) else type(exc).__name__
 

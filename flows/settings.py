@@ -148,7 +148,8 @@ def settings_table() -> str:
                 walk(annotation, f"{prefix}{name.upper()}__")
                 continue
             default = info.get_default(call_default_factory=True)
-            lines.append(f"| `{prefix}{name.upper()}` | `{default}` | {info.description or ''} |")
+            shown = str(default).replace("|", "\\|")
+            lines.append(f"| `{prefix}{name.upper()}` | `{shown}` | {info.description or ''} |")
 
     walk(DDASettings, "DDA_")
     return "\n".join(lines)

@@ -1,0 +1,53 @@
+"""The settings tree: environment overrides, nested groups, bounds, and the README table generated from it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from flows.pipeline import load_settings
+from flows.settings import DDASettings, settings_table
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_environment_overrides_nested_settings(monkeypatch, tmp_path):
+    monkeypatch.setenv("DDA_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("DDA_SCORING__NORMALISATION", "zscore")
+    monkeypatch.setenv("DDA_PROJECTION__K_IN", "16")
+    s = DDASettings()
+    assert (s.data_dir, s.scoring.normalisation, s.projection.k_in) == (tmp_path, "zscore", 16)
+    config = s.pipeline_config()
+    assert (config.scoring.normalisation, config.projection.k_in, config.projection.k_out) == ("zscore", 16, 8)
+
+
+def test_overrides_merge_into_groups_and_change_the_fingerprint(tmp_path):
+    a = load_settings(data_dir=str(tmp_path))
+    b = load_settings({"scoring": {"debias_coefficient": 0.5}}, data_dir=str(tmp_path))
+    assert b.scoring.normalisation == a.scoring.normalisation
+    assert b.scoring.debias_coefficient == 0.5
+    assert a.fingerprint != b.fingerprint
+    assert load_settings({"indexing": {"batch_size": 3}}, data_dir=str(tmp_path)).fingerprint == a.fingerprint
+    assert a.data_dir.is_absolute()
+
+
+def test_out_of_bounds_setting_is_refused(monkeypatch):
+    monkeypatch.setenv("DDA_INDEXING__BATCH_SIZE", "0")
+    with pytest.raises(ValidationError, match="batch_size"):
+        DDASettings()
+
+
+def test_readme_configuration_table_is_generated_from_the_settings():
+    assert settings_table() in (ROOT / "README.md").read_text()
+
+
+def test_cli_names_a_bad_setting_in_one_line(monkeypatch, tmp_path, capsys):
+    from flows.cli import main
+
+    monkeypatch.setenv("DDA_INDEXING__BATCH_SIZE", "0")
+    assert main(["sql", "SELECT 1", "--data-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "dda sql: error: setting indexing.batch_size: Input should be greater than or equal to 1 " \\
+        "(see the README's configuration table)"
