@@ -213,6 +213,7 @@ def _prepare_environment(args: argparse.Namespace) -> None:
 
     data_dir = Path(args.data_dir or _default_dir())
     apply_prefect_environment(data_dir)
+    Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
     if not args.verbose:
         os.environ.setdefault("PREFECT_LOGGING_LEVEL", "CRITICAL")
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

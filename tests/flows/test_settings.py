@@ -49,5 +49,5 @@ def test_cli_names_a_bad_setting_in_one_line(monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("DDA_INDEXING__BATCH_SIZE", "0")
     assert main(["sql", "SELECT 1", "--data-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == "dda sql: error: setting indexing.batch_size: Input should be greater than or equal to 1 " \\
-        "(see the README's configuration table)"
+    expected = "setting indexing.batch_size: Input should be greater than or equal to 1"
+    assert err == f"dda sql: error: {expected} (see the README's configuration table)"
