@@ -92,7 +92,7 @@ def _require(settings: DDASettings, *names: str) -> None:
 
 
 @contextmanager
-def recorded_run(settings: DDASettings, flow_name: str, wrote: dict[str, Any]) -> Iterator[None]:
+def recorded_run(settings: DDASettings, wrote: dict[str, Any]) -> Iterator[None]:
     """Record the flow run in the store's ``runs`` table (status, settings, code version, what it wrote)."""
     started = utcnow()
     status = "failed"
@@ -106,7 +106,7 @@ def recorded_run(settings: DDASettings, flow_name: str, wrote: dict[str, Any]) -
         store = LineageStore.open(Path(settings.data_dir) / "store")
         if store.meta is not None:
             write_run(store, {
-                "run_id": str(flow_run.id or f"local-{started.isoformat()}"), "flow_name": flow_name,
+                "run_id": str(flow_run.id or f"local-{started.isoformat()}"), "flow_name": str(flow_run.flow_name),
                 "started_at": started, "finished_at": utcnow(), "status": status,
                 "settings_json": settings.model_dump_json(), "settings_fingerprint": settings.fingerprint,
                 "projection_fingerprint": store.meta.projection_fingerprint, "code_version": code_version(),
@@ -161,12 +161,12 @@ def _refresh(settings: DDASettings, query_ids: list[str] | None = None) -> dict[
     return {"queries": len(ids), "folds": sum(int(f.result()) for f in folds)}
 
 
-def _index_pass(settings: DDASettings, flow_name: str) -> dict[str, Any]:
+def _index_pass(settings: DDASettings) -> dict[str, Any]:
     """Base model, then every complete checkpoint in step order; failures are collected, the others go on."""
     _require(settings, "base_model", "run_dir")
     logger = get_run_logger()
     report: dict[str, Any] = {"indexed": [], "pending": [], "failed": {}}
-    with recorded_run(settings, flow_name, report):
+    with recorded_run(settings, report):
         infos = discover_task(str(settings.run_dir), settings.indexing.settle_seconds)
         base_plan = _index_one(settings, None)
         if not base_plan.already_indexed:
@@ -197,19 +197,16 @@ def index_run(
     data_dir: str | None = None, base_model: str | None = None, run_dir: str | None = None,
     run_id: str | None = None, settings: dict[str, Any] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
-    """Index the base model and every checkpoint of a run not yet indexed (in step order), then refresh lineage."""
+    """Index the base model and every checkpoint of a run not yet indexed (in step order), then refresh lineage.
+
+    Served on a schedule as :data:`watch_checkpoints`, this is one pass of the checkpoint watcher.
+    """
     s = load_settings(settings, data_dir=data_dir, base_model=base_model, run_dir=run_dir, run_id=run_id)
-    return _index_pass(s, "dda-index-run")
+    return _index_pass(s)
 
 
-@flow(name="dda-watch-checkpoints")
-def watch_checkpoints(
-    data_dir: str | None = None, base_model: str | None = None, run_dir: str | None = None,
-    run_id: str | None = None, settings: dict[str, Any] | None = None,
-) -> dict[str, Any]:  # fmt: skip
-    """One watcher pass: find new complete checkpoints, index them, refresh every registered query's lineage."""
-    s = load_settings(settings, data_dir=data_dir, base_model=base_model, run_dir=run_dir, run_id=run_id)
-    return _index_pass(s, "dda-watch-checkpoints")
+# The scheduled watcher is one pass of the same flow under its own name (one deployment per schedule).
+watch_checkpoints = index_run.with_options(name="dda-watch-checkpoints")
 
 
 @flow(name="dda-attribute")
@@ -221,7 +218,7 @@ def attribute(
     s = load_settings(settings, data_dir=data_dir, base_model=base_model)
     _require(s, "base_model")
     report: dict[str, Any] = {}
-    with recorded_run(s, "dda-attribute", report):
+    with recorded_run(s, report):
         ids = list(query_ids or [])
         if queries_file is not None:
             rows = read_rows(queries_file, QueryIn)
@@ -241,7 +238,7 @@ def refresh_lineage(
     s = load_settings(settings, data_dir=data_dir, base_model=base_model)
     _require(s, "base_model")
     report: dict[str, Any] = {}
-    with recorded_run(s, "dda-refresh-lineage", report):
+    with recorded_run(s, report):
         report.update(_refresh(s))
     return report
 

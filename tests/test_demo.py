@@ -59,6 +59,18 @@ def test_demo_top_sources_and_shares_come_from_the_views(demo):
 
 
 @pytest.mark.slow
+def test_demo_flow_runs_are_recorded_for_the_audit_trail(demo):
+    root, report, _ = demo
+    runs = LineageStore.open(root / "store").read("runs").to_pylist()
+    assert {r["flow_name"] for r in runs} >= {"dda-index-run", "dda-attribute"}
+    assert all(r["status"] == "completed" for r in runs)
+    assert {r["settings_fingerprint"] for r in runs} == {report.settings_fingerprint}
+    indexed = json.loads(next(r for r in runs if r["flow_name"] == "dda-index-run")["wrote_json"])["indexed"]
+    assert indexed[0] == "base"
+    assert len(indexed) == 4
+
+
+@pytest.mark.slow
 def test_demo_run_twice_reuses_everything(demo):
     root, first, _ = demo
     store = LineageStore.open(root / "store")
