@@ -8,6 +8,7 @@ of the lineage ranking against the known corrupted samples (computed in SQL, Man
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,11 +73,25 @@ def demo_settings(data_dir: Path, world: DemoWorld, progress: bool) -> DDASettin
     )  # fmt: skip
 
 
+def _check_same_world(data_dir: Path, seed: int, model: str) -> None:
+    """Refuse to replace the demo world of an indexed data folder (its store refers to that world's files)."""
+    marker = data_dir / "demo" / "world.json"
+    if not marker.is_file() or not (data_dir / "store").exists():
+        return
+    built = json.loads(marker.read_text())
+    if (built["model"], built["seed"]) != (model, seed):
+        raise ValueError(
+            f"data folder {data_dir} holds the demo of model {built['model']} with seed {built['seed']}: "
+            "use another --data-dir for another demo"
+        )
+
+
 def run_demo(
-    data_dir: str | Path, seed: int = 0, model: DemoModel = "tiny", log: Log = print, progress: bool = True
+    data_dir: str | Path, seed: int = 0, model: DemoModel = "smollm2", log: Log = print, progress: bool = True
 ) -> DemoReport:
     """Build/reuse the world, ingest, index, attribute, and read the lineage back through SQL."""
     data_dir = Path(data_dir).resolve()
+    _check_same_world(data_dir, seed, model)
     world = build_world(data_dir / "demo", seed=seed, model=model, log=log)
     settings = demo_settings(data_dir, world, progress)
     store = LineageStore.open(data_dir / "store")

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.usefixtures("prefect_server")
 def demo(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
     lines: list[str] = []
-    first = run_demo(root, seed=0, log=lines.append, progress=False)
+    first = run_demo(root, seed=0, model="tiny", log=lines.append, progress=False)
     return root, first, lines
 
 
@@ -77,7 +77,7 @@ def test_demo_run_twice_reuses_everything(demo):
     counts = {t: store.read(t, ["query_id"] if t in ("scores", "dda_state") else None).num_rows
               for t in ("samples", "checkpoints", "embeddings", "scores", "dda_state")}  # fmt: skip
     lines: list[str] = []
-    second = run_demo(root, seed=0, log=lines.append, progress=False)
+    second = run_demo(root, seed=0, model="tiny", log=lines.append, progress=False)
     assert any("reusing the demo world" in line for line in lines)
     assert any("indexed: nothing new" in line for line in lines)
     assert any("0 new checkpoint folds" in line for line in lines)
@@ -91,3 +91,11 @@ def test_cli_rejects_unknown_command(capsys):
         main(["no-such-command"])
     assert exc.value.code == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_demo_refuses_to_replace_an_indexed_world(demo, capsys):
+    root, _, _ = demo
+    assert main(["demo", "--data-dir", str(root), "--model", "smollm2", "--quiet"]) == 2
+    assert "holds the demo of model tiny with seed 0: use another --data-dir" in capsys.readouterr().err
+    assert (root / "demo" / "world.json").is_file()
