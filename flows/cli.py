@@ -113,6 +113,11 @@ def _watch(args: argparse.Namespace) -> int:
 
         _report_pass(_run(watch_checkpoints, settings))
         return 0
+    if not os.environ.get("PREFECT_API_URL"):
+        raise ValueError(
+            "dda watch serves the watcher deployment and needs a Prefect server: run `prefect server start` and "
+            "set PREFECT_API_URL=http://127.0.0.1:4200/api, or use `dda watch --once` for a single pass"
+        )
     # The serve entry point lives in deployments/ (which imports flows, not the other way round): hand over.
     env = {"DDA_DATA_DIR": str(settings.data_dir), "DDA_BASE_MODEL": str(settings.base_model or ""),
            "DDA_RUN_DIR": str(settings.run_dir or ""), "DDA_RUN_ID": settings.effective_run_id}  # fmt: skip

@@ -51,3 +51,14 @@ def test_cli_names_a_bad_setting_in_one_line(monkeypatch, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     expected = "setting indexing.batch_size: Input should be greater than or equal to 1"
     assert err == f"dda sql: error: {expected} (see the README's configuration table)"
+
+
+def test_serving_the_watcher_without_a_server_is_refused_in_one_line(monkeypatch, tmp_path, capsys):
+    from flows.cli import main
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    assert main(["watch", "--data-dir", str(tmp_path), "--base", str(tmp_path), "--run", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "needs a Prefect server" in err
+    assert "dda watch --once" in err
