@@ -199,14 +199,24 @@ def index_run(
 ) -> dict[str, Any]:  # fmt: skip
     """Index the base model and every checkpoint of a run not yet indexed (in step order), then refresh lineage.
 
-    Served on a schedule as :data:`watch_checkpoints`, this is one pass of the checkpoint watcher.
+    :func:`watch_checkpoints` is the same pass, served on a schedule.
     """
     s = load_settings(settings, data_dir=data_dir, base_model=base_model, run_dir=run_dir, run_id=run_id)
     return _index_pass(s)
 
 
-# The scheduled watcher is one pass of the same flow under its own name (one deployment per schedule).
-watch_checkpoints = index_run.with_options(name="dda-watch-checkpoints")
+@flow(name="dda-watch-checkpoints")
+def watch_checkpoints(
+    data_dir: str | None = None, base_model: str | None = None, run_dir: str | None = None,
+    run_id: str | None = None, settings: dict[str, Any] | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """One pass of the scheduled watcher: the same work as :func:`index_run`, under its own flow name.
+
+    A separate function, not ``index_run.with_options(name=…)``: a served deployment re-imports its flow
+    by function name, which would run (and record) it as ``dda-index-run``.
+    """
+    s = load_settings(settings, data_dir=data_dir, base_model=base_model, run_dir=run_dir, run_id=run_id)
+    return _index_pass(s)
 
 
 @flow(name="dda-attribute")

@@ -43,7 +43,9 @@ def _process(home: Path, *args: str, **env: str) -> subprocess.Popen[str]:
     for key in ("PREFECT_API_URL", "PREFECT_LOGGING_LEVEL", "HF_HUB_DISABLE_PROGRESS_BARS", "TRANSFORMERS_VERBOSITY"):
         full.pop(key, None)
     cmd = [sys.executable, "-m", "flows.cli", *args]
-    return subprocess.Popen(cmd, cwd=ROOT, env=full, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        cmd, cwd=ROOT, env=full, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
 
 
 def _index_process(data_dir: Path, world, run: Path, home: Path) -> subprocess.Popen[str]:
@@ -77,7 +79,7 @@ def test_index_killed_midway_and_rerun_leaves_identical_tables(small_world, tmp_
     deadline = time.time() + 120
     while _embedded(tmp_path / "killed") < 12 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)  # the CLI and the temporary Prefect server it started
     proc.wait()
     partial = _embedded(tmp_path / "killed")
     assert 0 < partial < total, f"the kill landed outside the indexing ({partial} of {total} embedded)"
