@@ -9,6 +9,13 @@ pair X → Y:
   target word, so a lexical match alone is not enough);
 - **held-out documents** mention X and not Y: the prompts whose generated summaries are traced.
 Other documents mention unrelated places. Everything is deterministic from the seed.
+
+Measured 2026-11-21 (2 CPUs), SmolLM2-135M-Instruct + LoRA (r 8, q/k/v/o, lr 2e-3 constant, batch 16),
+``build_canary_world(seed=0, n_pairs=4, per_pair=30, distractors_per_pair=8, n_other=40,
+held_out_per_pair=6)``, 192 samples, greedy summaries of the 24 held-out documents:
+- rate 0.7, 3 epochs (223 s of training): 3 of 24 hallucinated (England→China 2, London→Belfast 1,
+  Wales→Scotland 0, Australia→France 0) — the model mostly copies the entity;
+- rate 0.9, 5 epochs (356 s): 20 of 24 (5, 4, 6, 5 per pair).
 """
 
 from __future__ import annotations
