@@ -35,7 +35,7 @@ from dda_kernel import (
 from storage.registry import read_checkpoints
 from storage.scores import StoredState, read_dda_state, write_dda_state, write_scores
 from storage.store import LineageStore, where_in
-from storage.vectors import EmbeddingMatrix, read_embeddings, read_query_embeddings
+from storage.vectors import EmbeddingMatrix, embedded_sample_ids, read_embeddings, read_query_embeddings
 from tasks.checkpoints import CheckpointError
 from tasks.config import PipelineConfig
 from tasks.indexing import BASE_ID, model_layout
@@ -114,11 +114,14 @@ def refresh_lineage(data_dir: str | Path, base_reference: str, query_ids: Sequen
     finetuned = checkpoints[1:]
     if not finetuned or not query_ids:
         return 0
-    layout = model_layout(base_reference, config)
     fp = config.settings_fingerprint
     kinds = query_kinds(store, query_ids, config)
+    sample_ids = sorted(embedded_sample_ids(store, BASE_ID))
+    states = {q: _state(read_dda_state(store, fp, q), sample_ids) for q in query_ids}
+    if all(c["checkpoint_id"] in states[q].checkpoints for q in query_ids for c in finetuned):
+        return 0  # every state is current: no vector is read
+    layout = model_layout(base_reference, config)
     base = _aligned(store, BASE_ID, layout, config)
-    states = {q: _state(read_dda_state(store, fp, q), base.sample_ids) for q in query_ids}
     weights = _weights(finetuned, config)
     folds = 0
     for ckpt in finetuned:
