@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from tasks.checkpoints import ADAPTER_CONFIG, MODEL_CONFIG, CheckpointError
 
@@ -103,6 +103,16 @@ def load_base_model(reference: str, dtype: torch.dtype = torch.float32) -> tuple
     return model, tokenizer
 
 
+def base_config_and_tokenizer(reference: str) -> tuple[Any, Any]:
+    """(config, tokenizer) of a base model without loading its weights (HF folder, ``.gguf`` file or hub name)."""
+    path = Path(reference)
+    where, extra = (path.parent, {"gguf_file": path.name}) if path.suffix == ".gguf" else (reference, {})
+    try:
+        return AutoConfig.from_pretrained(where, **extra), AutoTokenizer.from_pretrained(where, **extra)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot load base model {reference!r}: {str(e).splitlines()[0]}") from e
+
+
 def tokenizer_signature(tokenizer: Any) -> str:
     """SHA-256 (16 hex) of a tokenizer's vocabulary (token → id pairs, sorted)."""
     vocab = sorted(tokenizer.get_vocab().items())
@@ -136,19 +146,21 @@ def load_checkpoint(
 ) -> tuple[torch.nn.Module, Any]:
     """(model in eval mode, the base tokenizer) of a checkpoint: full weights, or a PEFT adapter on a fresh base."""
     folder = Path(checkpoint)
-    base_model, base_tokenizer = load_base_model(base_reference, dtype)
-    _check_tokenizer(folder, base_tokenizer)
     if (folder / ADAPTER_CONFIG).is_file():
         from peft import PeftModel
 
+        base_model, base_tokenizer = load_base_model(base_reference, dtype)
+        _check_tokenizer(folder, base_tokenizer)
         try:
             model = PeftModel.from_pretrained(base_model, folder)
         except (RuntimeError, ValueError, KeyError) as e:
             raise CheckpointError(
                 f"adapter {folder} does not fit base model {base_reference}: {str(e).splitlines()[0][:300]}"
             ) from e
-    else:
-        _check_shapes(folder, base_model.config)
+    else:  # full weights: the base model's config and tokenizer suffice, its weights are not read
+        base_config, base_tokenizer = base_config_and_tokenizer(base_reference)
+        _check_tokenizer(folder, base_tokenizer)
+        _check_shapes(folder, base_config)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
     model.eval()
     return model, base_tokenizer
