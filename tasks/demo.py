@@ -82,10 +82,13 @@ class _EpochLog(TrainerCallback):  # type: ignore[misc]
 
 
 def fine_tune(
-    model: torch.nn.Module, tokenizer: Any, samples: Sequence[ToySample], run_dir: Path, epochs: int, lr: float,
-    seed: int, log: Log, max_length: int = 64,
+    model: torch.nn.Module, tokenizer: Any, samples: Sequence[Any], run_dir: Path, epochs: int, lr: float,
+    seed: int, log: Log, max_length: int = 64, batch_size: int = 16, callbacks: Sequence[TrainerCallback] = (),
 ) -> None:  # fmt: skip
-    """Fine-tune with the Hugging Face Trainer, one checkpoint per epoch in ``run_dir`` (Trainer layout)."""
+    """Fine-tune with the Hugging Face Trainer, one checkpoint per epoch in ``run_dir`` (Trainer layout).
+
+    ``samples`` have ``sample_id``, ``prompt`` and ``response``; the learning rate is constant (AdamW).
+    """
     encoded = [encode_pair(tokenizer, s.prompt, s.response, max_length, s.sample_id) for s in samples]
     rows = [{"input_ids": ids, "labels": labels} for ids, labels in encoded]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -95,11 +98,11 @@ def fine_tune(
         return {"input_ids": b.input_ids, "attention_mask": b.attention_mask, "labels": b.labels}
 
     args = TrainingArguments(
-        output_dir=str(run_dir), num_train_epochs=epochs, per_device_train_batch_size=16, learning_rate=lr,
+        output_dir=str(run_dir), num_train_epochs=epochs, per_device_train_batch_size=batch_size, learning_rate=lr,
         lr_scheduler_type="constant", save_strategy="epoch", save_only_model=True, logging_steps=1, report_to=[],
         use_cpu=True, seed=seed, disable_tqdm=True,
     )  # fmt: skip
-    trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=collate, callbacks=[_EpochLog(log)])
+    trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=collate, callbacks=[_EpochLog(log), *callbacks])
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     trainer.train()

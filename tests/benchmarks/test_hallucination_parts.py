@@ -1,0 +1,90 @@
+"""The hallucination benchmark's parts, against independent references: projection slicing, selection, CEA."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks.cea import cea_scores, response_losses
+from benchmarks.evaluate import PairMetrics, leave_one_pair_out, pair_metrics, recall_at_k
+from benchmarks.hallucination import MODULE_SETS, STUDY_K, slice_columns
+from dda_kernel import ProjectionSpec, build_projector, embed_batch, layout_for, pad_batch
+from tasks import models
+from tests.conftest import VOCAB, tiny_llama, toy_samples
+
+
+@pytest.mark.parametrize(("modules", "k"), [("", 4), ("", 2), (r"mlp\.", 4), (r"down_proj$", 8), (r"self_attn\.", 2)])
+def test_sliced_study_embedding_equals_the_smaller_projection_computed_directly(modules, k):
+    model = models.tiny_llama(VOCAB, hidden=32, layers=2, heads=4, intermediate=64, dtype=torch.float64)
+    batch = pad_batch(toy_samples(5), pad_id=0)
+    study = layout_for(model, ProjectionSpec(STUDY_K, STUDY_K))
+    big = embed_batch(model, batch, build_projector(study, torch.float64)).vectors.numpy()
+    include = (rf"(^|\.)layers\.\d+\..*{modules}",) if modules else ProjectionSpec().include
+    small_layout = layout_for(model, ProjectionSpec(k, k, include=include))
+    direct = embed_batch(model, batch, build_projector(small_layout, torch.float64)).vectors.numpy()
+    cols, scale = slice_columns(study, modules, k)
+    assert direct.shape == (5, len(cols))
+    np.testing.assert_allclose(big[:, cols] * scale, direct, rtol=1e-9, atol=1e-12)
+
+
+def test_slicing_is_refused_where_the_projection_matrices_do_not_nest():
+    layout = layout_for(tiny_llama(), ProjectionSpec(STUDY_K, STUDY_K))  # k/v outputs of width 12: 2 x 12 values
+    with pytest.raises(ValueError, match="k_proj"):
+        slice_columns(layout, "", 2)
+
+
+def test_module_sets_select_what_their_names_say():
+    layout = layout_for(tiny_llama(), ProjectionSpec(STUDY_K, STUDY_K))
+    per_layer = {
+        name: len(slice_columns(layout, pattern, STUDY_K)[0]) // (2 * STUDY_K**2)
+        for name, pattern in MODULE_SETS.items()
+    }
+    assert per_layer == {"all": 7, "attention": 4, "mlp": 3, "o+down": 2, "down": 1}
+
+
+def _m(auc: float) -> PairMetrics:
+    return PairMetrics(auc, auc, auc)
+
+
+def test_leave_one_pair_out_never_chooses_on_the_pair_it_scores():
+    # 'a' is best on p1 only, 'b' on the others: p1 must be scored with 'b', chosen on p2 and p3.
+    candidates = {
+        "a": {"p1": _m(0.9), "p2": _m(0.4), "p3": _m(0.4)},
+        "b": {"p1": _m(0.6), "p2": _m(0.9), "p3": _m(0.8)},
+    }
+    selected = leave_one_pair_out(candidates, ["p1", "p2", "p3"])
+    assert selected.chosen == {"p1": "b", "p2": "b", "p3": "b"}
+    assert selected.metrics["p1"].auc == 0.6
+    # With a dominant candidate elsewhere, a pair's own best can still be chosen for the others.
+    candidates["a"]["p2"] = _m(0.95)
+    assert leave_one_pair_out(candidates, ["p1", "p2", "p3"]).chosen["p3"] == "a"
+
+
+def test_pair_metrics_average_rows_and_recall_counts_positives_in_the_top_r():
+    truth = np.array([True, False, True, False, False])
+    perfect, reversed_ = np.array([5.0, 1, 4, 2, 0]), np.array([0.0, 4, 1, 3, 5])
+    m = pair_metrics(np.stack([perfect, reversed_]), truth)
+    assert m.auc == pytest.approx(0.5)
+    assert m.recall_at_r == pytest.approx(0.5)
+    assert recall_at_k(np.array([5.0, 4, 1, 2, 0]), truth, 2) == 0.5
+
+
+def test_cea_scores_favour_the_error_and_leave_the_model_unchanged():
+    model = tiny_llama(dtype=torch.float32)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    error = [([3, 4, 5, 6], [-100, -100, 5, 6])]
+    fix = [([3, 4, 7, 8], [-100, -100, 7, 8])]
+    samples = [error[0], fix[0], ([9, 10, 11, 12], [-100, -100, 11, 12])]
+    scores = cea_scores(model, samples, error, fix, pad_id=0, steps=3, lr=1e-2)
+    # Training on the error lowers the error sample's own loss most; the correction's sample goes the other way.
+    assert scores.plain[0] > 0
+    assert scores.contrastive[0] > 0 > scores.contrastive[1]
+    assert int(np.argmax(scores.contrastive)) == 0
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n
+    reference = response_losses(model, samples, pad_id=0)
+    again = cea_scores(model, samples, error, fix, pad_id=0, steps=3, lr=1e-2, reference=reference)
+    np.testing.assert_allclose(again.plain, scores.plain, rtol=1e-5, atol=1e-6)
