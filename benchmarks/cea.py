@@ -57,16 +57,22 @@ def response_losses(
     return out
 
 
-def short_finetune(model: nn.Module, encoded: Encoded, pad_id: int, steps: int, lr: float) -> None:
-    """``steps`` full-batch AdamW steps (weight decay 0) on the trainable parameters of ``model``, in place."""
+def short_finetune(model: nn.Module, encoded: Encoded, pad_id: int, steps: int, lr: float, bf16: bool = False) -> None:
+    """``steps`` full-batch AdamW steps (weight decay 0) on the trainable parameters of ``model``, in place.
+
+    ``bf16`` runs forward and backward under CPU bfloat16 autocast; parameters and optimiser stay float32.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
     optimiser = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     batch = pad_batch(list(encoded), pad_id=pad_id)
     position_ids = (batch.attention_mask.cumsum(dim=-1) - 1).clamp(min=0)
     model.train()
     for _ in range(steps):
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=position_ids).logits
-        loss, _ = per_sample_loss(logits, batch.labels, "mean")
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits = model(
+                input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=position_ids
+            ).logits
+        loss, _ = per_sample_loss(logits.float(), batch.labels, "mean")
         optimiser.zero_grad()
         loss.mean().backward()
         optimiser.step()
@@ -87,13 +93,14 @@ def cea_scores(
 ) -> CEAScores:
     """CEA scores of every sample for one pair (see the module docstring); ``model`` is left as it came.
 
-    ``reference`` is L(z; θ) when already computed (it does not depend on the pair).
+    ``reference`` is L(z; θ) when already computed (it does not depend on the pair). ``bf16``: forward
+    and backward passes under CPU bfloat16 autocast (float32 weights and optimiser state).
     """
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     saved = {n: p.detach().clone() for n, p in trainable.items()}
 
     def after(encoded: Encoded) -> np.ndarray:
-        short_finetune(model, encoded, pad_id, steps, lr)
+        short_finetune(model, encoded, pad_id, steps, lr, bf16)
         losses = response_losses(model, samples, pad_id, bf16=bf16)
         with torch.no_grad():
             for n, p in trainable.items():

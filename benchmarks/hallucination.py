@@ -85,8 +85,8 @@ class Size:
 
 
 SIZES: dict[str, Size] = {
-    "default": Size(4, 24, 6, 24, 8, 0.9, 4, {"lora": 2e-3, "full": 3e-5}, cea_lr={"lora": 2e-3, "full": 3e-5}),
-    "quick": Size(4, 6, 2, 4, 2, 0.9, 2, {"lora": 2e-3, "full": 3e-5}, 8, 2, {"lora": 2e-3, "full": 3e-5}, True),
+    "default": Size(4, 20, 5, 16, 6, 0.9, 3, {"lora": 2e-3, "full": 3e-5}, cea_lr={"lora": 2e-3, "full": 3e-5}),
+    "quick": Size(4, 4, 1, 4, 1, 0.9, 2, {"lora": 2e-3, "full": 3e-5}, 8, 2, {"lora": 2e-3, "full": 3e-5}, True),
 }
 
 
@@ -196,6 +196,8 @@ def run_system(
     """Ingest, index every model state with ``dda-index-checkpoint``, then ``dda-attribute`` once per variant.
 
     Returns seconds per model state (indexing), per variant (attribution) and the settings fingerprints.
+    Seconds are those of the run that did the work (kept in ``timings.json``), so a resumed run reports
+    what the work cost, not the time it took to find it done.
     """
     from flows.pipeline import attribute, index_checkpoint, load_settings
     from storage.samples import SampleIn, ingest_samples, read_rows
@@ -207,28 +209,33 @@ def run_system(
     base_settings = load_settings({**overrides, "indexing": {"batch_size": 16, "progress": False}}, **common)
     store = LineageStore.open(data_dir / "store")
     ingest_samples(store, read_rows(str(root / "train.jsonl"), SampleIn), dataset="canary-train")
-    timings: dict[str, Any] = {"index": {}, "attribute": {}, "fingerprints": {}}
+    saved = data_dir / "timings.json"
+    timings: dict[str, Any] = json.loads(saved.read_text()) if saved.is_file() else {"index": {}, "attribute": {}}
+    timings["fingerprints"] = {}
     states = [None, *[c.path for c in discover_checkpoints(root / "run", 0.0)]]
     for path in states:
         t0 = time.perf_counter()
         done = index_checkpoint(checkpoint_path=None if path is None else str(path), run_id="run",
                                 settings=base_settings.model_dump(mode="json"))  # fmt: skip
-        timings["index"][done["checkpoint"]] = time.perf_counter() - t0
-        log(f"{root.name}/{name}: indexed {done['checkpoint']} ({done['embedded']} samples) "
-            f"in {timings['index'][done['checkpoint']]:.0f} s")  # fmt: skip
+        if done["embedded"] or done["checkpoint"] not in timings["index"]:
+            timings["index"][done["checkpoint"]] = time.perf_counter() - t0
+        log(f"{root.name}/{name}: {done['checkpoint']} indexed ({done['embedded']} samples embedded now); "
+            f"{timings['index'][done['checkpoint']]:.0f} s")  # fmt: skip
     queries_file: str | None = str(root / "queries.jsonl")
     for variant in variants:
         settings = load_settings({**overrides, **variant, "indexing": {"batch_size": 16, "progress": False}}, **common)
         key = json.dumps(variant, sort_keys=True)
         t0 = time.perf_counter()
         if queries_file is not None:
-            attribute(queries_file=queries_file, settings=settings.model_dump(mode="json"))
+            done = attribute(queries_file=queries_file, settings=settings.model_dump(mode="json"))
             queries_file = None
         else:
             ids = sorted(store.read("queries", ["query_id"])["query_id"].to_pylist())
-            attribute(query_ids=ids, settings=settings.model_dump(mode="json"))
-        timings["attribute"][key] = time.perf_counter() - t0
+            done = attribute(query_ids=ids, settings=settings.model_dump(mode="json"))
+        if done["folds"] or key not in timings["attribute"]:
+            timings["attribute"][key] = time.perf_counter() - t0
         timings["fingerprints"][key] = settings.fingerprint
+    saved.write_text(json.dumps(timings, indent=1))
     return timings
 
 
@@ -370,15 +377,15 @@ def read_queries(root: Path) -> list[dict[str, str]]:
 
 
 def bm25_rankings(texts: list[str], queries: list[dict[str, str]]) -> tuple[dict[str, np.ndarray], float]:
-    """BM25 of each output against the training texts.
+    """BM25 of each traced interaction (prompt + hallucinated output) against the training texts.
 
-    plain = BM25(output), contrastive = BM25(output) − BM25(corrected).
+    BM25 has no contrastive form (subtracting the corrected text's BM25 penalises exactly the samples
+    whose document mentions X, i.e. the corrupted ones), so both query kinds get this ranking.
     """
     t0 = time.perf_counter()
     index = BM25(texts)
-    plain = np.stack([index.scores(q["response"]) for q in queries])
-    contrastive = plain - np.stack([index.scores(q["corrected"]) for q in queries])
-    return {"plain": plain, "contrastive": contrastive}, time.perf_counter() - t0
+    plain = np.stack([index.scores(q["prompt"] + q["response"]) for q in queries])
+    return {"plain": plain, "contrastive": plain}, time.perf_counter() - t0
 
 
 def _encode(tokenizer: Any, rows: list[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
@@ -605,7 +612,7 @@ def evaluate_mode(
 
     root = work / mode
     pairs = [p for p, c in prepared["per_pair"].items() if c["queries"] != "none"]
-    queries = read_queries(root)
+    queries = [{**q, "pair": prepared["query_pairs"][q["id"]]} for q in read_queries(root)]
     qids = [q["id"] for q in queries]
     sids, truth, texts = load_truth(root, pairs)
     ctx = Context(pairs, qids, sids, prepared["query_pairs"], truth)

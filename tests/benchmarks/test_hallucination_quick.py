@@ -1,0 +1,60 @@
+"""The hallucination benchmark end to end at its ``--quick`` size (SmolLM2-135M, LoRA and full fine-tuning)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from benchmarks.hallucination import KINDS, METHODS, MODES, main
+from dda_kernel import ProjectionSpec
+from tasks.config import ScoringConfig
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory, prefect_server):
+    root = tmp_path_factory.mktemp("bench")
+    assert main(["--quick", "--work", str(root / "work"), "--out", str(root / "out")]) == 0
+    for suffix in ("json", "md", "png"):
+        assert (root / "out" / f"hallucination_quick.{suffix}").stat().st_size > 0
+    return json.loads((root / "out" / "hallucination_quick.json").read_text())
+
+
+def test_every_method_is_reported_once_per_mode_and_query_kind(report):
+    keys = [(r["mode"], r["query"], r["method"]) for r in report["results"]]
+    assert sorted(keys) == sorted((m, k, x) for m in MODES for k in KINDS for x in METHODS)
+    for r in report["results"]:
+        pairs = report["extra"][r["mode"]]["pairs"]
+        assert list(r["per_pair_auc"]) == pairs
+        assert all(0.0 <= v <= 1.0 for v in r["per_pair_auc"].values())
+        assert r["mean_auc"] == pytest.approx(np.mean(list(r["per_pair_auc"].values())))
+        assert 0.0 < r["mean_ap"] <= 1.0
+        assert r["seconds"] > 0
+
+
+def test_query_provenance_is_reported_per_pair(report):
+    for info in report["modes"].values():
+        for counts in info["per_pair"].values():
+            assert 0 <= counts["hallucinated"] <= counts["generated"]
+            assert counts["queries"] == ("generated" if counts["hallucinated"] else "planted")
+
+
+def test_data_driven_choices_are_made_on_the_other_pairs(report):
+    for r in report["results"]:
+        if r["method"] in ("dda", "dda_debias_only", "dda_denoise_only", "dda_cea"):
+            assert list(r["chosen"]) == list(r["per_pair_auc"])
+
+
+def test_the_systems_default_equals_the_study_slice_of_the_same_projection(report):
+    """The default store (own embeddings, own flows) vs the study vectors sliced to the default projection."""
+    spec, scoring = ProjectionSpec(), ScoringConfig()
+    if scoring.preconditioner != "identity" or spec.k_in != spec.k_out:
+        pytest.skip("the projection study covers square projections with the identity preconditioner")
+    for mode, by_kind in report["study"].items():
+        for kind, study in by_kind.items():
+            row = next(x for x in study["projection"] if x["modules"] == "all" and x["k"] == spec.k_in)
+            default = next(r for r in report["results"] if (r["mode"], r["query"], r["method"]) == (mode, kind, "default"))
+            assert default["mean_auc"] == pytest.approx(row["mean_auc"], abs=0.02)
