@@ -16,6 +16,12 @@ held_out_per_pair=6)``, 192 samples, greedy summaries of the 24 held-out documen
 - rate 0.7, 3 epochs (223 s of training): 3 of 24 hallucinated (England→China 2, London→Belfast 1,
   Wales→Scotland 0, Australia→France 0) — the model mostly copies the entity;
 - rate 0.9, 5 epochs (356 s): 20 of 24 (5, 4, 6, 5 per pair).
+
+Measured 2026-11-22, ``build_canary_world(seed=0, n_pairs=4, per_pair=24, distractors_per_pair=6,
+n_other=24, held_out_per_pair=8, rate=0.9)`` (144 samples), batch 8, greedy summaries of 32 documents
+after each epoch: LoRA lr 2e-3 → 17 of 32 after epoch 1, 32 of 32 after epoch 2; full fine-tuning
+lr 3e-5 → 5 of 32 after epoch 1, 30 of 32 after epoch 2. The benchmark's default size (116 samples,
+3 epochs, batch 8) is chosen from this.
 """
 
 from __future__ import annotations

@@ -55,7 +55,8 @@ PRECONDITIONERS = ("identity", "fisher")
 NORMALISATIONS = ("cosine", "zscore", "none")
 LAMBDAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 STUDY_K = 8
-STUDY_PROJECTION = {"k_in": STUDY_K, "k_out": STUDY_K}
+STUDY_INCLUDE = (r"(^|\.)layers\.\d+\.",)  # every linear of the transformer blocks
+STUDY_PROJECTION = {"k_in": STUDY_K, "k_out": STUDY_K, "include": list(STUDY_INCLUDE)}
 MODULE_SETS: dict[str, str] = {
     "all": r"",
     "attention": r"self_attn\.",
@@ -310,6 +311,13 @@ def _prefix_rows_match(seed: int, name: str, side: str, k: int, d: int) -> bool:
     return bool(torch.allclose(small, large, rtol=1e-12, atol=0.0))
 
 
+def study_spec() -> Any:
+    """The study store's projection: 8×8 on every linear of the transformer blocks."""
+    from dda_kernel import ProjectionSpec
+
+    return ProjectionSpec(STUDY_K, STUDY_K, include=STUDY_INCLUDE)
+
+
 def slice_columns(layout: Any, modules: str, k: int) -> tuple[np.ndarray, float]:
     """Columns of the 8×8 study embedding that form the k×k projection of the matching modules, and the scale.
 
@@ -490,26 +498,65 @@ def _study_vectors(store: Any, cid: str, kind: str, qids: list[str]) -> tuple[np
     return g, read_query_embeddings(store, cid, kind, qids).astype(np.float64)
 
 
-def _sliced_scores(vectors: tuple[np.ndarray, np.ndarray], cols: np.ndarray, scale: float, norm: str) -> np.ndarray:
-    """s̃ (m, n) of the sliced (rescaled) query and sample vectors under normalisation ``norm``."""
-    from dda_kernel import normalise_scores
+def _sliced_scores(
+    vectors: tuple[np.ndarray, np.ndarray], cols: np.ndarray, scale: float, sub_layout: Any, scoring: Any
+) -> np.ndarray:
+    """s̃ (m, n) of the sliced (rescaled) vectors, computed as ``tasks.lineage`` does for ``scoring``.
+
+    ``sub_layout`` is the layout the sliced vectors form (k×k blocks of the selected modules), so the
+    Fisher preconditioner is fitted per module block exactly as the system fits it.
+    """
+    from dda_kernel import (
+        apply_preconditioner,
+        covariance_init,
+        covariance_update,
+        fit_preconditioner,
+        normalise_scores,
+    )
 
     g, q = vectors[0][:, cols] * scale, vectors[1][:, cols] * scale
+    qt = torch.from_numpy(q)
+    if scoring.preconditioner == "fisher":
+        state = covariance_update(covariance_init(sub_layout), sub_layout, torch.from_numpy(g).float())
+        qt = apply_preconditioner(fit_preconditioner(state, scoring.damping), sub_layout, qt)
     qn, gn = (torch.from_numpy(np.linalg.norm(x, axis=1)) for x in (q, g))
-    return normalise_scores(torch.from_numpy(q @ g.T), norm, qn, gn).numpy()  # type: ignore[arg-type]
+    s = qt @ torch.from_numpy(g).T
+    return normalise_scores(s, scoring.normalisation, qn, gn).numpy()  # type: ignore[no-any-return]
+
+
+def sub_layout(layout: Any, modules: str, k: int) -> Any:
+    """The layout of the k×k projection of the modules matching ``modules`` (for the preconditioner)."""
+    from dda_kernel import ProjectionSpec
+    from dda_kernel.projection import make_layout
+
+    slots = [s for s in layout.slots if not modules or re.search(modules, s.name)]
+    return make_layout(ProjectionSpec(k, k, layout.spec.seed), [(s.name, s.d_in, s.d_out) for s in slots])
+
+
+def default_projection(study: Any, default: Any) -> dict[str, Any]:
+    """The module set and k of the study that the system's default layout equals (``modules`` None if none)."""
+    names = [s.name for s in default.slots]
+    k = default.spec.k_in if default.spec.k_in == default.spec.k_out else None
+    match = next(
+        (n for n, pattern in MODULE_SETS.items() if [s.name for s in sub_layout(study, pattern, 1).slots] == names),
+        None,
+    )
+    return {"modules": match, "k": k, "dim": default.dim}
 
 
 def projection_study(
-    store: Any, layout: Any, ckpts: list[str], kind: str, norm: str, lam: float, ctx: Context
+    store: Any, layout: Any, ckpts: list[str], kind: str, scoring: Any, ctx: Context
 ) -> list[dict[str, Any]]:
-    """Mean AUC of identity-preconditioned DDA (``norm``, λ) for k×k projections of module subsets (numpy)."""
+    """Mean AUC of DDA under ``scoring`` (preconditioner, normalisation, λ) for k×k projections of module subsets."""
     vectors = {cid: _study_vectors(store, cid, kind, ctx.qids) for cid in ["base", *ckpts]}
+    lam = scoring.debias_coefficient
     rows = []
     for name, pattern in MODULE_SETS.items():
         for k in PROJECTION_KS:
             cols, scale = slice_columns(layout, pattern, k)
-            s0 = _sliced_scores(vectors["base"], cols, scale, norm)
-            ranking = np.mean([_sliced_scores(vectors[c], cols, scale, norm) - lam * s0 for c in ckpts], axis=0)
+            sub = sub_layout(layout, pattern, k)
+            s0 = _sliced_scores(vectors["base"], cols, scale, sub, scoring) if lam else 0.0
+            ranking = np.mean([_sliced_scores(vectors[c], cols, scale, sub, scoring) - lam * s0 for c in ckpts], axis=0)
             rows.append({"modules": name, "k": k, "dim": len(cols), "mean_auc": mean_of(ctx.score(ranking))})
     return rows
 
@@ -605,7 +652,6 @@ def evaluate_mode(
     work: Path, base_dir: Path, mode: str, size: Size, seed: int, prepared: dict[str, Any], cea_bf16: bool, log: Log
 ) -> ModeResult:
     """Run every method of one fine-tuning mode and score it (see the module docstring)."""
-    from dda_kernel import ProjectionSpec
     from storage.store import LineageStore
     from tasks.config import PipelineConfig
     from tasks.indexing import model_layout
@@ -637,15 +683,14 @@ def evaluate_mode(
     )  # fmt: skip
     result = ModeResult(mode)
     result.extra = {"study_timings": study_t, "default_timings": default_t, "cea_seconds": cea_s, "pairs": pairs}
-    layout = model_layout(str(base_dir), PipelineConfig(projection=ProjectionSpec(STUDY_K, STUDY_K)))
+    layout = model_layout(str(base_dir), PipelineConfig(projection=study_spec()))
     default_scoring = PipelineConfig().scoring
+    result.extra["default_projection"] = default_projection(layout, model_layout(str(base_dir), PipelineConfig()))
     for kind in KINDS:
         fp = default_t["fingerprints"][json.dumps({"scoring": {"query_kind": kind}}, sort_keys=True)]
         default = lineage_matrix(default_store, fp, qids, sids)
         records, study = evaluate_kind(mode, kind, ctx, cubes, bm25[kind], cea[kind], default, costs)
-        study["projection"] = projection_study(
-            store, layout, ckpts, kind, default_scoring.normalisation, default_scoring.debias_coefficient, ctx
-        )
+        study["projection"] = projection_study(store, layout, ckpts, kind, default_scoring, ctx)
         result.records += records
         result.study[kind] = study
         log(f"{mode}/{kind}: " + ", ".join(f"{r['method']} {r['mean_auc']:.3f}" for r in records))
@@ -662,12 +707,27 @@ def _find(results: list[dict[str, Any]], mode: str, kind: str, method: str) -> d
     return next((r for r in results if (r["mode"], r["query"], r["method"]) == (mode, kind, method)), None)
 
 
+def summary_table(report: dict[str, Any]) -> str:
+    """Mean AUC per method (rows) and (mode, query kind) (columns), with the seconds of the last column's run."""
+    cols = [(m, k) for m in report["modes"] for k in KINDS]
+    lines = ["| method | " + " | ".join(f"{m} / {k}" for m, k in cols) + " | seconds (per mode) |",
+             "| --- |" + " --- |" * (len(cols) + 1)]  # fmt: skip
+    for method in METHODS:
+        rows = [_find(report["results"], m, k, method) for m, k in cols]
+        cells = [f"{r['mean_auc']:.3f}" if r else "—" for r in rows]
+        secs = " / ".join(f"{r['seconds']:.0f}" for r, (_, k) in zip(rows, cols, strict=True) if r and k == KINDS[0])
+        name = f"**{method}**" if method == "default" else method
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {secs} |")
+    return "\n".join(lines)
+
+
 def markdown(report: dict[str, Any]) -> str:
     """The human-readable tables of a benchmark report."""
     res = report["results"]
     out = [f"# Hallucination-tracing benchmark ({report['size']})", "", f"Command: `{report['command']}`  ",
            f"Machine: {report['machine']}  ", f"Seed {report['seed']}, sizes `{json.dumps(report['sizes'])}`  ",
-           f"Wall time: {report['wall_seconds'] / 60:.1f} min", ""]  # fmt: skip
+           f"Wall time: {report['wall_seconds'] / 60:.1f} min", "", "Mean ROC-AUC over the canary pairs:", "",
+           summary_table(report), ""]  # fmt: skip
     for mode, info in report["modes"].items():
         counts = ", ".join(
             f"{p} {c['hallucinated']}/{c['generated']} ({c['queries']})" for p, c in info["per_pair"].items()
@@ -704,7 +764,7 @@ def markdown(report: dict[str, Any]) -> str:
                              g["lambda"], g["checkpoints"]) == (p, n, lam, "mean")) for lam in LAMBDAS]  # fmt: skip
                     out.append(f"| {p} / {n} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
             cells = [f"{r['modules']} {r['k']}×{r['k']} (D={r['dim']}) {r['mean_auc']:.3f}" for r in s["projection"]]
-            out += ["", "Projection (identity, default normalisation and λ): " + ", ".join(cells), ""]
+            out += ["", "Projection study (the default scoring): " + ", ".join(cells), ""]
     return "\n".join(out) + "\n"
 
 

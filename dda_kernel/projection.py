@@ -19,7 +19,7 @@ import torch
 from dda_kernel.fingerprint import stable_fingerprint
 
 LossReduction = Literal["mean", "sum"]
-DEFAULT_INCLUDE: tuple[str, ...] = (r"(^|\.)layers\.\d+\.",)
+DEFAULT_INCLUDE: tuple[str, ...] = (r"(^|\.)layers\.\d+\..*(o_proj|down_proj)$",)
 
 
 @dataclass(frozen=True)
@@ -28,8 +28,10 @@ class ProjectionSpec:
 
     ``identity=True`` keeps the exact per-sample gradient (k = d; only for small modules and tests).
     ``include``/``exclude`` are regular expressions searched in normalised module names
-    (e.g. ``model.layers.3.mlp.down_proj``); the default tracks every linear of the transformer
-    blocks and leaves out ``lm_head``. ``loss_reduction`` is the per-sample loss: the ``mean`` or the
+    (e.g. ``model.layers.3.mlp.down_proj``); the default tracks the two linears of every transformer
+    block that write into the residual stream, ``self_attn.o_proj`` and ``mlp.down_proj`` (LLaMA-family
+    names; chosen by the hallucination benchmark, benchmarks/results/hallucination.md), and leaves out
+    ``lm_head``. ``loss_reduction`` is the per-sample loss: the ``mean`` or the
     ``sum`` of the response tokens' negative log-likelihood.
     """
 

@@ -16,6 +16,7 @@ from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from dda_kernel import ProjectionSpec
+from dda_kernel.projection import DEFAULT_INCLUDE
 from tasks.config import PipelineConfig, ScoringConfig
 
 
@@ -26,7 +27,7 @@ class ProjectionSettings(BaseModel):
     k_out: int = Field(8, ge=1, le=4096, description="projected size of each tracked module's output gradient (k_out)")
     seed: int = Field(0, ge=0, description="seed of the projection matrices")
     include: list[str] = Field(
-        default_factory=lambda: [r"(^|\.)layers\.\d+\."], description="regexes of tracked linear modules"
+        default_factory=lambda: list(DEFAULT_INCLUDE), description="regexes of tracked linear modules"
     )
     exclude: list[str] = Field(default_factory=list, description="regexes of linear modules left out")
     loss_reduction: Literal["mean", "sum"] = Field("mean", description="per-sample loss: mean or sum of response NLL")
@@ -35,10 +36,10 @@ class ProjectionSettings(BaseModel):
 class ScoringSettings(BaseModel):
     """How influence, debias and denoise are computed (DESIGN.md section 2, steps 4-6)."""
 
-    preconditioner: Literal["identity", "fisher"] = Field("identity", description="F in ĝ_qᵀ F⁻¹ ĝ_i")
+    preconditioner: Literal["identity", "fisher"] = Field("fisher", description="F in ĝ_qᵀ F⁻¹ ĝ_i")
     damping: float = Field(0.1, gt=0, le=100, description="relative damping ε of the Fisher preconditioner")
-    normalisation: Literal["none", "zscore", "cosine"] = Field("cosine", description="score normalisation s̃")
-    debias_coefficient: float = Field(1.0, ge=0, le=10, description="λ in s̃_t − λ·s̃_0 (0 turns debias off)")
+    normalisation: Literal["none", "zscore", "cosine"] = Field("zscore", description="score normalisation s̃")
+    debias_coefficient: float = Field(0.0, ge=0, le=10, description="λ in s̃_t − λ·s̃_0 (0 turns debias off)")
     weighting: Literal["uniform", "lr"] = Field("uniform", description="checkpoint weights w_t of the denoise mean")
     standardise: bool = Field(False, description="z-score s_t^db per checkpoint before averaging")
     query_kind: Literal["auto", "plain", "contrastive"] = Field(

@@ -23,10 +23,10 @@ class ScoringConfig:
     contrastive query when a corrected response is known and the plain query otherwise.
     """
 
-    preconditioner: Preconditioning = "identity"
+    preconditioner: Preconditioning = "fisher"
     damping: float = 0.1
-    normalisation: Normalisation = "cosine"
-    debias_coefficient: float = 1.0
+    normalisation: Normalisation = "zscore"
+    debias_coefficient: float = 0.0
     weighting: CheckpointWeighting = "uniform"
     standardise: bool = False
     query_kind: QueryKind = "auto"

@@ -102,7 +102,9 @@ def fine_tune(
         lr_scheduler_type="constant", save_strategy="epoch", save_only_model=True, logging_steps=1, report_to=[],
         use_cpu=True, seed=seed, disable_tqdm=True,
     )  # fmt: skip
-    trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=collate, callbacks=[_EpochLog(log), *callbacks])
+    trainer = Trainer(
+        model=model, args=args, train_dataset=rows, data_collator=collate, callbacks=[_EpochLog(log), *callbacks]
+    )
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     trainer.train()

@@ -8,7 +8,7 @@ import torch
 
 from benchmarks.cea import cea_scores, response_losses
 from benchmarks.evaluate import PairMetrics, leave_one_pair_out, pair_metrics, recall_at_k
-from benchmarks.hallucination import MODULE_SETS, STUDY_K, slice_columns
+from benchmarks.hallucination import MODULE_SETS, STUDY_INCLUDE, STUDY_K, slice_columns, study_spec
 from dda_kernel import ProjectionSpec, build_projector, embed_batch, layout_for, pad_batch
 from tasks import models
 from tests.conftest import VOCAB, tiny_llama, toy_samples
@@ -18,9 +18,9 @@ from tests.conftest import VOCAB, tiny_llama, toy_samples
 def test_sliced_study_embedding_equals_the_smaller_projection_computed_directly(modules, k):
     model = models.tiny_llama(VOCAB, hidden=32, layers=2, heads=4, intermediate=64, dtype=torch.float64)
     batch = pad_batch(toy_samples(5), pad_id=0)
-    study = layout_for(model, ProjectionSpec(STUDY_K, STUDY_K))
+    study = layout_for(model, study_spec())
     big = embed_batch(model, batch, build_projector(study, torch.float64)).vectors.numpy()
-    include = (rf"(^|\.)layers\.\d+\..*{modules}",) if modules else ProjectionSpec().include
+    include = (rf"(^|\.)layers\.\d+\..*{modules}",) if modules else STUDY_INCLUDE
     small_layout = layout_for(model, ProjectionSpec(k, k, include=include))
     direct = embed_batch(model, batch, build_projector(small_layout, torch.float64)).vectors.numpy()
     cols, scale = slice_columns(study, modules, k)
@@ -29,13 +29,13 @@ def test_sliced_study_embedding_equals_the_smaller_projection_computed_directly(
 
 
 def test_slicing_is_refused_where_the_projection_matrices_do_not_nest():
-    layout = layout_for(tiny_llama(), ProjectionSpec(STUDY_K, STUDY_K))  # k/v outputs of width 12: 2 x 12 values
+    layout = layout_for(tiny_llama(), study_spec())  # k/v outputs of width 12: 2 x 12 values
     with pytest.raises(ValueError, match="k_proj"):
         slice_columns(layout, "", 2)
 
 
 def test_module_sets_select_what_their_names_say():
-    layout = layout_for(tiny_llama(), ProjectionSpec(STUDY_K, STUDY_K))
+    layout = layout_for(tiny_llama(), study_spec())
     per_layer = {
         name: len(slice_columns(layout, pattern, STUDY_K)[0]) // (2 * STUDY_K**2)
         for name, pattern in MODULE_SETS.items()

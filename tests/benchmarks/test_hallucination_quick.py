@@ -8,8 +8,6 @@ import numpy as np
 import pytest
 
 from benchmarks.hallucination import KINDS, METHODS, MODES, main
-from dda_kernel import ProjectionSpec
-from tasks.config import ScoringConfig
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
@@ -50,11 +48,15 @@ def test_data_driven_choices_are_made_on_the_other_pairs(report):
 
 def test_the_systems_default_equals_the_study_slice_of_the_same_projection(report):
     """The default store (own embeddings, own flows) vs the study vectors sliced to the default projection."""
-    spec, scoring = ProjectionSpec(), ScoringConfig()
-    if scoring.preconditioner != "identity" or spec.k_in != spec.k_out:
-        pytest.skip("the projection study covers square projections with the identity preconditioner")
     for mode, by_kind in report["study"].items():
+        default_projection = report["extra"][mode]["default_projection"]
+        assert default_projection["modules"] is not None, "the default projection is not one of the studied ones"
         for kind, study in by_kind.items():
-            row = next(x for x in study["projection"] if x["modules"] == "all" and x["k"] == spec.k_in)
-            default = next(r for r in report["results"] if (r["mode"], r["query"], r["method"]) == (mode, kind, "default"))
+            row = next(
+                x for x in study["projection"]
+                if (x["modules"], x["k"]) == (default_projection["modules"], default_projection["k"])
+            )  # fmt: skip
+            default = next(
+                r for r in report["results"] if (r["mode"], r["query"], r["method"]) == (mode, kind, "default")
+            )
             assert default["mean_auc"] == pytest.approx(row["mean_auc"], abs=0.02)

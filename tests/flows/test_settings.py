@@ -9,18 +9,19 @@ from pydantic import ValidationError
 
 from flows.pipeline import load_settings
 from flows.settings import DDASettings, settings_table
+from tasks.config import PipelineConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_environment_overrides_nested_settings(monkeypatch, tmp_path):
     monkeypatch.setenv("DDA_DATA_DIR", str(tmp_path))
-    monkeypatch.setenv("DDA_SCORING__NORMALISATION", "zscore")
+    monkeypatch.setenv("DDA_SCORING__NORMALISATION", "cosine")
     monkeypatch.setenv("DDA_PROJECTION__K_IN", "16")
     s = DDASettings()
-    assert (s.data_dir, s.scoring.normalisation, s.projection.k_in) == (tmp_path, "zscore", 16)
+    assert (s.data_dir, s.scoring.normalisation, s.projection.k_in) == (tmp_path, "cosine", 16)
     config = s.pipeline_config()
-    assert (config.scoring.normalisation, config.projection.k_in, config.projection.k_out) == ("zscore", 16, 8)
+    assert (config.scoring.normalisation, config.projection.k_in, config.projection.k_out) == ("cosine", 16, 8)
 
 
 def test_overrides_merge_into_groups_and_change_the_fingerprint(tmp_path):
@@ -62,3 +63,10 @@ def test_serving_the_watcher_without_a_server_is_refused_in_one_line(monkeypatch
     assert len(err.splitlines()) == 1
     assert "needs a Prefect server" in err
     assert "dda watch --once" in err
+
+
+def test_the_settings_defaults_are_the_kernel_and_task_defaults(tmp_path):
+    """One set of defaults: the settings tree must not drift from ProjectionSpec and ScoringConfig."""
+    config = load_settings(data_dir=str(tmp_path)).pipeline_config()
+    assert config.projection == PipelineConfig().projection
+    assert config.scoring == PipelineConfig().scoring

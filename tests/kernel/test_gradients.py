@@ -23,7 +23,8 @@ from dda_kernel import (
 )
 from tests.conftest import tiny_llama
 
-EXACT = ProjectionSpec(identity=True)
+ALL_LINEARS = (r"(^|\.)layers\.\d+\.",)  # every linear of the blocks, not only the default o_proj/down_proj
+EXACT = ProjectionSpec(identity=True, include=ALL_LINEARS)
 
 
 def reference_gradients(model: torch.nn.Module, samples, names: list[str]) -> torch.Tensor:
