@@ -19,10 +19,18 @@ vectors, cosine-normalised debias + denoise of one query (results/store_bench_d*
 | --- | --- | --- | --- | --- |
 | 512 | 1 040 | 0.87 s | 1.83 s | 0.16 s |
 | 1 024 | 2 064 | 2.22 s | 2.41 s | 0.28 s |
+| 3 840 | 7 696 | 8.31 s | 13.18 s | 1.23 s |
+
+D = 3 840 is the default projection on SmolLM2-135M since the hallucination benchmark (8×8 on the 30
+``o_proj`` + 30 ``down_proj``), measured 2026-11-22 with ``--dim 3840 --n-sql``. This bench scores with
+the identity; the default Fisher preconditioner also fits a per-module covariance per checkpoint at
+every refresh: 3.79 s per checkpoint for 100 000 × 3 840 (measured with ``dda_kernel``'s
+``covariance_update`` + ``fit_preconditioner`` on random float16 vectors), not yet persisted.
 
 SQL ``top_sources`` (k = 10) over the lineage of one query: p50 88 ms / p95 98 ms at 100 000
 samples, p50 660 ms / p95 764 ms at 1 000 000 (run with ``--dim 1024 --n-sql 100000 1000000``).
-The 2 s bar holds up to D ≈ 900 on these CPUs; reading the Lance column (≈ 0.6 GB/s) dominates.
+The 2 s bar holds up to D ≈ 900 on these CPUs; reading the Lance column (≈ 0.6 GB/s) dominates, so
+the default D = 3 840 misses it by about 4× (and more with the Fisher fit).
 """
 
 from __future__ import annotations

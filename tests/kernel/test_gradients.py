@@ -82,7 +82,7 @@ def test_batch_size_padding_side_and_order_invariance(model64, samples, side, ba
 
 
 def test_projected_equals_projection_of_exact_gradient(model64, samples):
-    spec = ProjectionSpec(k_in=5, k_out=3, seed=7)
+    spec = ProjectionSpec(k_in=5, k_out=3, seed=7, include=ALL_LINEARS)
     got, layout = embed(model64, samples, spec=spec)
     exact, exact_layout = embed(model64, samples)
     projector = build_projector(layout, dtype=torch.float64)
@@ -120,7 +120,7 @@ def test_embedding_leaves_model_state_untouched(samples):
 
 
 def test_float32_matches_float64(samples):
-    spec = ProjectionSpec(k_in=4, k_out=4)
+    spec = ProjectionSpec(k_in=4, k_out=4, include=ALL_LINEARS)
     v64, _ = embed(tiny_llama(), samples, spec=spec)
     model32 = tiny_llama(dtype=torch.float32)
     layout = layout_for(model32, spec)
@@ -163,7 +163,7 @@ def test_non_finite_loss_names_the_sample(samples):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_matches_cpu(samples):
-    spec = ProjectionSpec(k_in=4, k_out=4)
+    spec = ProjectionSpec(k_in=4, k_out=4, include=ALL_LINEARS)
     cpu, layout = embed(tiny_llama(), samples, spec=spec)
     model = tiny_llama().cuda()
     projector = build_projector(layout, torch.float64)  # CPU matrices: moved to the model's device on use

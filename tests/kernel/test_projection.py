@@ -25,12 +25,14 @@ def test_layout_fingerprint_depends_on_everything_an_embedding_depends_on():
     model = tiny_llama()
     base = layout_for(model, ProjectionSpec())
     assert base.fingerprint == layout_for(tiny_llama(seed=9), ProjectionSpec()).fingerprint
-    assert base.dim == 14 * 64
+    assert base.dim == 2 * 2 * 64  # default: o_proj and down_proj of each of the 2 layers, 8 x 8 each
+    assert [s.name for s in base.slots][:2] == ["model.layers.0.self_attn.o_proj", "model.layers.0.mlp.down_proj"]
     for other in (
         ProjectionSpec(seed=1),
         ProjectionSpec(k_in=4),
         ProjectionSpec(loss_reduction="sum"),
         ProjectionSpec(exclude=(r"mlp",)),
+        ProjectionSpec(include=(r"(^|\.)layers\.\d+\.",)),
     ):
         assert layout_for(model, other).fingerprint != base.fingerprint, other
 
