@@ -146,7 +146,7 @@ def _sql(args: argparse.Namespace) -> int:
     if args.named:
         params = dict(p.split("=", 1) for p in args.param or [])
         typed = {k: int(v) if v.isdigit() else v for k, v in params.items()}
-        table = named_query(store, args.sql, **typed)
+        table = named_query(store, args.sql, settings.fingerprint, **typed)
     else:
         table = query(store, args.sql)
     print(render(table, args.format))

@@ -109,8 +109,8 @@ def run_demo(
     store = LineageStore.open(data_dir / "store")
     fp = settings.fingerprint
     first = query(store, "SELECT * FROM queries ORDER BY query_id LIMIT 1").to_pylist()[0]
-    top = named_query(store, "top_sources", query_id=first["query_id"], k=5).to_pylist()
-    shares = named_query(store, "influence_by_source", query_id=first["query_id"]).to_pylist()
+    top = named_query(store, "top_sources", fp, query_id=first["query_id"], k=5).to_pylist()
+    shares = named_query(store, "influence_by_source", fp, query_id=first["query_id"]).to_pylist()
     auc = {
         name: {
             r["query_id"]: float(r["auc"])

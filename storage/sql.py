@@ -58,22 +58,22 @@ NAMED_QUERIES: dict[str, str] = {
     "top_sources": """
         SELECT l.rank, l.sample_id, l.dda_score, s.source, s.license, s.prompt, s.response
         FROM lineage l JOIN samples s USING (sample_id)
-        WHERE l.query_id = $query_id AND l.rank <= $k ORDER BY l.rank""",
+        WHERE l.query_id = $query_id AND l.settings_fingerprint = $fp AND l.rank <= $k ORDER BY l.rank""",
     "influence_by_source": """
         SELECT source, total_score, share, n_samples FROM source_influence
-        WHERE query_id = $query_id ORDER BY share DESC NULLS LAST, source""",
+        WHERE query_id = $query_id AND settings_fingerprint = $fp ORDER BY share DESC NULLS LAST, source""",
     "influence_by_license": """
         SELECT license, total_score, share, n_samples FROM license_influence
-        WHERE query_id = $query_id ORDER BY share DESC NULLS LAST, license""",
+        WHERE query_id = $query_id AND settings_fingerprint = $fp ORDER BY share DESC NULLS LAST, license""",
     "recurring_samples": """
         SELECT sample_id, count(DISTINCT query_id) AS n_queries, avg(rank) AS mean_rank, sum(dda_score) AS total_score
-        FROM lineage WHERE rank <= $k GROUP BY sample_id
+        FROM lineage WHERE rank <= $k AND settings_fingerprint = $fp GROUP BY sample_id
         ORDER BY n_queries DESC, mean_rank, sample_id LIMIT $limit""",
     "sample_history": """
         SELECT c.step, c.epoch, sc.checkpoint_id, sc.score, sc.base_score, sc.debiased_score,
                sum(sc.weight * sc.debiased_score) OVER w / sum(sc.weight) OVER w AS smoothed
         FROM scores sc JOIN checkpoints c USING (checkpoint_id)
-        WHERE sc.query_id = $query_id AND sc.sample_id = $sample_id
+        WHERE sc.query_id = $query_id AND sc.sample_id = $sample_id AND sc.settings_fingerprint = $fp
         WINDOW w AS (PARTITION BY sc.settings_fingerprint ORDER BY c.step ROWS UNBOUNDED PRECEDING)
         ORDER BY c.step""",
 }
@@ -132,11 +132,14 @@ def query(store: LineageStore, sql: str, params: Mapping[str, Any] | None = None
         con.close()
 
 
-def named_query(store: LineageStore, name: str, **params: Any) -> pa.Table:
-    """Run one of :data:`NAMED_QUERIES` with its parameters (e.g. ``top_sources(query_id=…, k=10)``)."""
+def named_query(store: LineageStore, name: str, settings_fingerprint: str, **params: Any) -> pa.Table:
+    """Run one of :data:`NAMED_QUERIES` under one scoring configuration (e.g. ``top_sources(query_id=…, k=10)``).
+
+    A store may hold lineage under several settings fingerprints; every named query reads one of them.
+    """
     if name not in NAMED_QUERIES:
         raise StorageError(f"unknown lineage query {name!r}: choose one of {', '.join(NAMED_QUERIES)}")
-    return query(store, NAMED_QUERIES[name], params)
+    return query(store, NAMED_QUERIES[name], {**params, "fp": settings_fingerprint})
 
 
 def render(table: pa.Table, fmt: str = "table", max_width: int = 60) -> str:

@@ -82,15 +82,15 @@ def test_source_influence_equals_reference(world):
 
 def test_named_queries(world):
     store, dda, debiased, weights = world
-    top = named_query(store, "top_sources", query_id="q2", k=3).to_pylist()
+    top = named_query(store, "top_sources", SETTINGS, query_id="q2", k=3).to_pylist()
     assert [r["sample_id"] for r in top] == [SAMPLES[i] for i in np.argsort(-dda[1], kind="stable")[:3]]
-    by_license = named_query(store, "influence_by_license", query_id="q1").to_pylist()
+    by_license = named_query(store, "influence_by_license", SETTINGS, query_id="q1").to_pylist()
     assert {r["license"] for r in by_license} == {"cc-by", "proprietary"}
-    recurring = named_query(store, "recurring_samples", k=3, limit=50).to_pylist()
+    recurring = named_query(store, "recurring_samples", SETTINGS, k=3, limit=50).to_pylist()
     top_sets = [set(np.argsort(-dda[qi], kind="stable")[:3]) for qi in range(2)]
     expected = {SAMPLES[i]: sum(i in s for s in top_sets) for i in range(N) if any(i in s for s in top_sets)}
     assert {r["sample_id"]: r["n_queries"] for r in recurring} == expected
-    history = named_query(store, "sample_history", query_id="q1", sample_id="s004").to_pylist()
+    history = named_query(store, "sample_history", SETTINGS, query_id="q1", sample_id="s004").to_pylist()
     assert [r["checkpoint_id"] for r in history] == ["c1", "c2", "c3"]
     running_num, running_den = 0.0, 0.0
     for row, c in zip(history, ["c1", "c2", "c3"], strict=True):
@@ -143,3 +143,15 @@ def test_write_statements_name_the_rule(world):
     with pytest.raises(ReadOnlySQLError, match="may not read or write files"):
         query(world[0], "SELECT * FROM read_csv('/etc/passwd')")
     assert query(world[0], "WITH x AS (SELECT count(*) AS n FROM samples) SELECT n FROM x").to_pylist() == [{"n": N}]
+
+
+def test_named_queries_read_one_scoring_configuration(world):
+    """Lineage under a second settings fingerprint must not leak into the first one's named queries."""
+    store, _, _, _ = world
+    before = named_query(store, "top_sources", SETTINGS, query_id="q2", k=3).to_pylist()
+    other = StoredState(["q2"], SAMPLES, -np.arange(N, dtype=float)[None, :], np.array([1.0]), [frozenset({"c1"})])
+    write_dda_state(store, "other-settings", other)
+    assert named_query(store, "top_sources", SETTINGS, query_id="q2", k=3).to_pylist() == before
+    assert [
+        r["sample_id"] for r in named_query(store, "top_sources", "other-settings", query_id="q2", k=3).to_pylist()
+    ] == SAMPLES[:3]
