@@ -76,8 +76,3 @@ def leave_one_pair_out(candidates: Mapping[str, Mapping[str, PairMetrics]], pair
         best = max(candidates, key=lambda c: np.mean([candidates[c][q].auc for q in others]))
         chosen[p], metrics[p] = best, candidates[best][p]
     return Selected(metrics, chosen)
-
-
-def best_overall(candidates: Mapping[str, Mapping[str, PairMetrics]]) -> str:
-    """The candidate with the best mean AUC over all pairs (first one on ties)."""
-    return max(candidates, key=lambda c: mean_of(candidates[c]))
