@@ -20,8 +20,8 @@ projection k_in = k_out = 8 over every block linear; results/embed_throughput_*.
 
 Measured 2026-11-22 at the default chosen by the hallucination benchmark (8×8 on ``o_proj`` +
 ``down_proj``; same command, SmolLM2-135M, batch 8): D = 3 840, train step 2.1 samples/s, LoRA step
-2.9, embed 3.2, **embed / train step 1.50**, embed / LoRA step 1.10 (this run on a machine that had
-just finished the test suite; the JSON files hold the earlier run).
+2.9, embed 3.2, **embed / train step 1.50**, embed / LoRA step 1.10 (printed only; the JSON files
+hold the earlier run).
 
 Peak RSS above the loaded model, SmolLM2, embed: batch 2 → 294 MiB, 4 → 499, 8 → 1 024; 4 batches
 of 8 → 1 294 (the train step: 873 / 1 041 / 1 288 / 1 447). Memory grows with the batch, not with
