@@ -14,6 +14,7 @@ from prefect import serve
 
 from flows.pipeline import (
     attribute,
+    governance_report,
     index_checkpoint,
     index_run,
     load_settings,
@@ -38,6 +39,7 @@ def deployments(settings: Any, interval: int) -> list[Any]:
         index_checkpoint.with_options(task_runner=runner).to_deployment("dda-index-checkpoint", parameters=params),
         attribute.with_options(task_runner=runner).to_deployment("dda-attribute", parameters=params),
         refresh_lineage.with_options(task_runner=runner).to_deployment("dda-refresh-lineage", parameters=params),
+        governance_report.to_deployment("dda-report", parameters=params),
     ]
 
 

@@ -154,8 +154,15 @@ def _sql(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    print("dda report: not yet — the governance report arrives with issue 6; use `dda sql` meanwhile", file=sys.stderr)
-    return 3
+    from flows.pipeline import governance_report
+
+    settings = _settings(args)
+    out = _run(governance_report, settings, out_dir=args.out, query_ids=args.query_id or None, top_k=args.top_k,
+               settings_fingerprint=args.settings_fingerprint)  # fmt: skip
+    print(f"report of {out['queries']} traced outputs under settings {out['settings_fingerprint']} "
+          f"({out['plots']} plots):")  # fmt: skip
+    print(f"  {out['html']}\n  {out['markdown']}")
+    return 0
 
 
 def _default_dir() -> str:
@@ -210,7 +217,15 @@ def build_parser() -> argparse.ArgumentParser:
     sql.add_argument("--param", action="append", help="parameter of a named query, NAME=VALUE (repeatable)")
     sql.set_defaults(func=_sql)
 
-    report = sub.add_parser("report", parents=[common], help="the data-governance report (issue 6)")
+    report = sub.add_parser(
+        "report", parents=[common], help="the data-governance report: self-contained HTML + Markdown"
+    )
+    report.add_argument("--out", help="output folder (default: <data-dir>/report); a previous report is replaced")
+    report.add_argument("--query-id", action="append", help="report this traced output only (repeatable)")
+    report.add_argument("--top-k", type=int, default=10, help="training samples listed per output (default 10)")
+    report.add_argument(
+        "--settings-fingerprint", help="report the lineage scored under these settings (default: the current ones)"
+    )
     report.set_defaults(func=_report)
     return parser
 

@@ -11,25 +11,33 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
 from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import wait
 from prefect.runtime import flow_run
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from flows.settings import DDASettings, code_version
+from storage.errors import StorageError
 from storage.registry import write_run
+from storage.report import ReportData, gather
 from storage.samples import QueryIn, read_rows, register_queries
 from storage.store import LineageStore, utcnow
 from tasks import checkpoints, indexing, lineage
 from tasks.checkpoints import CheckpointError, CheckpointInfo
 from tasks.indexing import CheckpointPlan
+from tasks.report import render_markdown, summary_table, write_report
 
 T = TypeVar("T")
 QUERY_BATCH = 64
+SUMMARY_KEY = "dda-lineage-summary"
+TABLE_KEY = "dda-lineage-top-samples"
+ARTIFACT_QUERIES = 20
 
 
 def _task(fn: Callable[..., T], name: str) -> Any:
@@ -161,6 +169,46 @@ def _refresh(settings: DDASettings, query_ids: list[str] | None = None) -> dict[
     return {"queries": len(ids), "folds": sum(int(f.result()) for f in folds)}
 
 
+def _open_existing_store(settings: DDASettings) -> LineageStore:
+    """The data folder's store; a folder without one is an error (reading must not create it)."""
+    root = Path(settings.data_dir) / "store"
+    if not (root / "store.json").is_file():
+        raise StorageError(f"{settings.data_dir} holds no lineage store: run `dda index` (or `dda demo`) first")
+    return LineageStore.open(root)
+
+
+def publish_summary(
+    settings: DDASettings, query_ids: list[str] | None = None, settings_fingerprint: str | None = None
+) -> bool:
+    """Publish the lineage summary of the store as artifacts of the current flow run (:func:`publish_report`).
+
+    Returns False (and publishes a one-line note) when there is no lineage under the settings yet.
+    """
+    fp = settings_fingerprint or settings.fingerprint
+    try:
+        data = gather(_open_existing_store(settings), fp, query_ids)
+    except StorageError as e:
+        create_markdown_artifact(f"No lineage to summarise yet: {e}", key=SUMMARY_KEY, description="DDA lineage")
+        return False
+    publish_report(data)
+    return True
+
+
+def publish_report(data: ReportData) -> None:
+    """Publish ``data`` as Prefect artifacts of the current flow run: the Markdown summary and a table.
+
+    The Markdown is :func:`tasks.report.render_markdown` without plots, with at most :data:`ARTIFACT_QUERIES`
+    outputs in full (``dda report`` has every one); the table has one row per (output, top-k sample) of those.
+    """
+    fp = data.settings_fingerprint
+    shown = replace(data, queries=data.queries[:ARTIFACT_QUERIES])
+    markdown = render_markdown(shown, None, total_queries=len(data.queries))
+    create_markdown_artifact(markdown, key=SUMMARY_KEY, description=f"DDA lineage summary, settings {fp}")
+    create_table_artifact(
+        summary_table(shown), key=TABLE_KEY, description=f"top samples per traced output, settings {fp}"
+    )
+
+
 def _index_pass(settings: DDASettings) -> dict[str, Any]:
     """Base model, then every complete checkpoint in step order; failures are collected, the others go on."""
     _require(settings, "base_model", "run_dir")
@@ -185,6 +233,7 @@ def _index_pass(settings: DDASettings) -> dict[str, Any]:
             if plan.shards or not plan.already_indexed:
                 report["indexed"].append(plan.checkpoint_id)
         report["lineage"] = _refresh(settings)
+        publish_summary(settings)
         if report["failed"]:
             detail = "; ".join(f"{p}: {m}" for p, m in report["failed"].items())
             message = f"{len(report['failed'])} checkpoint(s) failed, the others were indexed — {detail}"
@@ -237,6 +286,7 @@ def attribute(
             check_lengths_task(str(s.base_model), texts, s.pipeline_config())
             ids += register_queries(LineageStore.open(Path(s.data_dir) / "store"), rows)
         report.update(_refresh(s, sorted(set(ids))), query_ids=sorted(set(ids)))
+        publish_summary(s, sorted(set(ids)) or None)
     return report
 
 
@@ -250,7 +300,27 @@ def refresh_lineage(
     report: dict[str, Any] = {}
     with recorded_run(s, report):
         report.update(_refresh(s))
+        publish_summary(s)
     return report
 
 
-FLOWS = (index_checkpoint, index_run, watch_checkpoints, attribute, refresh_lineage)
+@flow(name="dda-report")
+def governance_report(
+    out_dir: str | None = None, query_ids: list[str] | None = None, top_k: int = 10,
+    settings_fingerprint: str | None = None, data_dir: str | None = None, settings: dict[str, Any] | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """Write the data-governance report (HTML, Markdown, JSON, plots) and publish its summary as artifacts.
+
+    ``out_dir`` defaults to ``<data_dir>/report``; ``query_ids`` to every query with lineage under the
+    settings fingerprint (default: that of ``settings``).
+    """
+    s = load_settings(settings, data_dir=data_dir)
+    fp = settings_fingerprint or s.fingerprint
+    data = gather(_open_existing_store(s), fp, query_ids, top_k=top_k)
+    files = write_report(data, out_dir or Path(s.data_dir) / "report", progress=s.indexing.progress)
+    publish_report(data)
+    return {"folder": str(files.folder), "html": str(files.html), "markdown": str(files.markdown),
+            "queries": len(data.queries), "plots": len(files.plots), "settings_fingerprint": fp}  # fmt: skip
+
+
+FLOWS = (index_checkpoint, index_run, watch_checkpoints, attribute, refresh_lineage, governance_report)

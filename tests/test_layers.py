@@ -21,6 +21,7 @@ ALLOWED: dict[str, set[str]] = {
         "tokenizers",
         "safetensors",
         "numpy",
+        "matplotlib",
         "tqdm",
         "storage",
         "dda_kernel",

@@ -1,0 +1,235 @@
+"""What the data-governance report says, read from the SQL views of DESIGN.md section 5 (no rendering here).
+
+Every number of the report comes from one read-only DuckDB connection over the store's views, under
+one scoring configuration (``settings_fingerprint``), for a chosen set of queries (default: all that
+have lineage under it):
+
+- provenance: the checkpoints (fingerprints, steps, epochs), the datasets with a version (md5 of the
+  sorted content hashes of their samples), the projection fingerprint, the settings, and the flow runs
+  that wrote the store under these settings (plus the indexing runs, whose settings may differ only in
+  scoring);
+- per query: its top-k samples with the per-checkpoint scores of the latest checkpoint folded in
+  (s̃_T, s̃_0, s̃_T − λ s̃_0) and the smoothed DDA score S; the trajectory of the top samples over the
+  checkpoints (with the running smoothed mean); the influence shares by source and by license;
+- across queries: sources and licenses ranked by Σ_q total_score(q, ·) over the chosen queries, and the
+  samples that recur in the top-k of several queries.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import duckdb
+
+from storage.errors import StorageError
+from storage.sql import connect
+from storage.store import LineageStore, utcnow
+
+Row = dict[str, Any]
+INDEX_FLOWS = ("dda-index-run", "dda-watch-checkpoints", "dda-index-checkpoint")
+
+SQL: dict[str, str] = {
+    "fingerprints": """
+        SELECT settings_fingerprint, count(DISTINCT query_id) AS n_queries FROM lineage
+        GROUP BY settings_fingerprint ORDER BY n_queries DESC, settings_fingerprint""",
+    "query_ids": """
+        SELECT DISTINCT query_id FROM lineage WHERE settings_fingerprint = $fp ORDER BY query_id""",
+    "queries": """
+        SELECT q.query_id, q.prompt, q.response, q.corrected, q.created_at, max(l.n_checkpoints) AS n_checkpoints,
+               count(l.sample_id) AS n_samples
+        FROM queries q JOIN lineage l ON l.query_id = q.query_id AND l.settings_fingerprint = $fp
+        WHERE list_contains($ids, q.query_id) GROUP BY ALL ORDER BY q.query_id""",
+    "checkpoints": """
+        SELECT checkpoint_id, run_id, role, step, epoch, learning_rate, fingerprint, projection_fingerprint, path,
+               indexed_at
+        FROM checkpoints ORDER BY role <> 'base', step, checkpoint_id""",
+    "datasets": """
+        SELECT dataset, count(*) AS n_samples, md5(string_agg(content_hash, ',' ORDER BY content_hash)) AS version,
+               string_agg(DISTINCT coalesce(source, '(unknown)'), ', ' ORDER BY coalesce(source, '(unknown)'))
+                   AS sources,
+               string_agg(DISTINCT coalesce(license, '(unknown)'), ', ' ORDER BY coalesce(license, '(unknown)'))
+                   AS licenses,
+               min(ingested_at) AS first_ingested, max(ingested_at) AS last_ingested
+        FROM samples GROUP BY dataset ORDER BY dataset""",
+    "runs": """
+        SELECT run_id, flow_name, status, started_at, finished_at, code_version, settings_fingerprint, wrote_json
+        FROM runs WHERE settings_fingerprint = $fp OR list_contains($index_flows, flow_name)
+        ORDER BY started_at, run_id""",
+    "settings": """
+        SELECT settings_json FROM runs WHERE settings_fingerprint = $fp ORDER BY started_at DESC LIMIT 1""",
+    "top": """
+        WITH latest AS (
+            SELECT sc.query_id, sc.sample_id, c.step AS last_step, sc.score, sc.base_score, sc.debiased_score
+            FROM scores sc JOIN checkpoints c USING (checkpoint_id)
+            WHERE sc.settings_fingerprint = $fp AND list_contains($ids, sc.query_id)
+            QUALIFY row_number() OVER (PARTITION BY sc.query_id, sc.sample_id ORDER BY c.step DESC) = 1
+        )
+        SELECT l.query_id, l.rank, l.sample_id, s.source, s.license, s.prompt, s.response, latest.last_step,
+               latest.score, latest.base_score, latest.debiased_score, l.dda_score
+        FROM lineage l JOIN samples s USING (sample_id)
+             LEFT JOIN latest ON latest.query_id = l.query_id AND latest.sample_id = l.sample_id
+        WHERE l.settings_fingerprint = $fp AND list_contains($ids, l.query_id) AND l.rank <= $k
+        ORDER BY l.query_id, l.rank""",
+    "trajectories": """
+        SELECT l.query_id, l.rank, sc.sample_id, c.step, c.epoch, sc.score, sc.base_score, sc.debiased_score,
+               sum(sc.weight * sc.debiased_score) OVER w / sum(sc.weight) OVER w AS smoothed
+        FROM lineage l JOIN scores sc ON sc.query_id = l.query_id AND sc.sample_id = l.sample_id
+                                     AND sc.settings_fingerprint = l.settings_fingerprint
+             JOIN checkpoints c ON c.checkpoint_id = sc.checkpoint_id
+        WHERE l.settings_fingerprint = $fp AND list_contains($ids, l.query_id) AND l.rank <= $n
+        WINDOW w AS (PARTITION BY l.query_id, sc.sample_id ORDER BY c.step ROWS UNBOUNDED PRECEDING)
+        ORDER BY l.query_id, l.rank, c.step""",
+    "by_source": """
+        SELECT query_id, source, total_score, share, n_samples FROM source_influence
+        WHERE settings_fingerprint = $fp AND list_contains($ids, query_id)
+        ORDER BY query_id, share DESC NULLS LAST, source""",
+    "by_license": """
+        SELECT query_id, license, total_score, share, n_samples FROM license_influence
+        WHERE settings_fingerprint = $fp AND list_contains($ids, query_id)
+        ORDER BY query_id, share DESC NULLS LAST, license""",
+    "source_totals": """
+        SELECT source, sum(total_score) AS total_score, avg(coalesce(share, 0)) AS mean_share,
+               any_value(n_samples) AS n_samples
+        FROM source_influence WHERE settings_fingerprint = $fp AND list_contains($ids, query_id)
+        GROUP BY source ORDER BY total_score DESC, source""",
+    "license_totals": """
+        SELECT license, sum(total_score) AS total_score, avg(coalesce(share, 0)) AS mean_share,
+               any_value(n_samples) AS n_samples
+        FROM license_influence WHERE settings_fingerprint = $fp AND list_contains($ids, query_id)
+        GROUP BY license ORDER BY total_score DESC, license""",
+    "recurring": """
+        SELECT l.sample_id, count(*) AS n_queries, avg(l.rank) AS mean_rank, sum(l.dda_score) AS total_score,
+               any_value(s.source) AS source, any_value(s.license) AS license, any_value(s.prompt) AS prompt,
+               any_value(s.response) AS response
+        FROM lineage l JOIN samples s USING (sample_id)
+        WHERE l.settings_fingerprint = $fp AND list_contains($ids, l.query_id) AND l.rank <= $k
+        GROUP BY l.sample_id HAVING count(*) >= 2
+        ORDER BY n_queries DESC, mean_rank, l.sample_id LIMIT $limit""",
+}
+
+
+@dataclass(frozen=True)
+class QuerySection:
+    """One traced output: the query row, its top-k samples, their trajectories, its shares."""
+
+    query: Row
+    top: list[Row]
+    trajectories: list[Row]
+    by_source: list[Row]
+    by_license: list[Row]
+
+
+@dataclass(frozen=True)
+class ReportData:
+    """Everything the report shows, as rows read from the views (see the module docstring)."""
+
+    generated_at: datetime
+    store_root: str
+    settings_fingerprint: str
+    projection_fingerprint: str | None
+    dim: int | None
+    settings_json: str | None
+    top_k: int
+    checkpoints: list[Row]
+    datasets: list[Row]
+    runs: list[Row]
+    queries: list[QuerySection]
+    source_totals: list[Row]
+    license_totals: list[Row]
+    recurring: list[Row]
+    other_fingerprints: list[Row] = field(default_factory=list)
+
+
+def _rows(con: duckdb.DuckDBPyConnection, name: str, **params: Any) -> list[Row]:
+    rows: list[Row] = con.sql(SQL[name], params=params).to_arrow_table().to_pylist()
+    return rows
+
+
+def _group(rows: list[Row], key: str = "query_id") -> dict[str, list[Row]]:
+    out: dict[str, list[Row]] = {}
+    for r in rows:
+        out.setdefault(r[key], []).append(r)
+    return out
+
+
+def _chosen_ids(con: duckdb.DuckDBPyConnection, fp: str, query_ids: list[str] | None) -> list[str]:
+    """``query_ids`` (every one must have lineage under ``fp``), or every query with lineage under ``fp``."""
+    have = [r["query_id"] for r in _rows(con, "query_ids", fp=fp)]
+    if not have:
+        known = _rows(con, "fingerprints")
+        where = ", ".join(f"{r['settings_fingerprint']} ({r['n_queries']} queries)" for r in known)
+        hint = f"the store has lineage under {where}: pass that settings fingerprint" if known else (
+            "run `dda index` and `dda attribute` first"
+        )  # fmt: skip
+        raise StorageError(f"no lineage under settings {fp}: {hint}")
+    if query_ids is None:
+        return have
+    missing = sorted(set(query_ids) - set(have))
+    if missing:
+        raise StorageError(
+            f"no lineage for quer{'y' if len(missing) == 1 else 'ies'} {', '.join(missing)} under settings {fp}: "
+            'choose registered query ids (`dda sql "SELECT query_id FROM queries"`) or run `dda attribute`'
+        )
+    return sorted(set(query_ids))
+
+
+def gather(
+    store: LineageStore,
+    settings_fingerprint: str,
+    query_ids: list[str] | None = None,
+    top_k: int = 10,
+    n_trajectories: int = 5,
+    n_recurring: int = 10,
+) -> ReportData:
+    """Read the report's rows from the views (one connection); unknown queries or no lineage raise StorageError."""
+    if top_k < 1 or n_trajectories < 0 or n_recurring < 0:
+        raise StorageError(f"top_k must be ≥ 1 and the other counts ≥ 0, got {top_k}, {n_trajectories}, {n_recurring}")
+    con = connect(store)
+    try:
+        return _read(con, store, settings_fingerprint, query_ids, top_k, n_trajectories, n_recurring)
+    except duckdb.Error as e:
+        message = f"report SQL failed: {str(e).splitlines()[0]}"
+    except StorageError as e:
+        message = str(e)
+    finally:
+        con.close()
+        del con  # a failed flow keeps its exception: no frame of it may hold the connection
+    raise StorageError(message)
+
+
+def _read(
+    con: duckdb.DuckDBPyConnection, store: LineageStore, fp: str, query_ids: list[str] | None,
+    top_k: int, n_trajectories: int, n_recurring: int,
+) -> ReportData:  # fmt: skip
+    """:func:`gather` on an open connection."""
+    ids = _chosen_ids(con, fp, query_ids)
+    scoped = {"fp": fp, "ids": ids}
+    top = _group(_rows(con, "top", k=top_k, **scoped))
+    paths = _group(_rows(con, "trajectories", n=min(n_trajectories, top_k), **scoped))
+    sources = _group(_rows(con, "by_source", **scoped))
+    licenses = _group(_rows(con, "by_license", **scoped))
+    sections = [
+        QuerySection(q, top.get(q["query_id"], []), paths.get(q["query_id"], []),
+                     sources.get(q["query_id"], []), licenses.get(q["query_id"], []))
+        for q in _rows(con, "queries", **scoped)
+    ]  # fmt: skip
+    settings = _rows(con, "settings", fp=fp)
+    return ReportData(
+        generated_at=utcnow(),
+        store_root=str(store.root),
+        settings_fingerprint=fp,
+        projection_fingerprint=store.meta.projection_fingerprint if store.meta else None,
+        dim=store.meta.dim if store.meta else None,
+        settings_json=settings[0]["settings_json"] if settings else None,
+        top_k=top_k,
+        checkpoints=_rows(con, "checkpoints"),
+        datasets=_rows(con, "datasets"),
+        runs=_rows(con, "runs", fp=fp, index_flows=list(INDEX_FLOWS)),
+        queries=sections,
+        source_totals=_rows(con, "source_totals", **scoped),
+        license_totals=_rows(con, "license_totals", **scoped),
+        recurring=_rows(con, "recurring", k=top_k, limit=n_recurring, **scoped),
+        other_fingerprints=[r for r in _rows(con, "fingerprints") if r["settings_fingerprint"] != fp],
+    )
