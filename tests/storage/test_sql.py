@@ -5,54 +5,22 @@ from __future__ import annotations
 from collections import defaultdict
 
 import numpy as np
-import pyarrow as pa
 import pytest
 
 from storage.errors import ReadOnlySQLError, StorageError
-from storage.samples import QueryIn, register_queries
-from storage.scores import StoredState, read_dda_state, write_dda_state, write_scores
+from storage.scores import StoredState, read_dda_state, write_dda_state
 from storage.sql import named_query, query
-from storage.store import utcnow
-from tests.storage.helpers import seeded_store
-
-SETTINGS = "settings-a"
-N = 12
-SAMPLES = [f"s{i:03d}" for i in range(N)]
-SOURCES = {f"s{i:03d}": ("news", "forum", "wiki")[i % 3] for i in range(N)}
-CHECKPOINTS = [("base", 0), ("c1", 10), ("c2", 20), ("c3", 30)]
+from tests.storage.helpers import SAMPLES, SETTINGS, SOURCES, N, lineage_world
 
 
 @pytest.fixture
 def world(tmp_path):
     """A store with 12 samples, 2 queries, base + 3 checkpoints of scores and the running state."""
-    store = seeded_store(tmp_path, n=N)
-    queries = register_queries(
-        store, [QueryIn(id="q1", prompt="p", response="r"), QueryIn(id="q2", prompt="p", response="s")]
-    )
-    rows = [
-        {"checkpoint_id": c, "run_id": "run", "role": "base" if c == "base" else "finetuned", "step": step,
-         "epoch": step / 10, "learning_rate": 1e-4, "path": f"/x/{c}", "fingerprint": f"fp-{c}",
-         "projection_fingerprint": "p", "indexed_at": utcnow()}
-        for c, step in CHECKPOINTS
-    ]  # fmt: skip
-    store.upsert("checkpoints", pa.Table.from_pylist(rows))
-    rng = np.random.default_rng(0)
-    base = rng.standard_normal((2, N))
-    weights = {"c1": 1.0, "c2": 2.0, "c3": 0.5}
-    debiased = {}
-    for c, w in weights.items():
-        s = rng.standard_normal((2, N))
-        debiased[c] = s - base
-        write_scores(store, SETTINGS, c, queries, SAMPLES, s, base, debiased[c], w)
-    total = sum(weights.values())
-    weighted = sum(w * debiased[c] for c, w in weights.items())
-    state = StoredState(queries, SAMPLES, weighted, np.full(2, total), [frozenset(weights)] * 2)
-    write_dda_state(store, SETTINGS, state)
-    return store, weighted / total, debiased, weights
+    return lineage_world(tmp_path)
 
 
 def test_lineage_view_equals_reference(world):
-    store, dda, _, _ = world
+    store, dda, *_ = world
     table = query(
         store, "SELECT query_id, sample_id, dda_score, n_checkpoints, rank FROM lineage ORDER BY query_id, rank"
     )
@@ -66,7 +34,7 @@ def test_lineage_view_equals_reference(world):
 
 
 def test_source_influence_equals_reference(world):
-    store, dda, _, _ = world
+    store, dda, *_ = world
     got = {(r["query_id"], r["source"]): r for r in query(store, "SELECT * FROM source_influence").to_pylist()}
     for qi, q in enumerate(["q1", "q2"]):
         totals, positive = defaultdict(float), defaultdict(float)
@@ -81,7 +49,7 @@ def test_source_influence_equals_reference(world):
 
 
 def test_named_queries(world):
-    store, dda, debiased, weights = world
+    store, dda, debiased, weights, _ = world
     top = named_query(store, "top_sources", SETTINGS, query_id="q2", k=3).to_pylist()
     assert [r["sample_id"] for r in top] == [SAMPLES[i] for i in np.argsort(-dda[1], kind="stable")[:3]]
     by_license = named_query(store, "influence_by_license", SETTINGS, query_id="q1").to_pylist()
@@ -147,7 +115,7 @@ def test_write_statements_name_the_rule(world):
 
 def test_named_queries_read_one_scoring_configuration(world):
     """Lineage under a second settings fingerprint must not leak into the first one's named queries."""
-    store, _, _, _ = world
+    store = world[0]
     before = named_query(store, "top_sources", SETTINGS, query_id="q2", k=3).to_pylist()
     other = StoredState(["q2"], SAMPLES, -np.arange(N, dtype=float)[None, :], np.array([1.0]), [frozenset({"c1"})])
     write_dda_state(store, "other-settings", other)
