@@ -73,6 +73,7 @@ def _demo(args: argparse.Namespace) -> int:
     for name in report.auc:
         print(f"  {name:38s} {report.mean_auc(name):.3f}")
     where = Path(args.data_dir or _default_dir()).resolve()
+    print(f"governance report: {where / 'report' / 'report.html'} (and report.md)")
     print(f'everything is under {where}; try: dda sql "SELECT * FROM lineage LIMIT 5"')
     return 0
 

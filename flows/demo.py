@@ -4,6 +4,7 @@ Build (or reuse) the world, ingest its training file, run the index flow over th
 checkpoint, register the hallucinated outputs as queries and attribute them, then read the answer
 back through SQL: the top sources of the first query, the influence shares by source, and the ROC-AUC
 of the lineage ranking against the known corrupted samples (computed in SQL, Mann–Whitney with ties).
+The governance report of every traced output is written to ``<data_dir>/report``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flows.pipeline import attribute, index_run, load_settings, task_runner
+from flows.pipeline import attribute, governance_report, index_run, load_settings, task_runner
 from flows.settings import DDASettings
 from storage.samples import SampleIn, ingest_samples, read_rows
 from storage.sql import named_query, query
@@ -106,6 +107,8 @@ def run_demo(
         return DemoReport(world, settings.fingerprint, None, [], [], {})
     traced = attribute.with_options(task_runner=runner)(queries_file=world.queries_file, settings=payload)
     log(f"attributed {traced['queries']} outputs ({traced['folds']} new checkpoint folds)")
+    written = governance_report(settings=payload)
+    log(f"governance report ({written['queries']} outputs, {written['plots']} plots): {written['html']}")
     store = LineageStore.open(data_dir / "store")
     fp = settings.fingerprint
     first = query(store, "SELECT * FROM queries ORDER BY query_id LIMIT 1").to_pylist()[0]

@@ -65,3 +65,14 @@ def small_world(tmp_path_factory):
     from tasks.demo import build_world
 
     return build_world(tmp_path_factory.mktemp("world"), seed=1, n_train=40, n_prompts=4, epochs=2, log=lambda _: None)
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory, prefect_server):
+    """The tiny ``dda demo`` run once through the flows: (data folder, its DemoReport, the lines it logged)."""
+    from flows.demo import run_demo
+
+    root = tmp_path_factory.mktemp("demo")
+    lines: list[str] = []
+    first = run_demo(root, seed=0, model="tiny", log=lines.append, progress=False)
+    return root, first, lines

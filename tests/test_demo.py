@@ -16,14 +16,6 @@ from storage.store import LineageStore
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
 
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    root = tmp_path_factory.mktemp("demo")
-    lines: list[str] = []
-    first = run_demo(root, seed=0, model="tiny", log=lines.append, progress=False)
-    return root, first, lines
-
-
 @pytest.mark.slow
 def test_demo_traces_real_hallucinations_and_sql_auc_matches_a_reference(demo):
     root, report, lines = demo
