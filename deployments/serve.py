@@ -11,6 +11,7 @@ import argparse
 from typing import Any
 
 from prefect import serve
+from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
 
 from flows.pipeline import (
     attribute,
@@ -24,6 +25,9 @@ from flows.pipeline import (
 )
 
 WATCHER = "dda-watcher"
+# One watcher pass at a time: a scheduled pass that comes while the previous one still runs is cancelled
+# (two passes indexing the same checkpoint at once would race on the same rows).
+ONE_PASS_AT_A_TIME = ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW)
 
 
 def deployments(settings: Any, interval: int) -> list[Any]:
@@ -34,7 +38,9 @@ def deployments(settings: Any, interval: int) -> list[Any]:
     params = {"settings": settings.model_dump(mode="json")}
     runner = task_runner(settings)
     return [
-        watch_checkpoints.with_options(task_runner=runner).to_deployment(WATCHER, interval=interval, parameters=params),
+        watch_checkpoints.with_options(task_runner=runner).to_deployment(
+            WATCHER, interval=interval, parameters=params, concurrency_limit=ONE_PASS_AT_A_TIME
+        ),
         index_run.with_options(task_runner=runner).to_deployment("dda-index-run", parameters=params),
         index_checkpoint.with_options(task_runner=runner).to_deployment("dda-index-checkpoint", parameters=params),
         attribute.with_options(task_runner=runner).to_deployment("dda-attribute", parameters=params),

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -46,6 +47,9 @@ def test_served_deployments_match_prefect_yaml(tmp_path):
     assert names == {d["name"] for d in yaml.safe_load(PREFECT_YAML.read_text())["deployments"]}
     watcher = next(d for d in served if d.name == "dda-watcher")
     assert watcher.schedules[0].schedule.interval.total_seconds() == 30
+    declared = next(d for d in yaml.safe_load(PREFECT_YAML.read_text())["deployments"] if d["name"] == "dda-watcher")
+    assert watcher.concurrency_limit == declared["concurrency_limit"]["limit"] == 1
+    assert watcher.concurrency_options.collision_strategy.value == declared["concurrency_limit"]["collision_strategy"]
 
 
 def _free_port() -> int:
@@ -143,6 +147,9 @@ def test_served_watcher_indexes_a_dropped_checkpoint_on_schedule(small_world, tm
     statuses = [r["status"] for r in runs]
     assert statuses.count("completed") >= 2, statuses
     assert set(statuses) <= {"completed", "interrupted"}, [(r["status"], r["wrote_json"]) for r in runs]
+    # The watcher deployment runs one pass at a time (a pass due while one runs is cancelled, never started).
+    spans = sorted((r["started_at"], r["finished_at"]) for r in runs)
+    assert all(later[0] >= earlier[1] for earlier, later in pairwise(spans)), spans
 
 
 def _table(data_dir: Path, name: str, drop: tuple[str, ...]) -> list[dict]:
