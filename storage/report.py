@@ -60,27 +60,20 @@ SQL: dict[str, str] = {
     "settings": """
         SELECT settings_json FROM runs WHERE settings_fingerprint = $fp ORDER BY started_at DESC LIMIT 1""",
     "top": """
-        WITH latest AS (
-            SELECT sc.query_id, sc.sample_id, c.step AS last_step, sc.score, sc.base_score, sc.debiased_score
-            FROM scores sc JOIN checkpoints c USING (checkpoint_id)
-            WHERE sc.settings_fingerprint = $fp AND list_contains($ids, sc.query_id)
-            QUALIFY row_number() OVER (PARTITION BY sc.query_id, sc.sample_id ORDER BY c.step DESC) = 1
-        )
-        SELECT l.query_id, l.rank, l.sample_id, s.source, s.license, s.prompt, s.response, latest.last_step,
-               latest.score, latest.base_score, latest.debiased_score, l.dda_score
+        SELECT l.query_id, l.rank, l.sample_id, s.source, s.license, s.prompt, s.response, l.dda_score
         FROM lineage l JOIN samples s USING (sample_id)
-             LEFT JOIN latest ON latest.query_id = l.query_id AND latest.sample_id = l.sample_id
         WHERE l.settings_fingerprint = $fp AND list_contains($ids, l.query_id) AND l.rank <= $k
         ORDER BY l.query_id, l.rank""",
-    "trajectories": """
-        SELECT l.query_id, l.rank, sc.sample_id, c.step, c.epoch, sc.score, sc.base_score, sc.debiased_score,
+    # Per-checkpoint scores of the top (query, sample) pairs only ($pairs: query_id || chr(31) || sample_id),
+    # with the running smoothed mean; the scan is narrowed by sample first, so it never ranks every score.
+    "pair_scores": """
+        SELECT sc.query_id, sc.sample_id, c.step, c.epoch, sc.score, sc.base_score, sc.debiased_score,
                sum(sc.weight * sc.debiased_score) OVER w / sum(sc.weight) OVER w AS smoothed
-        FROM lineage l JOIN scores sc ON sc.query_id = l.query_id AND sc.sample_id = l.sample_id
-                                     AND sc.settings_fingerprint = l.settings_fingerprint
-             JOIN checkpoints c ON c.checkpoint_id = sc.checkpoint_id
-        WHERE l.settings_fingerprint = $fp AND list_contains($ids, l.query_id) AND l.rank <= $n
-        WINDOW w AS (PARTITION BY l.query_id, sc.sample_id ORDER BY c.step ROWS UNBOUNDED PRECEDING)
-        ORDER BY l.query_id, l.rank, c.step""",
+        FROM scores sc JOIN checkpoints c USING (checkpoint_id)
+        WHERE sc.settings_fingerprint = $fp AND list_contains($samples, sc.sample_id)
+              AND list_contains($pairs, sc.query_id || chr(31) || sc.sample_id)
+        WINDOW w AS (PARTITION BY sc.query_id, sc.sample_id ORDER BY c.step ROWS UNBOUNDED PRECEDING)
+        ORDER BY sc.query_id, sc.sample_id, c.step""",
     "by_source": """
         SELECT query_id, source, total_score, share, n_samples FROM source_influence
         WHERE settings_fingerprint = $fp AND list_contains($ids, query_id)
@@ -206,8 +199,25 @@ def _read(
     """:func:`gather` on an open connection."""
     ids = _chosen_ids(con, fp, query_ids)
     scoped = {"fp": fp, "ids": ids}
-    top = _group(_rows(con, "top", k=top_k, **scoped))
-    paths = _group(_rows(con, "trajectories", n=min(n_trajectories, top_k), **scoped))
+    top_rows = _rows(con, "top", k=top_k, **scoped)
+    pairs = {(r["query_id"], r["sample_id"]): r for r in top_rows}
+    history = _rows(con, "pair_scores", fp=fp, samples=sorted({s for _, s in pairs}),
+                    pairs=[f"{q}\x1f{s}" for q, s in pairs])  # fmt: skip
+    paths: dict[str, list[Row]] = {}
+    for h in history:  # ordered by step: the last row of a pair is the latest checkpoint folded in
+        row = pairs[(h["query_id"], h["sample_id"])]
+        row.update(
+            last_step=h["step"], score=h["score"], base_score=h["base_score"], debiased_score=h["debiased_score"]
+        )
+        if row["rank"] <= n_trajectories:
+            paths.setdefault(h["query_id"], []).append({"rank": row["rank"], **h})
+    for rows in paths.values():
+        rows.sort(key=lambda r: (r["rank"], r["step"]))
+    for row in top_rows:
+        row.setdefault("last_step", None)
+        for key in ("score", "base_score", "debiased_score"):
+            row.setdefault(key, None)
+    top = _group(top_rows)
     sources = _group(_rows(con, "by_source", **scoped))
     licenses = _group(_rows(con, "by_license", **scoped))
     sections = [
