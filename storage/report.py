@@ -192,6 +192,29 @@ def gather(
     raise StorageError(message)
 
 
+def _top_and_trajectories(
+    con: duckdb.DuckDBPyConnection, fp: str, ids: list[str], top_k: int, n_trajectories: int
+) -> tuple[dict[str, list[Row]], dict[str, list[Row]]]:
+    """Per query: its top-k rows with the scores of the latest checkpoint folded in, and the per-checkpoint
+    rows (with the running smoothed mean) of its top ``n_trajectories`` samples, in (rank, step) order."""
+    top_rows = _rows(con, "top", fp=fp, ids=ids, k=top_k)
+    pairs = {(r["query_id"], r["sample_id"]): r for r in top_rows}
+    for row in top_rows:
+        row.update(last_step=None, score=None, base_score=None, debiased_score=None)
+    history = _rows(con, "pair_scores", fp=fp, samples=sorted({s for _, s in pairs}),
+                    pairs=[f"{q}\x1f{s}" for q, s in pairs])  # fmt: skip
+    paths: dict[str, list[Row]] = {}
+    for h in history:  # ordered by step: the last row of a pair is the latest checkpoint folded in
+        row = pairs[(h["query_id"], h["sample_id"])]
+        row.update(last_step=h["step"], score=h["score"], base_score=h["base_score"],
+                   debiased_score=h["debiased_score"])  # fmt: skip
+        if row["rank"] <= n_trajectories:
+            paths.setdefault(h["query_id"], []).append({"rank": row["rank"], **h})
+    for rows in paths.values():
+        rows.sort(key=lambda r: (r["rank"], r["step"]))
+    return _group(top_rows), paths
+
+
 def _read(
     con: duckdb.DuckDBPyConnection, store: LineageStore, fp: str, query_ids: list[str] | None,
     top_k: int, n_trajectories: int, n_recurring: int,
@@ -199,25 +222,7 @@ def _read(
     """:func:`gather` on an open connection."""
     ids = _chosen_ids(con, fp, query_ids)
     scoped = {"fp": fp, "ids": ids}
-    top_rows = _rows(con, "top", k=top_k, **scoped)
-    pairs = {(r["query_id"], r["sample_id"]): r for r in top_rows}
-    history = _rows(con, "pair_scores", fp=fp, samples=sorted({s for _, s in pairs}),
-                    pairs=[f"{q}\x1f{s}" for q, s in pairs])  # fmt: skip
-    paths: dict[str, list[Row]] = {}
-    for h in history:  # ordered by step: the last row of a pair is the latest checkpoint folded in
-        row = pairs[(h["query_id"], h["sample_id"])]
-        row.update(
-            last_step=h["step"], score=h["score"], base_score=h["base_score"], debiased_score=h["debiased_score"]
-        )
-        if row["rank"] <= n_trajectories:
-            paths.setdefault(h["query_id"], []).append({"rank": row["rank"], **h})
-    for rows in paths.values():
-        rows.sort(key=lambda r: (r["rank"], r["step"]))
-    for row in top_rows:
-        row.setdefault("last_step", None)
-        for key in ("score", "base_score", "debiased_score"):
-            row.setdefault(key, None)
-    top = _group(top_rows)
+    top, paths = _top_and_trajectories(con, fp, ids, top_k, n_trajectories)
     sources = _group(_rows(con, "by_source", **scoped))
     licenses = _group(_rows(con, "by_license", **scoped))
     sections = [
