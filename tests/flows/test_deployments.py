@@ -106,6 +106,12 @@ def _indexed(data_dir: Path) -> set[str]:
     return set(LineageStore.open(data_dir / "store").read("checkpoints")["checkpoint_id"].to_pylist())
 
 
+def _completed(data_dir: Path) -> int:
+    if not (data_dir / "store" / "lance" / "runs.lance").exists():
+        return 0
+    return LineageStore.open(data_dir / "store").read("runs")["status"].to_pylist().count("completed")
+
+
 def _wait_for(predicate, timeout: float, proc: subprocess.Popen) -> bool:
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -140,6 +146,8 @@ def test_served_watcher_indexes_a_dropped_checkpoint_on_schedule(small_world, tm
         shutil.copytree(later, tmp_path / "staging")
         (tmp_path / "staging").rename(run / later.name)
         assert _wait_for(lambda: f"run/{later.name}" in _indexed(data_dir), 150, serve), "dropped checkpoint not seen"
+        # One pass at a time: the pass that indexed it finishes (refresh, artifacts) before the server stops.
+        assert _wait_for(lambda: _completed(data_dir) >= 2, 150, serve), "the second pass did not complete"
     finally:
         _stop(serve)
     runs = LineageStore.open(data_dir / "store").read("runs").to_pylist()
