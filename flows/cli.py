@@ -72,8 +72,8 @@ def _demo(args: argparse.Namespace) -> int:
     print(f"\nROC-AUC against the {report.world.n_corrupted} corrupted samples, mean over {n} traced outputs (SQL):")
     for name in report.auc:
         print(f"  {name:38s} {report.mean_auc(name):.3f}")
+    print(f"governance report: {report.report_html} (and report.md beside it)")
     where = Path(args.data_dir or _default_dir()).resolve()
-    print(f"governance report: {where / 'report' / 'report.html'} (and report.md)")
     print(f'everything is under {where}; try: dda sql "SELECT * FROM lineage LIMIT 5"')
     return 0
 

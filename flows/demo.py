@@ -59,6 +59,7 @@ class DemoReport:
     top_sources: list[dict[str, Any]]
     source_shares: list[dict[str, Any]]
     auc: dict[str, dict[str, float]]
+    report_html: str | None = None
 
     def mean_auc(self, ranking: str = "DDA (the lineage view)") -> float:
         """Mean ROC-AUC over the traced outputs of one of :data:`RANKINGS`."""
@@ -121,4 +122,4 @@ def run_demo(
         }
         for name, sql in RANKINGS.items()
     }
-    return DemoReport(world, fp, first, top, shares, auc)
+    return DemoReport(world, fp, first, top, shares, auc, written["html"])

@@ -177,21 +177,15 @@ def _open_existing_store(settings: DDASettings) -> LineageStore:
     return LineageStore.open(root)
 
 
-def publish_summary(
-    settings: DDASettings, query_ids: list[str] | None = None, settings_fingerprint: str | None = None
-) -> bool:
-    """Publish the lineage summary of the store as artifacts of the current flow run (:func:`publish_report`).
-
-    Returns False (and publishes a one-line note) when there is no lineage under the settings yet.
-    """
-    fp = settings_fingerprint or settings.fingerprint
+def publish_summary(settings: DDASettings, query_ids: list[str] | None = None) -> None:
+    """Publish the lineage summary of the store as artifacts of the current flow run (:func:`publish_report`);
+    a one-line note when there is no lineage under the settings yet."""
     try:
-        data = gather(_open_existing_store(settings), fp, query_ids)
+        data = gather(_open_existing_store(settings), settings.fingerprint, query_ids)
     except StorageError as e:
         create_markdown_artifact(f"No lineage to summarise yet: {e}", key=SUMMARY_KEY, description="DDA lineage")
-        return False
+        return
     publish_report(data)
-    return True
 
 
 def publish_report(data: ReportData) -> None:
@@ -285,8 +279,9 @@ def attribute(
             texts = [(n, q.prompt, t) for n, q in zip(names, rows, strict=True) for t in (q.response, q.corrected) if t]
             check_lengths_task(str(s.base_model), texts, s.pipeline_config())
             ids += register_queries(LineageStore.open(Path(s.data_dir) / "store"), rows)
-        report.update(_refresh(s, sorted(set(ids))), query_ids=sorted(set(ids)))
-        publish_summary(s, sorted(set(ids)) or None)
+        chosen = sorted(set(ids))
+        report.update(_refresh(s, chosen), query_ids=chosen)
+        publish_summary(s, chosen or None)
     return report
 
 

@@ -74,24 +74,21 @@ SQL: dict[str, str] = {
               AND list_contains($pairs, sc.query_id || chr(31) || sc.sample_id)
         WINDOW w AS (PARTITION BY sc.query_id, sc.sample_id ORDER BY c.step ROWS UNBOUNDED PRECEDING)
         ORDER BY sc.query_id, sc.sample_id, c.step""",
-    "by_source": """
-        SELECT query_id, source, total_score, share, n_samples FROM source_influence
+    **{
+        f"by_{key}": f"""
+        SELECT query_id, {key}, total_score, share, n_samples FROM {key}_influence
         WHERE settings_fingerprint = $fp AND list_contains($ids, query_id)
-        ORDER BY query_id, share DESC NULLS LAST, source""",
-    "by_license": """
-        SELECT query_id, license, total_score, share, n_samples FROM license_influence
-        WHERE settings_fingerprint = $fp AND list_contains($ids, query_id)
-        ORDER BY query_id, share DESC NULLS LAST, license""",
-    "source_totals": """
-        SELECT source, sum(total_score) AS total_score, avg(coalesce(share, 0)) AS mean_share,
+        ORDER BY query_id, share DESC NULLS LAST, {key}"""
+        for key in ("source", "license")
+    },
+    **{
+        f"{key}_totals": f"""
+        SELECT {key}, sum(total_score) AS total_score, avg(coalesce(share, 0)) AS mean_share,
                any_value(n_samples) AS n_samples
-        FROM source_influence WHERE settings_fingerprint = $fp AND list_contains($ids, query_id)
-        GROUP BY source ORDER BY total_score DESC, source""",
-    "license_totals": """
-        SELECT license, sum(total_score) AS total_score, avg(coalesce(share, 0)) AS mean_share,
-               any_value(n_samples) AS n_samples
-        FROM license_influence WHERE settings_fingerprint = $fp AND list_contains($ids, query_id)
-        GROUP BY license ORDER BY total_score DESC, license""",
+        FROM {key}_influence WHERE settings_fingerprint = $fp AND list_contains($ids, query_id)
+        GROUP BY {key} ORDER BY total_score DESC, {key}"""
+        for key in ("source", "license")
+    },
     "recurring": """
         SELECT l.sample_id, count(*) AS n_queries, avg(l.rank) AS mean_rank, sum(l.dda_score) AS total_score,
                any_value(s.source) AS source, any_value(s.license) AS license, any_value(s.prompt) AS prompt,

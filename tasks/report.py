@@ -123,37 +123,30 @@ def _bars(ax: Any, labels: Sequence[str], values: Sequence[float], colour: str, 
     ax.axvline(0.0, color="#999999", lw=0.8)
 
 
-def plot_shares(by_source: list[Row], by_license: list[Row]) -> bytes:
-    """PNG: share of the positive influence (percent) by source and by license, side by side."""
-    fig = Figure(figsize=(7.2, 0.6 + 0.32 * max(len(by_source), len(by_license), 3)))
-    left, right = fig.subplots(1, 2)
-    _bars(left, [r["source"] for r in by_source], [100 * (r["share"] or 0.0) for r in by_source],
-          COLOURS[0], "influence share by source", "% of positive influence")  # fmt: skip
-    _bars(right, [r["license"] for r in by_license], [100 * (r["share"] or 0.0) for r in by_license],
-          COLOURS[1], "influence share by license", "% of positive influence")  # fmt: skip
-    fig.tight_layout()
-    return _png(fig)
-
-
-def plot_totals(sources: list[Row], licenses: list[Row]) -> bytes:
-    """PNG: Σ over the traced outputs of the total DDA score, by source and by license."""
+def plot_by_source_and_license(sources: list[Row], licenses: list[Row], kind: str) -> bytes:
+    """PNG, source and license side by side: ``kind`` "share" (percent of the positive influence, one output)
+    or "total" (Σ DDA score over the traced outputs)."""
     fig = Figure(figsize=(7.2, 0.6 + 0.32 * max(len(sources), len(licenses), 3)))
-    left, right = fig.subplots(1, 2)
-    _bars(left, [r["source"] for r in sources], [r["total_score"] for r in sources],
-          COLOURS[2], "total influence by source", "Σ DDA score over traced outputs")  # fmt: skip
-    _bars(right, [r["license"] for r in licenses], [r["total_score"] for r in licenses],
-          COLOURS[3], "total influence by license", "Σ DDA score over traced outputs")  # fmt: skip
+    for ax, key, rows, colour in zip(fig.subplots(1, 2), ("source", "license"), (sources, licenses),
+                                     COLOURS[:2] if kind == "share" else COLOURS[2:4], strict=True):  # fmt: skip
+        if kind == "share":
+            values = [100 * (r["share"] or 0.0) for r in rows]
+            title, xlabel = f"influence share by {key}", "% of positive influence"
+        else:
+            values = [r["total_score"] for r in rows]
+            title, xlabel = f"total influence by {key}", "Σ DDA score over traced outputs"
+        _bars(ax, [r[key] for r in rows], values, colour, title, xlabel)
     fig.tight_layout()
     return _png(fig)
 
 
 def make_plots(data: ReportData, progress: bool = False) -> dict[str, bytes]:
     """Every plot of the report, keyed by file stem: ``totals``, ``q<i>-trajectory``, ``q<i>-shares``."""
-    plots = {"totals": plot_totals(data.source_totals, data.license_totals)}
+    plots = {"totals": plot_by_source_and_license(data.source_totals, data.license_totals, "total")}
     sections = tqdm(data.queries, desc="report plots", unit="query", disable=not progress)
     for i, section in enumerate(sections, start=1):
         plots[f"q{i}-trajectory"] = plot_trajectories(section)
-        plots[f"q{i}-shares"] = plot_shares(section.by_source, section.by_license)
+        plots[f"q{i}-shares"] = plot_by_source_and_license(section.by_source, section.by_license, "share")
     return plots
 
 
@@ -172,14 +165,8 @@ def _settings_subtree(data: ReportData) -> dict[str, Any]:
 def _tables(data: ReportData) -> dict[str, tuple[list[Column], list[Row]]]:
     """The report's tables (columns as (header, cell formatter)), shared by the HTML and the Markdown."""
     return {
-        "source_totals": ([
-            ("source", lambda r: r["source"]), ("Σ DDA score", lambda r: fmt_score(r["total_score"])),
-            ("mean share", lambda r: fmt_share(r["mean_share"])), ("samples", lambda r: str(r["n_samples"])),
-        ], data.source_totals),
-        "license_totals": ([
-            ("license", lambda r: r["license"]), ("Σ DDA score", lambda r: fmt_score(r["total_score"])),
-            ("mean share", lambda r: fmt_share(r["mean_share"])), ("samples", lambda r: str(r["n_samples"])),
-        ], data.license_totals),
+        "source_totals": (totals_columns("source"), data.source_totals),
+        "license_totals": (totals_columns("license"), data.license_totals),
         "recurring": ([
             ("sample", lambda r: r["sample_id"]), ("in top-k of", lambda r: f"{r['n_queries']} outputs"),
             ("mean rank", lambda r: f"{r['mean_rank']:.1f}"), ("Σ DDA score", lambda r: fmt_score(r["total_score"])),
@@ -217,6 +204,16 @@ def top_columns() -> list[Column]:
         ("s̃_T − λ·s̃_0", lambda r: fmt_score(r["debiased_score"])),
         ("DDA score S", lambda r: fmt_score(r["dda_score"])),
         ("text", lambda r: snippet(f"{r['prompt']} → {r['response']}")),
+    ]
+
+
+def totals_columns(key: str) -> list[Column]:
+    """Columns of the across-outputs ranking by ``key`` (source or license)."""
+    return [
+        (key, lambda r: r[key]),
+        ("Σ DDA score", lambda r: fmt_score(r["total_score"])),
+        ("mean share", lambda r: fmt_share(r["mean_share"])),
+        ("samples", lambda r: str(r["n_samples"])),
     ]
 
 
