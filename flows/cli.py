@@ -79,14 +79,15 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _ingest(args: argparse.Namespace) -> int:
+    from storage.lock import announce_wait, writer_lock
     from storage.samples import SampleIn, ingest_samples, read_rows
     from storage.store import LineageStore
 
     settings = _settings(args)
     rows = read_rows(args.file, SampleIn)
-    result = ingest_samples(
-        LineageStore.open(settings.data_dir / "store"), rows, dataset=args.dataset or Path(args.file).stem
-    )
+    with writer_lock(settings.data_dir, "dda ingest", settings.lock_timeout_seconds, on_wait=announce_wait):
+        store = LineageStore.open(settings.data_dir / "store")
+        result = ingest_samples(store, rows, dataset=args.dataset or Path(args.file).stem)
     print(f"ingested {result.added} new samples, {result.unchanged} already registered")
     return 0
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from flows.pipeline import attribute, governance_report, index_run, load_settings, task_runner
 from flows.settings import DDASettings
+from storage.lock import announce_wait, writer_lock
 from storage.samples import SampleIn, ingest_samples, read_rows
 from storage.sql import named_query, query
 from storage.store import LineageStore
@@ -93,6 +94,12 @@ def run_demo(
 ) -> DemoReport:
     """Build/reuse the world, ingest, index, attribute, and read the lineage back through SQL."""
     data_dir = Path(data_dir).resolve()
+    timeout = load_settings(data_dir=str(data_dir)).lock_timeout_seconds
+    with writer_lock(data_dir, "dda demo", timeout, on_wait=announce_wait):
+        return _run_demo(data_dir, seed, model, log, progress)
+
+
+def _run_demo(data_dir: Path, seed: int, model: DemoModel, log: Log, progress: bool) -> DemoReport:
     _check_same_world(data_dir, seed, model)
     world = build_world(data_dir / "demo", seed=seed, model=model, log=log)
     settings = demo_settings(data_dir, world, progress)

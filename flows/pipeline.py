@@ -24,6 +24,7 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from flows.settings import DDASettings, code_version
 from storage.errors import StorageError
+from storage.lock import announce_wait, writer_lock
 from storage.registry import write_run
 from storage.report import ReportData, gather
 from storage.samples import QueryIn, read_rows, register_queries
@@ -100,8 +101,25 @@ def _require(settings: DDASettings, *names: str) -> None:
 
 
 @contextmanager
+def writing(settings: DDASettings, purpose: str) -> Iterator[None]:
+    """Hold the data folder's writer lock (:func:`storage.lock.writer_lock`) for the ``with`` block.
+
+    Waits up to ``settings.lock_timeout_seconds`` for another writer, saying so once on stderr.
+    """
+    with writer_lock(settings.data_dir, purpose, settings.lock_timeout_seconds, on_wait=announce_wait):
+        yield
+
+
+@contextmanager
 def recorded_run(settings: DDASettings, wrote: dict[str, Any]) -> Iterator[None]:
-    """Record the flow run in the store's ``runs`` table (status, settings, code version, what it wrote)."""
+    """Hold the writer lock and record the flow run in the store's ``runs`` table (status, settings, code
+    version, what it wrote)."""
+    with writing(settings, str(flow_run.flow_name or "flow")), _recorded(settings, wrote):
+        yield
+
+
+@contextmanager
+def _recorded(settings: DDASettings, wrote: dict[str, Any]) -> Iterator[None]:
     started = utcnow()
     status = "failed"
     try:
@@ -146,7 +164,8 @@ def index_checkpoint(
     s = load_settings(settings, data_dir=data_dir, base_model=base_model, run_id=run_id)
     _require(s, "base_model")
     info = None if checkpoint_path is None else checkpoints.inspect_checkpoint(Path(checkpoint_path), 0.0)
-    plan = _index_one(s, info)
+    with writing(s, "dda-index-checkpoint"):
+        plan = _index_one(s, info)
     return {"checkpoint": plan.checkpoint_id, "embedded": sum(len(x) for x in plan.shards)}
 
 
@@ -312,7 +331,9 @@ def governance_report(
     s = load_settings(settings, data_dir=data_dir)
     fp = settings_fingerprint or s.fingerprint
     data = gather(_open_existing_store(s), fp, query_ids, top_k=top_k)
-    files = write_report(data, out_dir or Path(s.data_dir) / "report", progress=s.indexing.progress)
+    files = write_report(
+        data, out_dir or Path(s.data_dir) / "report", progress=s.indexing.progress, lock_timeout=s.lock_timeout_seconds
+    )
     publish_report(data)
     return {"folder": str(files.folder), "html": str(files.html), "markdown": str(files.markdown),
             "queries": len(data.queries), "plots": len(files.plots), "settings_fingerprint": fp}  # fmt: skip

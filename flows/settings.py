@@ -79,6 +79,9 @@ class DDASettings(BaseSettings):
     run_dir: Path | None = Field(None, description="the fine-tuning run (a Trainer output_dir) to index and watch")
     run_id: str | None = Field(None, description="name of the run (default: the run folder's name)")
     watch_interval_seconds: int = Field(60, ge=1, description="interval of the scheduled checkpoint watcher")
+    lock_timeout_seconds: float = Field(
+        300.0, ge=0, description="how long a writer waits for another writer of the data folder before failing"
+    )
     projection: ProjectionSettings = Field(default_factory=ProjectionSettings)
     scoring: ScoringSettings = Field(default_factory=ScoringSettings)
     indexing: IndexSettings = Field(default_factory=IndexSettings)

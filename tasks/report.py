@@ -23,6 +23,7 @@ from typing import Any
 from matplotlib.figure import Figure
 from tqdm import tqdm
 
+from storage.lock import announce_wait, exclusive
 from storage.report import QuerySection, ReportData, Row
 
 SNIPPET = 140
@@ -428,15 +429,28 @@ def _check_target(out_dir: Path) -> None:
         raise ValueError(f"{out_dir} exists and is not a DDA lineage report folder: choose another output folder")
 
 
-def write_report(data: ReportData, out_dir: str | Path, progress: bool = False) -> ReportFiles:
+def write_report(
+    data: ReportData, out_dir: str | Path, progress: bool = False, lock_timeout: float = 300.0
+) -> ReportFiles:
     """Render ``data`` and write ``report.html``, ``report.md``, ``report.json`` and ``plots/`` into ``out_dir``.
 
     The folder is built beside ``out_dir`` and swapped in at the end: a previous report is replaced whole.
+    Writers of one report folder take turns (a lock file ``.<name>.lock`` beside it, waited for up to
+    ``lock_timeout`` seconds); the store itself is only read.
     """
     out_dir = Path(out_dir).resolve()
     _check_target(out_dir)
     plots = make_plots(data, progress)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with exclusive(out_dir.with_name(f".{out_dir.name}.lock"), "dda report", lock_timeout, announce_wait):
+        _check_target(out_dir)
+        _swap_in(data, plots, out_dir)
+    return ReportFiles(out_dir, out_dir / "report.html", out_dir / "report.md", out_dir / MARKER,
+                       tuple(out_dir / "plots" / f"{stem}.png" for stem in plots))  # fmt: skip
+
+
+def _swap_in(data: ReportData, plots: dict[str, bytes], out_dir: Path) -> None:
+    """Write the report into a temporary folder beside ``out_dir``, then rename it into place."""
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-report-", dir=out_dir.parent))
     try:
         (tmp / "plots").mkdir()
@@ -455,5 +469,3 @@ def write_report(data: ReportData, out_dir: str | Path, progress: bool = False) 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return ReportFiles(out_dir, out_dir / "report.html", out_dir / "report.md", out_dir / MARKER,
-                       tuple(out_dir / "plots" / f"{stem}.png" for stem in plots))  # fmt: skip

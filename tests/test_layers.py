@@ -13,7 +13,7 @@ STDLIB = set(sys.stdlib_module_names) | {"__future__"}
 
 ALLOWED: dict[str, set[str]] = {
     "dda_kernel": {"torch", "dda_kernel"},
-    "storage": {"lancedb", "lance", "duckdb", "pyarrow", "pydantic", "numpy", "storage"},
+    "storage": {"lancedb", "lance", "duckdb", "pyarrow", "pydantic", "numpy", "filelock", "storage"},
     "tasks": {
         "torch",
         "transformers",

@@ -1,0 +1,73 @@
+"""The data folder's writer lock: one holder at a time across processes, named on timeout, freed by a kill."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from storage.lock import StoreLockedError, holds_lock, writer_lock
+
+ROOT = Path(__file__).resolve().parents[2]
+HOLD = (
+    "import sys, time\n"
+    "from storage.lock import writer_lock\n"
+    "with writer_lock(sys.argv[1], 'holder-under-test', 0):\n"
+    "    print('held', flush=True)\n"
+    "    time.sleep(120)\n"
+)
+
+
+def holder(data_dir: Path) -> subprocess.Popen[str]:
+    """A process that takes the lock of ``data_dir``, says ``held`` and sleeps."""
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(data_dir)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_second_writer_times_out_naming_the_holder(tmp_path):
+    proc = holder(tmp_path)
+    try:
+        waited: list[object] = []
+        start = time.monotonic()
+        with pytest.raises(StoreLockedError) as info, writer_lock(tmp_path, "second", 0.5, on_wait=waited.append):
+            pytest.fail("the lock was taken while another process held it")
+        elapsed = time.monotonic() - start
+    finally:
+        proc.kill()
+        proc.wait()
+    message = str(info.value)
+    assert f"pid {proc.pid}" in message
+    assert "holder-under-test" in message
+    assert "DDA_LOCK_TIMEOUT_SECONDS" in message
+    assert len(message.splitlines()) == 1
+    assert 0.5 <= elapsed < 10
+    assert len(waited) == 1
+
+
+def test_lock_of_a_killed_process_is_recovered_at_once(tmp_path):
+    proc = holder(tmp_path)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    with writer_lock(tmp_path, "after-kill", 0):
+        assert holds_lock(tmp_path)
+    assert not holds_lock(tmp_path)
+
+
+def test_waiting_writer_gets_the_lock_when_the_holder_finishes(tmp_path):
+    proc = holder(tmp_path)
+    subprocess.Popen(["sh", "-c", f"sleep 1; kill {proc.pid}"])
+    with writer_lock(tmp_path, "waiter", 30):
+        assert proc.wait(timeout=30) != 0
+
+
+def test_lock_is_reentrant_within_a_process(tmp_path):
+    with writer_lock(tmp_path, "outer", 0), writer_lock(tmp_path, "inner", 0):
+        assert holds_lock(tmp_path)
+    assert not holds_lock(tmp_path)
