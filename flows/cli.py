@@ -140,18 +140,25 @@ def _attribute(args: argparse.Namespace) -> int:
 
 
 def _sql(args: argparse.Namespace) -> int:
-    from storage.sql import named_query, query, render
-    from storage.store import LineageStore
+    from storage.sql import NAMED_QUERIES, named_params, render, run
+    from storage.store import open_existing
 
-    settings = _settings(args)
-    store = LineageStore.open(settings.data_dir / "store")
+    store = open_existing(Path(args.data_dir or _default_dir()) / "store")
     if args.named:
-        params = dict(p.split("=", 1) for p in args.param or [])
-        typed = {k: int(v) if v.isdigit() else v for k, v in params.items()}
-        table = named_query(store, args.sql, settings.fingerprint, **typed)
+        pairs = [p.partition("=") for p in args.param or []]
+        bad = [k for k, eq, _ in pairs if not eq or not k]
+        if bad:
+            raise ValueError(f"--param {bad[0]!r} is not NAME=VALUE")
+        typed = named_params(args.sql, {k: v for k, _, v in pairs})
+        sql, params = NAMED_QUERIES[args.sql], {**typed, "fp": _settings(args).fingerprint}
     else:
-        table = query(store, args.sql)
-    print(render(table, args.format))
+        sql, params = args.sql, None
+    result = run(store, sql, params, timeout=args.timeout, max_rows=args.max_rows)
+    print(render(result.table, args.format))
+    if result.truncated:
+        print(
+            f"dda sql: only the first {args.max_rows} rows are shown: add a LIMIT or raise --max-rows", file=sys.stderr
+        )
     return 0
 
 
@@ -217,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     sql.add_argument("--format", choices=["table", "csv", "json"], default="table")
     sql.add_argument("--named", action="store_true", help="run a named lineage query, e.g. top_sources")
     sql.add_argument("--param", action="append", help="parameter of a named query, NAME=VALUE (repeatable)")
+    sql.add_argument("--timeout", type=float, default=5.0, help="seconds before the query is stopped (default 5)")
+    sql.add_argument("--max-rows", type=int, default=10000, help="rows printed at most (default 10000)")
     sql.set_defaults(func=_sql)
 
     report = sub.add_parser(
@@ -232,12 +241,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+READ_ONLY = ("sql",)
+
+
 def _prepare_environment(args: argparse.Namespace) -> None:
     from flows.settings import apply_prefect_environment
 
     data_dir = Path(args.data_dir or _default_dir())
     apply_prefect_environment(data_dir)
-    Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
+    if args.command not in READ_ONLY:  # reading creates nothing under the data folder
+        Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
     if not args.verbose:
         warnings.filterwarnings("ignore", category=FutureWarning)
         os.environ.setdefault("PREFECT_LOGGING_LEVEL", "CRITICAL")

@@ -28,7 +28,7 @@ from storage.lock import announce_wait, writer_lock
 from storage.registry import write_run
 from storage.report import ReportData, gather
 from storage.samples import QueryIn, read_rows, register_queries
-from storage.store import LineageStore, utcnow
+from storage.store import LineageStore, open_existing, utcnow
 from tasks import checkpoints, indexing, lineage
 from tasks.checkpoints import CheckpointError, CheckpointInfo
 from tasks.indexing import CheckpointPlan
@@ -190,10 +190,7 @@ def _refresh(settings: DDASettings, query_ids: list[str] | None = None) -> dict[
 
 def _open_existing_store(settings: DDASettings) -> LineageStore:
     """The data folder's store; a folder without one is an error (reading must not create it)."""
-    root = Path(settings.data_dir) / "store"
-    if not (root / "store.json").is_file():
-        raise StorageError(f"{settings.data_dir} holds no lineage store: run `dda index` (or `dda demo`) first")
-    return LineageStore.open(root)
+    return open_existing(Path(settings.data_dir) / "store")
 
 
 def publish_summary(settings: DDASettings, query_ids: list[str] | None = None) -> None:

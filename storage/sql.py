@@ -3,7 +3,9 @@ read-only gate for user SQL.
 
 Each call opens an in-memory DuckDB connection, registers the Lance tables as lazy scans
 (``to_lance()``, filters pushed down), creates the views, then locks the connection down: no file
-access, no replacement scans, configuration locked. User SQL must be exactly one SELECT/WITH query.
+access, no replacement scans, no extension install or auto-load, a memory limit and a thread count,
+no spilling to disk, configuration locked. User SQL must be exactly one SELECT/WITH query; it runs
+under a wall-clock timeout that interrupts it, and at most ``max_rows`` rows are fetched.
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ from __future__ import annotations
 import csv
 import io
 import json
+import threading
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import duckdb
@@ -22,6 +26,8 @@ from storage.schemas import table_schema
 from storage.store import LineageStore
 
 BASE_TABLES = ("samples", "checkpoints", "queries", "scores", "dda_state", "runs")
+MEMORY_LIMIT = "2GB"
+THREADS = 2
 
 
 def _influence_view(column: str) -> str:
@@ -79,22 +85,39 @@ NAMED_QUERIES: dict[str, str] = {
 }
 
 
+# The parameters of each named query and their types (``fp``, the settings fingerprint, is always given).
+NAMED_PARAMS: dict[str, dict[str, type]] = {
+    "top_sources": {"query_id": str, "k": int},
+    "influence_by_source": {"query_id": str},
+    "influence_by_license": {"query_id": str},
+    "recurring_samples": {"k": int, "limit": int},
+    "sample_history": {"query_id": str, "sample_id": str},
+}
+
+
 def _relation(store: LineageStore, name: str) -> Any:
     if store.has_table(name):
         return store.db.open_table(name).to_lance()
     return table_schema(name, 1).empty_table()
 
 
-def connect(store: LineageStore) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB connection with the store's views, locked down for read-only use."""
+def connect(store: LineageStore, memory_limit: str = MEMORY_LIMIT, threads: int = THREADS) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB connection with the store's views, locked down for read-only use.
+
+    Bounded: ``memory_limit`` and ``threads``; no temporary folder (a query that outgrows the memory
+    limit fails instead of spilling to disk); extensions are never installed or auto-loaded.
+    """
     con = duckdb.connect(":memory:")
     for name in BASE_TABLES:
         con.register(f"_{name}", _relation(store, name))
     for name, body in VIEWS.items():
         con.execute(f"CREATE VIEW {name} AS {body}")
-    con.execute("SET python_enable_replacements = false")
-    con.execute("SET enable_external_access = false")
-    con.execute("SET lock_configuration = true")
+    for setting, value in (
+        ("memory_limit", f"'{memory_limit}'"), ("threads", str(int(threads))), ("temp_directory", "''"),
+        ("autoinstall_known_extensions", "false"), ("autoload_known_extensions", "false"),
+        ("python_enable_replacements", "false"), ("enable_external_access", "false"), ("lock_configuration", "true"),
+    ):  # fmt: skip
+        con.execute(f"SET {setting} = {value}")
     return con
 
 
@@ -113,39 +136,134 @@ def check_read_only(con: duckdb.DuckDBPyConnection, sql: str) -> None:
         )
 
 
-def query(store: LineageStore, sql: str, params: Mapping[str, Any] | None = None) -> pa.Table:
-    """Run one read-only query over the views; returns an Arrow table.
+@dataclass(frozen=True)
+class Result:
+    """Rows of a query (at most ``max_rows``) and whether more rows were left unread."""
 
-    File access, extensions and settings are refused by :class:`ReadOnlySQLError`; other SQL errors
-    are :class:`StorageError` with DuckDB's first line.
+    table: pa.Table
+    truncated: bool
+
+
+def run(
+    store: LineageStore, sql: str, params: Mapping[str, Any] | None = None, timeout: float | None = None,
+    max_rows: int | None = None,
+) -> Result:  # fmt: skip
+    """Run one read-only query over the views, stopped after ``timeout`` seconds, reading ≤ ``max_rows`` rows.
+
+    Raises :class:`ReadOnlySQLError` for anything but one SELECT or for file access, and
+    :class:`StorageError` with one line for every other failure (timeout, memory limit, SQL error).
     """
     con = connect(store)
+    timer = threading.Timer(timeout, con.interrupt) if timeout is not None else None
     try:
         check_read_only(con, sql)
-        result: pa.Table = con.sql(sql, params=dict(params) if params else None).to_arrow_table()
-        return result
+        if timer is not None:
+            timer.start()
+        relation = con.sql(sql, params=dict(params) if params else None)  # streamed: a row cap stops early
+        reader = relation.to_arrow_reader(min(max_rows or 65536, 65536) or 1)
+        batches, n = [], 0
+        truncated = False
+        for batch in reader:
+            batches.append(batch)
+            n += batch.num_rows
+            if max_rows is not None and n > max_rows:
+                truncated = True
+                break
+        table = pa.Table.from_batches(batches, schema=reader.schema)
+        return Result(table.slice(0, max_rows) if truncated else table, truncated)
+    except duckdb.InterruptException as e:
+        raise StorageError(
+            f"SQL stopped after the {timeout:g} s timeout: add a WHERE or LIMIT, or raise --timeout"
+        ) from e
+    except duckdb.OutOfMemoryException as e:
+        raise StorageError(f"SQL ran out of its {MEMORY_LIMIT} memory limit: add a WHERE or LIMIT") from e
     except duckdb.PermissionException as e:
         raise ReadOnlySQLError(f"SQL may not read or write files: {str(e).splitlines()[0]}") from e
     except duckdb.Error as e:
         raise StorageError(f"SQL error: {str(e).splitlines()[0]}") from e
     finally:
+        if timer is not None:
+            timer.cancel()
         con.close()
 
 
-def named_query(store: LineageStore, name: str, settings_fingerprint: str, **params: Any) -> pa.Table:
-    """Run one of :data:`NAMED_QUERIES` under one scoring configuration (e.g. ``top_sources(query_id=…, k=10)``).
+def query(store: LineageStore, sql: str, params: Mapping[str, Any] | None = None) -> pa.Table:
+    """Every row of one read-only query over the views, as an Arrow table (no timeout: internal reads).
 
-    A store may hold lineage under several settings fingerprints; every named query reads one of them.
+    Errors as :func:`run`.
+    """
+    return run(store, sql, params).table
+
+
+def named_params(name: str, raw: Mapping[str, Any]) -> dict[str, Any]:
+    """``raw`` parameters of named query ``name`` converted to the types of :data:`NAMED_PARAMS`.
+
+    Raises :class:`StorageError` naming an unknown query, a missing or unknown parameter, or a value
+    that does not convert (e.g. ``k=ten``).
     """
     if name not in NAMED_QUERIES:
         raise StorageError(f"unknown lineage query {name!r}: choose one of {', '.join(NAMED_QUERIES)}")
-    return query(store, NAMED_QUERIES[name], {**params, "fp": settings_fingerprint})
+    signature = NAMED_PARAMS[name]
+    wanted = ", ".join(f"{p}={t.__name__}" for p, t in signature.items())
+    unknown = sorted(set(raw) - set(signature))
+    missing = [p for p in signature if p not in raw]
+    if unknown or missing:
+        problem = f"unknown parameter {unknown[0]!r}" if unknown else f"missing parameter {missing[0]!r}"
+        raise StorageError(f"{name}: {problem}; it takes {wanted}")
+    typed: dict[str, Any] = {}
+    for p, kind in signature.items():
+        try:
+            typed[p] = kind(raw[p])
+        except (TypeError, ValueError) as e:
+            raise StorageError(f"{name}: parameter {p}={raw[p]!r} is not a {kind.__name__}; it takes {wanted}") from e
+    return typed
+
+
+def named_query(
+    store: LineageStore, name: str, settings_fingerprint: str, timeout: float | None = None,
+    max_rows: int | None = None, **params: Any,
+) -> pa.Table:  # fmt: skip
+    """Run one of :data:`NAMED_QUERIES` under one scoring configuration (e.g. ``top_sources(query_id=…, k=10)``).
+
+    A store may hold lineage under several settings fingerprints; every named query reads one of them.
+    Parameters are converted to the query's signature (:func:`named_params`).
+    """
+    typed = named_params(name, params)
+    return run(store, NAMED_QUERIES[name], {**typed, "fp": settings_fingerprint}, timeout, max_rows).table
+
+
+def _column_values(column: pa.ChunkedArray) -> list[Any]:
+    """Python values of a column; values Python cannot hold (e.g. dates beyond year 9999) as their text."""
+    try:
+        values: list[Any] = column.to_pylist()
+        return values
+    except (ValueError, OverflowError, ArithmeticError, pa.ArrowException):
+        pass
+    try:
+        text: list[Any] = column.cast(pa.string()).to_pylist()
+        return text
+    except (ValueError, OverflowError, ArithmeticError, pa.ArrowException, NotImplementedError):
+        return [f"({column.type} value)"] * len(column)
 
 
 def render(table: pa.Table, fmt: str = "table", max_width: int = 60) -> str:
-    """``table`` as text: an aligned text table (cells cut to ``max_width``), CSV, or JSON lines."""
-    rows = table.to_pylist()
+    """``table`` as text: an aligned text table (cells cut to ``max_width``), CSV, or JSON lines.
+
+    Values Python cannot represent are rendered as text; any other rendering failure is a one-line
+    :class:`StorageError`.
+    """
+    if fmt not in ("table", "csv", "json"):
+        raise StorageError(f"unknown output format {fmt!r}: choose table, csv or json")
+    try:
+        return _render(table, fmt, max_width)
+    except Exception as e:  # a result DuckDB produced but we cannot print: one line, never a traceback
+        raise StorageError(f"cannot render the result as {fmt}: {type(e).__name__}: {str(e).splitlines()[0]}") from e
+
+
+def _render(table: pa.Table, fmt: str, max_width: int) -> str:
     names = table.column_names
+    columns = [_column_values(table.column(i)) for i in range(table.num_columns)]
+    rows = [dict(zip(names, values, strict=True)) for values in zip(*columns, strict=True)] if columns else []
     if fmt == "json":
         return "\n".join(json.dumps(r, default=str, ensure_ascii=False) for r in rows)
     if fmt == "csv":
@@ -154,8 +272,6 @@ def render(table: pa.Table, fmt: str = "table", max_width: int = 60) -> str:
         writer.writeheader()
         writer.writerows(rows)
         return out.getvalue().rstrip("\n")
-    if fmt != "table":
-        raise StorageError(f"unknown output format {fmt!r}: choose table, csv or json")
 
     def cell(v: Any) -> str:
         text = f"{v:.6g}" if isinstance(v, float) else str(v)

@@ -70,6 +70,22 @@ def tag_name(checkpoint_id: str) -> str:
     return "ckpt-" + re.sub(r"[^A-Za-z0-9._-]", "_", checkpoint_id)
 
 
+def store_exists(root: str | Path) -> bool:
+    """True when ``root`` holds a lineage store (its ``store.json`` or its Lance tables)."""
+    root = Path(root)
+    return (root / "store.json").is_file() or (root / "lance").is_dir()
+
+
+def open_existing(root: str | Path) -> LineageStore:
+    """Open the store at ``root`` for reading; a folder without one is a :class:`StorageError` and is not created."""
+    if not store_exists(root):
+        raise StorageError(
+            f"{Path(root).parent} holds no lineage store: run `dda ingest` and `dda index` (or `dda demo`) first, "
+            "or pass the right --data-dir"
+        )
+    return LineageStore.open(root)
+
+
 class LineageStore:
     """All tables of one data folder. Open with :meth:`open`; every method is a function of its inputs."""
 

@@ -199,7 +199,7 @@ def test_report_refuses_unknown_queries_and_writes_nothing(demo, tmp_path, capsy
     assert len(err.splitlines()) == 1
     assert not out.exists()
     assert main(["report", "--data-dir", str(tmp_path / "empty"), "--quiet"]) == 2
-    assert "holds no lineage store: run `dda index` (or `dda demo`) first" in capsys.readouterr().err
+    assert "holds no lineage store: run `dda ingest` and `dda index` (or `dda demo`) first" in capsys.readouterr().err
     assert not (tmp_path / "empty" / "store").exists()
 
 

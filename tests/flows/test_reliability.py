@@ -15,6 +15,7 @@ import pytest
 from flows.cli import main
 from storage.store import LineageStore
 from tasks.models import tiny_llama
+from tests.storage.helpers import lineage_world
 from tests.tasks.helpers import copy_run, write_queries
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -157,8 +158,38 @@ def test_too_long_query_is_reported_and_nothing_registered(small_world, tmp_path
 
 
 def test_sql_refuses_writes_with_one_line(tmp_path, capsys):
+    lineage_world(tmp_path / "store")
     code = cli("sql", "DROP TABLE samples", "--data-dir", str(tmp_path))
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert len(err.splitlines()) == 1
     assert "only SELECT" in err
+
+
+def test_sql_on_a_folder_without_a_store_fails_and_creates_nothing(tmp_path, capsys):
+    folder = tmp_path / "nothing-here"
+    assert cli("sql", "SELECT 1", "--data-dir", str(folder)) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "holds no lineage store" in err
+    assert not folder.exists()
+
+
+def test_sql_cli_renders_every_type_caps_rows_and_types_named_parameters(tmp_path, capsys):
+    lineage_world(tmp_path / "store")
+    data = ("--data-dir", str(tmp_path))
+    assert cli("sql", "SELECT * FROM test_all_types()", *data, "--format", "json") == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 3
+    assert cli("sql", "SELECT * FROM range(1000000) a, range(1000000) b", *data, "--max-rows", "5") == 0
+    captured = capsys.readouterr()
+    assert "(5 rows)" in captured.out
+    assert "only the first 5 rows" in captured.err
+    assert cli("sql", "SELECT count(*) FROM range(100000000000)", *data, "--timeout", "1") == 2
+    assert "timeout" in capsys.readouterr().err
+    named = ("sql", "sample_history", "--named", "--param", "query_id=q1", *data)
+    assert cli(*named, "--param", "sample_id=123", "--format", "csv") == 0  # a digit string stays a str id
+    assert capsys.readouterr().out.startswith("step,")
+    assert cli("sql", "top_sources", "--named", "--param", "query_id=q1", "--param", "k=ten", *data) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "k='ten' is not a int" in err

@@ -9,7 +9,7 @@ import pytest
 
 from storage.errors import ReadOnlySQLError, StorageError
 from storage.scores import StoredState, read_dda_state, write_dda_state
-from storage.sql import named_query, query
+from storage.sql import named_params, named_query, query, render, run
 from tests.storage.helpers import SAMPLES, SETTINGS, SOURCES, N, lineage_world
 
 
@@ -123,3 +123,68 @@ def test_named_queries_read_one_scoring_configuration(world):
     assert [
         r["sample_id"] for r in named_query(store, "top_sources", "other-settings", query_id="q2", k=3).to_pylist()
     ] == SAMPLES[:3]
+
+
+HEAVY = [
+    "SELECT count(*) FROM range(100000000000) a",
+    "SELECT a.range + b.range AS x FROM range(100000) a, range(100000) b ORDER BY x DESC",
+    "SELECT list(range) FROM range(1000000000)",
+    "SELECT string_agg(repeat('x', 1000), '') FROM range(100000000)",
+    "WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r) SELECT count(*) FROM r",
+]
+
+
+@pytest.mark.parametrize("sql", HEAVY)
+def test_heavy_sql_is_stopped_by_the_timeout_or_the_memory_limit(world, sql, tmp_path, monkeypatch):
+    store = world[0]
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    before = {t: store.table(t).version for t in ("samples", "scores", "dda_state")}
+    with pytest.raises(StorageError, match=r"timeout|memory limit") as info:
+        run(store, sql, timeout=2.0)
+    assert len(str(info.value).splitlines()) == 1
+    assert {t: store.table(t).version for t in ("samples", "scores", "dda_state")} == before
+    assert list(cwd.iterdir()) == []  # nothing spilled under the caller's working directory
+
+
+def test_connection_is_bounded(world):
+    got = query(
+        world[0],
+        "SELECT current_setting('threads') AS threads, current_setting('temp_directory') AS temp, "
+        "current_setting('autoinstall_known_extensions') AS install, "
+        "current_setting('autoload_known_extensions') AS autoload, current_setting('memory_limit') AS mem",
+    ).to_pylist()[0]
+    assert got["threads"] == 2
+    assert got["temp"] == ""
+    assert got["install"] is False
+    assert got["autoload"] is False
+    assert got["mem"].endswith("GiB")
+
+
+def test_row_cap_stops_an_unbounded_result_early(world):
+    result = run(world[0], "SELECT * FROM range(1000000) a, range(1000000) b", timeout=30.0, max_rows=1000)
+    assert result.truncated
+    assert result.table.num_rows == 1000
+    assert not run(world[0], "SELECT * FROM samples", max_rows=N).truncated
+
+
+@pytest.mark.parametrize("fmt", ["table", "csv", "json"])
+def test_every_duckdb_type_renders_without_a_traceback(world, fmt):
+    table = run(world[0], "SELECT * FROM test_all_types()").table
+    text = render(table, fmt)
+    assert len(text.splitlines()) >= 3  # 3 rows (+ header lines)
+
+
+def test_named_query_parameters_follow_the_signature():
+    assert named_params("sample_history", {"query_id": "q1", "sample_id": "123"}) == {
+        "query_id": "q1",
+        "sample_id": "123",
+    }
+    assert named_params("top_sources", {"query_id": "7", "k": "10"}) == {"query_id": "7", "k": 10}
+    with pytest.raises(StorageError, match=r"parameter k='ten' is not a int"):
+        named_params("top_sources", {"query_id": "q", "k": "ten"})
+    with pytest.raises(StorageError, match="missing parameter 'k'"):
+        named_params("top_sources", {"query_id": "q"})
+    with pytest.raises(StorageError, match="unknown parameter 'x'"):
+        named_params("top_sources", {"query_id": "q", "k": "1", "x": "2"})

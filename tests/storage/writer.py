@@ -14,7 +14,6 @@ import sys
 import numpy as np
 
 from storage.lock import writer_lock
-
 from storage.vectors import write_embeddings
 from tests.storage.helpers import open_store, random_vectors
 
