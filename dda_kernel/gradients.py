@@ -153,16 +153,20 @@ def embed_batch(
         )
     device = next(model.parameters()).device
     ids, mask, labels = (t.to(device) for t in (batch.input_ids, batch.attention_mask, batch.labels))
-    inputs: list[torch.Tensor] = []
-    outputs: list[torch.Tensor] = []
+    # Slot j of the layout is module j: inputs and outputs are kept by slot, never by execution order
+    # (a model may run its modules in another order than it registers them).
+    inputs: dict[int, torch.Tensor] = {}
+    outputs: dict[int, torch.Tensor] = {}
+    fired = [0] * len(modules)
 
     def capture(index: int) -> Any:
         def hook(_m: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+            fired[index] += 1
             with torch.no_grad():
                 x = args[0]
                 p_in = projector.p_in[index]
-                inputs.append(x.detach() if p_in is None else x.detach() @ p_in.to(x.device, x.dtype).T)
-            outputs.append(out)
+                inputs[index] = x.detach() if p_in is None else x.detach() @ p_in.to(x.device, x.dtype).T
+            outputs[index] = out
 
         return hook
 
@@ -175,18 +179,25 @@ def embed_batch(
             logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits
             loss, n_tokens = per_sample_loss(logits, labels, layout.spec.loss_reduction)
             _check_finite(loss, names)
-            if len(outputs) != len(modules):
-                raise LayoutMismatchError(
-                    f"{len(modules)} tracked modules ran {len(outputs)} times in one forward pass: "
-                    "exclude shared or unused modules with the projection spec's exclude patterns"
-                )
-            deltas = torch.autograd.grad(loss.sum(), outputs, allow_unused=True)
+            _check_fired_once(modules, fired)
+            order = range(len(modules))
+            deltas = torch.autograd.grad(loss.sum(), [outputs[j] for j in order], allow_unused=True)
     finally:
         for h in handles:
             h.remove()
-    vectors = _assemble(projector, inputs, outputs, deltas)
+    vectors = _assemble(projector, [inputs[j] for j in order], [outputs[j] for j in order], deltas)
     _check_finite(vectors.sum(dim=1), names, what="gradient")
     return EmbeddingBatch(vectors, loss.detach(), n_tokens)
+
+
+def _check_fired_once(modules: Sequence[tuple[str, nn.Module, int, int]], fired: Sequence[int]) -> None:
+    """Raise :class:`LayoutMismatchError` naming the first tracked module that did not run exactly once."""
+    for (name, _, _, _), count in zip(modules, fired, strict=True):
+        if count != 1:
+            raise LayoutMismatchError(
+                f"tracked module {name} ran {count} times in one forward pass (exactly once is needed): "
+                "exclude shared or unused modules with the projection spec's exclude patterns"
+            )
 
 
 def _check_finite(values: torch.Tensor, names: Sequence[str] | None, what: str = "loss") -> None:

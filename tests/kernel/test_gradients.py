@@ -10,6 +10,7 @@ from peft import LoraConfig, get_peft_model
 
 from dda_kernel import (
     EmptyResponseError,
+    LayoutMismatchError,
     NonFiniteLossError,
     NoTrackedModulesError,
     ProjectionSpec,
@@ -170,3 +171,33 @@ def test_cuda_matches_cpu(samples):
     gpu = embed_batch(model, pad_batch(samples, 0), projector).vectors
     assert gpu.is_cuda
     torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-9, atol=1e-11)
+
+
+def test_modules_registered_in_another_order_than_they_run_are_paired_by_module(model64, samples):
+    """``mlp`` registered before ``self_attn``: the hooks must pair inputs and output gradients by module."""
+    for layer in model64.model.layers:
+        layer._modules["self_attn"] = layer._modules.pop("self_attn")  # registered last, still run first
+    got, layout = embed(model64, samples)
+    names = [s.name for s in layout.slots]
+    assert names[0].endswith("mlp.gate_proj")
+    want = reference_gradients(model64, samples, names)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+    projected, playout = embed(model64, samples, spec=ProjectionSpec(4, 4, include=ALL_LINEARS))
+    projector = build_projector(playout, dtype=torch.float64)
+    parts, start = [], 0
+    for j, slot in enumerate(playout.slots):
+        size = slot.d_out * slot.d_in
+        parts.append(project_gradient(projector, j, want[:, start : start + size].reshape(-1, slot.d_out, slot.d_in)))
+        start += size
+    torch.testing.assert_close(projected, torch.cat(parts, dim=1), rtol=1e-9, atol=1e-12)
+
+
+def test_a_module_that_runs_twice_or_never_is_an_error(samples):
+    shared = tiny_llama()
+    shared.model.layers[1].mlp.down_proj = shared.model.layers[0].mlp.down_proj  # one module, two calls
+    with pytest.raises(LayoutMismatchError, match=r"layers\.0\.mlp\.down_proj ran 2 times"):
+        embed(shared, samples)
+    unused = tiny_llama()
+    unused.model.layers[0].extra = torch.nn.Linear(24, 24, dtype=torch.float64)  # tracked, never called
+    with pytest.raises(LayoutMismatchError, match=r"layers\.0\.extra ran 0 times"):
+        embed(unused, samples)
