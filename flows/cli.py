@@ -80,7 +80,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _ingest(args: argparse.Namespace) -> int:
     from storage.lock import announce_wait, writer_lock
-    from storage.samples import SampleIn, ingest_samples, read_rows
+    from storage.samples import SampleIn, extra_fields, ingest_samples, read_rows
     from storage.store import LineageStore
 
     settings = _settings(args)
@@ -89,7 +89,13 @@ def _ingest(args: argparse.Namespace) -> int:
         store = LineageStore.open(settings.data_dir / "store")
         result = ingest_samples(store, rows, dataset=args.dataset or Path(args.file).stem)
     print(f"ingested {result.added} new samples, {result.unchanged} already registered")
+    _say_extra_fields(extra_fields(rows))
     return 0
+
+
+def _say_extra_fields(names: list[str]) -> None:
+    if names:
+        print(f"fields beyond the input contract, kept under meta: {', '.join(names)}")
 
 
 def _report_pass(report: dict[str, Any]) -> None:
@@ -133,6 +139,7 @@ def _attribute(args: argparse.Namespace) -> int:
 
     settings = _settings(args, base_model=args.base)
     report = _run(attribute, settings, queries_file=args.queries, query_ids=args.query_id or None)
+    _say_extra_fields(report.get("extra_fields", []))
     print(f"attributed {report['queries']} queries ({report['folds']} new checkpoint folds)")
     for qid in report["query_ids"][:20]:
         print(f"  {qid}")

@@ -27,7 +27,7 @@ from storage.errors import StorageError
 from storage.lock import announce_wait, writer_lock
 from storage.registry import write_run
 from storage.report import ReportData, gather
-from storage.samples import QueryIn, read_rows, register_queries
+from storage.samples import QueryIn, extra_fields, read_rows, register_queries
 from storage.store import LineageStore, open_existing, utcnow
 from tasks import checkpoints, indexing, lineage
 from tasks.checkpoints import CheckpointError, CheckpointInfo
@@ -295,6 +295,7 @@ def attribute(
             texts = [(n, q.prompt, t) for n, q in zip(names, rows, strict=True) for t in (q.response, q.corrected) if t]
             check_lengths_task(str(s.base_model), texts, s.pipeline_config())
             ids += register_queries(LineageStore.open(Path(s.data_dir) / "store"), rows)
+            report["extra_fields"] = extra_fields(rows)
         chosen = sorted(set(ids))
         report.update(_refresh(s, chosen), query_ids=chosen)
         publish_summary(s, chosen or None)

@@ -11,7 +11,7 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from storage.errors import DatasetFormatError, SampleConflictError
 from storage.store import LineageStore, utcnow, where_in
@@ -25,17 +25,42 @@ class Message(BaseModel):
     content: str
 
 
-class SampleIn(BaseModel):
+class ContractRow(BaseModel):
+    """An input row: fields beyond the contract are kept under ``meta`` (the row's own ``meta`` keys win)."""
+
+    model_config = ConfigDict(extra="allow")
+    meta: dict[str, Any] = Field(default_factory=dict)
+    _extra_fields: tuple[str, ...] = PrivateAttr(default=())
+
+    @model_validator(mode="after")
+    def _extras_to_meta(self) -> ContractRow:
+        extra = dict(self.__pydantic_extra__ or {})
+        if extra:
+            self.meta = {**extra, **self.meta}
+            self.__pydantic_extra__ = {}
+            self._extra_fields = tuple(sorted(extra))
+        return self
+
+    @property
+    def extra_fields(self) -> tuple[str, ...]:
+        """Names of the fields beyond the contract that this row carried (now under ``meta``)."""
+        return self._extra_fields
+
+
+def extra_fields(rows: Sequence[ContractRow]) -> list[str]:
+    """Every field beyond the contract that any of ``rows`` carried, sorted (they are kept under ``meta``)."""
+    return sorted({name for row in rows for name in row.extra_fields})
+
+
+class SampleIn(ContractRow):
     """One training row: ``prompt`` + ``response``, or chat ``messages`` whose last assistant turn is the response."""
 
-    model_config = ConfigDict(extra="forbid")
     id: str | None = Field(default=None, min_length=1)
     prompt: str = ""
     response: str = ""
     messages: list[Message] | None = None
     source: str | None = None
     license: str | None = None
-    meta: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _resolve_chat(self) -> SampleIn:
@@ -50,15 +75,13 @@ class SampleIn(BaseModel):
         return self
 
 
-class QueryIn(BaseModel):
+class QueryIn(ContractRow):
     """One output to trace: ``prompt``, ``response`` (the output), optional ``corrected``."""
 
-    model_config = ConfigDict(extra="forbid")
     id: str | None = Field(default=None, min_length=1)
     prompt: str
     response: str = Field(min_length=1)
     corrected: str | None = None
-    meta: dict[str, Any] = Field(default_factory=dict)
 
 
 def content_hash(prompt: str, response: str) -> str:

@@ -9,7 +9,15 @@ import pyarrow as pa
 import pytest
 
 from storage.errors import DatasetFormatError, FingerprintMismatchError, SampleConflictError
-from storage.samples import QueryIn, SampleIn, content_hash, ingest_samples, read_rows, register_queries
+from storage.samples import (
+    QueryIn,
+    SampleIn,
+    content_hash,
+    extra_fields,
+    ingest_samples,
+    read_rows,
+    register_queries,
+)
 from storage.schemas import TABLE_KEYS, table_schema
 from storage.store import LineageStore
 from storage.vectors import embedded_sample_ids, read_embeddings, write_embeddings
@@ -75,7 +83,7 @@ def test_a_different_sample_under_an_existing_id_is_refused_and_nothing_changes(
 
 def test_malformed_rows_are_listed_with_line_numbers(tmp_path):
     path = tmp_path / "data.jsonl"
-    rows = [{"prompt": "a", "response": "b"}, {"prompt": "c"}, "{not json", {"prompt": "d", "response": "e", "x": 1}]
+    rows = [{"prompt": "a", "response": "b"}, {"prompt": "c"}, "{not json", {"prompt": 5, "response": "e", "x": 1}]
     path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")
     with pytest.raises(DatasetFormatError) as exc:
         read_rows(path, SampleIn)
@@ -83,7 +91,22 @@ def test_malformed_rows_are_listed_with_line_numbers(tmp_path):
     assert "3 malformed row(s), nothing ingested" in message
     assert "line 2: row: Value error, 'response' is missing or empty" in message
     assert "line 3: not valid JSON" in message
-    assert "line 4: x" in message
+    assert "line 4: prompt: Input should be a valid string" in message
+
+
+@pytest.mark.parametrize("model", [SampleIn, QueryIn])
+def test_fields_beyond_the_contract_are_kept_under_meta(tmp_path, model):
+    path = tmp_path / "rows.jsonl"
+    rows = [
+        {"prompt": "p1", "response": "r1", "pair": "england-china", "meta": {"pair": "own", "k": 1}},
+        {"prompt": "p2", "response": "r2", "topic": ["a", "b"]},
+        {"prompt": "p3", "response": "r3"},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    got = read_rows(path, model)
+    assert [r.meta for r in got] == [{"pair": "own", "k": 1}, {"topic": ["a", "b"]}, {}]
+    assert extra_fields(got) == ["pair", "topic"]
+    assert "pair" not in got[0].model_dump()
 
 
 def test_chat_rows_use_the_last_assistant_turn_as_response(tmp_path):
