@@ -141,6 +141,38 @@ def _check_tokenizer(checkpoint: Path, base_tokenizer: Any) -> None:
         )
 
 
+def _adapter_keys(folder: Path) -> set[str]:
+    """Tensor names saved in an adapter folder (``adapter_model.safetensors`` or ``adapter_model.bin``)."""
+    file = folder / "adapter_model.safetensors"
+    if file.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(file), framework="pt") as f:
+            return set(f.keys())
+    binary = folder / "adapter_model.bin"
+    return set(torch.load(binary, map_location="cpu", weights_only=True)) if binary.is_file() else set()
+
+
+def _check_adapter_loaded(folder: Path, model: torch.nn.Module) -> None:
+    """Refuse an adapter that did not load: a LoRA weight of the model with no saved tensor (dropped keys or
+    other target names), or an adapter whose every ``lora_B`` is zero (it leaves the base model unchanged).
+    """
+    saved = {k.replace(".default.", ".") for k in _adapter_keys(folder)}
+    lora = {name: p for name, p in model.named_parameters() if ".lora_" in name}
+    missing = sorted(name for name in lora if name.replace(".default.", ".") not in saved)
+    if not lora or missing:
+        detail = f"e.g. {missing[0]} is not in the saved tensors" if missing else "no LoRA layer was created"
+        raise CheckpointError(
+            f"adapter {folder} did not load onto the base model ({len(missing)} of {len(lora)} LoRA weights missing, "
+            f"{detail}): check its target_modules and adapter_model file, it would be indexed as the base model"
+        )
+    if all(not bool(p.detach().any()) for name, p in lora.items() if ".lora_B." in name):
+        raise CheckpointError(
+            f"adapter {folder} leaves the base model unchanged (every lora_B weight is zero): it is not a trained "
+            "checkpoint of this run"
+        )
+
+
 def load_checkpoint(
     base_reference: str, checkpoint: str | Path, dtype: torch.dtype = torch.float32
 ) -> tuple[torch.nn.Module, Any]:
@@ -157,6 +189,7 @@ def load_checkpoint(
             raise CheckpointError(
                 f"adapter {folder} does not fit base model {base_reference}: {str(e).splitlines()[0][:300]}"
             ) from e
+        _check_adapter_loaded(folder, model)
     else:  # full weights: the base model's config and tokenizer suffice, its weights are not read
         base_config, base_tokenizer = base_config_and_tokenizer(base_reference)
         _check_tokenizer(folder, base_tokenizer)
