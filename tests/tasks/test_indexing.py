@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -102,7 +103,10 @@ def _reference_dda(store, queries, config, layout):
 
 @pytest.mark.parametrize(
     "scoring",
-    [ScoringConfig(), ScoringConfig(preconditioner="fisher", normalisation="zscore", debias_coefficient=0.5)],
+    [
+        ScoringConfig(preconditioner="identity", normalisation="cosine", debias_coefficient=1.0),
+        ScoringConfig(preconditioner="fisher", normalisation="zscore", debias_coefficient=0.5),
+    ],
     ids=["cosine-identity", "zscore-fisher"],
 )
 def test_incremental_lineage_equals_a_numpy_reference(small_world, tmp_path, scoring):
@@ -155,3 +159,29 @@ def test_query_longer_than_the_context_is_reported_by_id(small_world, tmp_path):
     queries_file = write_queries(tmp_path / "queries.jsonl", n=2, too_long=True)
     with pytest.raises(SequenceTooLongError, match=r"query 'q1' has \d+ tokens"):
         attribute(tmp_path, small_world, queries_file)
+
+
+@pytest.mark.parametrize("normalisation", ["none", "zscore", "cosine"])
+def test_a_checkpoint_equal_to_the_base_model_debiases_to_zero_in_sql(small_world, tmp_path, normalisation):
+    """Debias check: the base model's own weights indexed as a checkpoint ⇒ every s̃_t − 1·s̃_0 is 0 (SQL)."""
+    from storage.sql import query
+
+    run = tmp_path / "run"
+    shutil.copytree(small_world.base_model, run / "checkpoint-1")
+    scoring = ScoringConfig(preconditioner="fisher", normalisation=normalisation, debias_coefficient=1.0)
+    config = dataclasses.replace(CONFIG, scoring=scoring)
+    store = index(tmp_path, small_world, run, config)
+    _, folds = attribute(tmp_path, small_world, write_queries(tmp_path / "queries.jsonl", n=3), config)
+    assert folds == 3
+    fp = config.settings_fingerprint
+    got = query(
+        store,
+        "SELECT count(*) AS n, max(abs(debiased_score)) AS db, max(abs(score)) AS s, "
+        "(SELECT max(abs(dda_score)) FROM lineage WHERE settings_fingerprint = $fp) AS dda "
+        "FROM scores WHERE settings_fingerprint = $fp",
+        {"fp": fp},
+    ).to_pylist()[0]
+    assert got["n"] == 3 * small_world.n_train
+    assert got["s"] > 0  # the scores themselves are not zero ...
+    assert got["db"] == 0.0  # ... but base == fine-tuned cancels them exactly
+    assert got["dda"] == 0.0
