@@ -169,6 +169,30 @@ def _sql(args: argparse.Namespace) -> int:
     return 0
 
 
+def _doctor(args: argparse.Namespace) -> int:
+    from storage.doctor import find_duplicates, repair
+    from storage.lock import announce_wait, writer_lock
+    from storage.store import open_existing
+
+    data_dir = Path(args.data_dir or _default_dir())
+    store = open_existing(data_dir / "store")
+    found = find_duplicates(store)
+    for d in found:
+        key = ", ".join(f"{k}={v!r}" for k, v in d.example.items())
+        print(f"{d.table}: {d.n_keys} keys held by several rows ({d.n_surplus} surplus), e.g. ({key})")
+    if not found:
+        print(f"{data_dir}: every table holds one row per natural key")
+        return 0
+    if not args.repair:
+        print("run `dda doctor --repair` to remove the surplus rows", file=sys.stderr)
+        return 1
+    timeout = _settings(args).lock_timeout_seconds
+    with writer_lock(data_dir, "dda doctor --repair", timeout, on_wait=announce_wait):
+        for line in repair(store):
+            print(f"repaired {line}")
+    return 0
+
+
 def _report(args: argparse.Namespace) -> int:
     from flows.pipeline import governance_report
 
@@ -235,6 +259,10 @@ def build_parser() -> argparse.ArgumentParser:
     sql.add_argument("--max-rows", type=int, default=10000, help="rows printed at most (default 10000)")
     sql.set_defaults(func=_sql)
 
+    doctor = sub.add_parser("doctor", parents=[common], help="check every table for rows sharing a natural key")
+    doctor.add_argument("--repair", action="store_true", help="remove them (holds the writer lock)")
+    doctor.set_defaults(func=_doctor)
+
     report = sub.add_parser(
         "report", parents=[common], help="the data-governance report: self-contained HTML + Markdown"
     )
@@ -248,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-READ_ONLY = ("sql",)
+READ_ONLY = ("sql", "doctor")
 
 
 def _prepare_environment(args: argparse.Namespace) -> None:

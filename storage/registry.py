@@ -7,6 +7,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from storage.doctor import check_unique
 from storage.store import LineageStore
 
 
@@ -18,6 +19,7 @@ def write_checkpoint(store: LineageStore, row: Mapping[str, Any]) -> None:
 def read_checkpoints(store: LineageStore) -> list[dict[str, Any]]:
     """Every indexed checkpoint: the base model first, then fine-tuning checkpoints by step."""
     rows: list[dict[str, Any]] = store.read("checkpoints").to_pylist()
+    check_unique("checkpoints", [r["checkpoint_id"] for r in rows])
     return sorted(rows, key=lambda r: (r["role"] != "base", r["step"], r["checkpoint_id"]))
 
 

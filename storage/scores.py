@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
+from storage.doctor import check_unique
 from storage.store import LineageStore, utcnow, where_equal
 
 
@@ -72,6 +73,7 @@ def read_dda_state(store: LineageStore, settings_fingerprint: str, query_id: str
     if table.num_rows == 0:
         return None
     table = table.sort_by("sample_id")
+    check_unique("dda_state", table["sample_id"].to_pylist(), f"of query {query_id}")
     total = table["total_weight"].to_numpy()
     return StoredState(
         [query_id],

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
+from storage.doctor import check_unique
 from storage.errors import FingerprintMismatchError
 from storage.store import LineageStore, where_equal
 
@@ -78,6 +79,7 @@ def read_embeddings(store: LineageStore, checkpoint_id: str, as_of: int | str | 
     """The vectors of one checkpoint at this store's projection, as stored (see :class:`EmbeddingMatrix`)."""
     table = store.read("embeddings", ["sample_id", "vector", "grad_norm"], _at_checkpoint(store, checkpoint_id), as_of)
     ids = table["sample_id"].to_numpy(zero_copy_only=False).astype(str)
+    check_unique("embeddings", ids, f"at checkpoint {checkpoint_id}")
     flat = table["vector"].combine_chunks().flatten().to_numpy(zero_copy_only=False)
     dim = store.meta.dim if store.meta else 0
     return EmbeddingMatrix(ids, flat.reshape(len(ids), dim), table["grad_norm"].to_numpy())
@@ -106,6 +108,7 @@ def write_query_embeddings(
 def read_query_embeddings(store: LineageStore, checkpoint_id: str, kind: str, query_ids: Sequence[str]) -> np.ndarray:
     """Query vectors (m, D) float32 in the order of ``query_ids``; raises KeyError naming a missing one."""
     table = store.read("query_embeddings", ["query_id", "vector"], _at_checkpoint(store, checkpoint_id, kind=kind))
+    check_unique("query_embeddings", table["query_id"].to_pylist(), f"at checkpoint {checkpoint_id} ({kind})")
     index = {q: i for i, q in enumerate(table["query_id"].to_pylist())}
     missing = [q for q in query_ids if q not in index]
     if missing:

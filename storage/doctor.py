@@ -1,0 +1,143 @@
+"""Find and repair rows that share a natural key (a store damaged by writers that ran without the lock).
+
+Every table is keyed by natural ids (:data:`storage.schemas.TABLE_KEYS`); two rows with one key can only
+come from two writers that met without the data folder's lock (a store written by an older version,
+or by hand). :func:`find_duplicates` reports them; :func:`repair` removes them, each table in one
+atomic Lance commit:
+
+- in every table but ``dda_state`` the newest row of each key is kept (by the table's timestamp column)
+  and the other copies are deleted by row id;
+- ``dda_state`` holds running sums whose copies may have folded different checkpoints: the state of
+  every affected (query, settings) is deleted whole and rebuilt by the next refresh
+  (``dda attribute --query-id …`` or the watcher's next pass).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+
+from storage.errors import StorageError
+from storage.schemas import TABLE_KEYS
+from storage.store import LineageStore, where_equal, where_in
+
+NEWEST = {
+    "samples": "ingested_at", "checkpoints": "indexed_at", "queries": "created_at", "scores": "written_at",
+    "dda_state": "updated_at", "runs": "started_at",
+}  # fmt: skip
+
+
+class DamagedStoreError(StorageError):
+    """A table holds several rows for one natural key."""
+
+
+@dataclass(frozen=True)
+class Duplicates:
+    """Rows of ``table`` that share a natural key: how many keys, how many surplus rows, one example key."""
+
+    table: str
+    keys: tuple[str, ...]
+    n_keys: int
+    n_surplus: int
+    example: dict[str, Any]
+
+
+def check_unique(table: str, ids: Sequence[Any] | np.ndarray, where: str = "") -> None:
+    """Raise :class:`DamagedStoreError` when ``ids`` (the natural keys read from ``table``) repeat."""
+    values = np.asarray(ids)
+    unique, counts = np.unique(values, return_counts=True)
+    if len(unique) != len(values):
+        first = str(unique[counts > 1][0])
+        raise DamagedStoreError(
+            f"table {table}{' ' + where if where else ''} holds {int(counts.max())} rows for key {first!r} "
+            f"({len(values) - len(unique)} surplus rows): two writers met without the lock; run `dda doctor --repair`"
+        )
+
+
+def _key_rows(store: LineageStore, table: str, columns: Sequence[str]) -> pa.Table:
+    result: pa.Table = store.db.open_table(table).to_lance().to_table(columns=list(columns), with_row_id=True)
+    return result
+
+
+def find_duplicates(store: LineageStore) -> list[Duplicates]:
+    """Every table's keys held by more than one row (empty list: the store is sound)."""
+    found = []
+    for table, keys in TABLE_KEYS.items():
+        if not store.has_table(table):
+            continue
+        rows = _key_rows(store, table, keys)
+        cols = ", ".join(keys)
+        con = duckdb.connect(":memory:")
+        try:
+            con.register("t", rows)
+            dup = con.sql(f"SELECT {cols}, count(*) AS n FROM t GROUP BY {cols} HAVING n > 1 ORDER BY {cols}")
+            hits = dup.to_arrow_table().to_pylist()
+        finally:
+            con.close()
+        if hits:
+            example = {k: hits[0][k] for k in keys}
+            found.append(Duplicates(table, keys, len(hits), sum(h["n"] - 1 for h in hits), example))
+    return found
+
+
+def _surplus_row_ids(store: LineageStore, table: str, keys: Sequence[str]) -> list[int]:
+    """Row ids of every copy but the newest (then the first written) of each repeated key."""
+    newest = NEWEST.get(table)  # vectors have no timestamp: copies of one key are the same computation
+    rows = _key_rows(store, table, [*keys, newest] if newest else keys)
+    cols = ", ".join(keys)
+    order = f"{newest} DESC, _rowid" if newest else "_rowid"
+    con = duckdb.connect(":memory:")
+    try:
+        con.register("t", rows)
+        ranked = con.sql(
+            f"SELECT _rowid FROM (SELECT _rowid, row_number() OVER (PARTITION BY {cols} "
+            f"ORDER BY {order}) AS r FROM t) WHERE r > 1"
+        )
+        return [int(r[0]) for r in ranked.fetchall()]
+    finally:
+        con.close()
+
+
+def repair(store: LineageStore) -> list[str]:
+    """Remove every duplicate found by :func:`find_duplicates`; returns one line per table repaired.
+
+    Call it holding the data folder's writer lock.
+    """
+    done = []
+    for dup in find_duplicates(store):
+        table = store.db.open_table(dup.table)
+        if dup.table == "dda_state":
+            affected = _affected_states(store)
+            for fp in sorted({f for _, f in affected}):
+                queries = sorted(q for q, f in affected if f == fp)
+                table.delete(f"{where_equal(settings_fingerprint=fp)} AND {where_in('query_id', queries)}")
+            names = sorted({q for q, _ in affected})
+            done.append(
+                f"dda_state: deleted the running state of {len(names)} queries ({', '.join(names[:5])}"
+                f"{' …' if len(names) > 5 else ''}); `dda attribute --query-id ID` or the next watcher pass rebuilds it"
+            )
+            continue
+        surplus = _surplus_row_ids(store, dup.table, dup.keys)
+        table.delete(f"_rowid IN ({', '.join(str(r) for r in surplus)})")
+        done.append(f"{dup.table}: removed {len(surplus)} surplus copies of {dup.n_keys} keys (kept the newest row)")
+    return done
+
+
+def _affected_states(store: LineageStore) -> set[tuple[str, str]]:
+    """(query_id, settings_fingerprint) of every running state with a repeated (query, sample, settings) key."""
+    rows = _key_rows(store, "dda_state", TABLE_KEYS["dda_state"])
+    con = duckdb.connect(":memory:")
+    try:
+        con.register("t", rows)
+        hits = con.sql(
+            "SELECT DISTINCT query_id, settings_fingerprint FROM t "
+            "GROUP BY query_id, sample_id, settings_fingerprint HAVING count(*) > 1"
+        ).fetchall()
+    finally:
+        con.close()
+    return {(str(q), str(f)) for q, f in hits}
