@@ -12,6 +12,7 @@ import json
 import os
 import re
 import tempfile
+import threading
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -23,6 +24,8 @@ import pyarrow as pa
 
 from storage.errors import FingerprintMismatchError, StorageError
 from storage.schemas import SCHEMA_VERSION, TABLE_KEYS, table_schema
+
+_CREATE_GUARD = threading.Lock()
 
 
 def utcnow() -> datetime:
@@ -140,7 +143,8 @@ class LineageStore:
         if name not in TABLE_KEYS:
             raise StorageError(f"unknown table {name!r}: the store has {', '.join(TABLE_KEYS)}")
         dim = self._dim() if name in ("embeddings", "query_embeddings") else 1
-        return self.db.create_table(name, schema=table_schema(name, dim), exist_ok=True)
+        with _CREATE_GUARD:  # two task threads creating one table race (Lance: "incompatible with Overwrite")
+            return self.db.create_table(name, schema=table_schema(name, dim), exist_ok=True)
 
     def upsert(self, name: str, data: pa.Table) -> int:
         """Insert-or-replace rows of ``data`` on the table's natural key; returns rows inserted (not updated)."""
