@@ -48,10 +48,10 @@ def test_cli_names_a_bad_setting_in_one_line(monkeypatch, tmp_path, capsys):
     from flows.cli import main
 
     monkeypatch.setenv("DDA_INDEXING__BATCH_SIZE", "0")
-    assert main(["sql", "SELECT 1", "--data-dir", str(tmp_path)]) == 2
+    assert main(["ingest", str(tmp_path / "train.jsonl"), "--data-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     expected = "setting indexing.batch_size: Input should be greater than or equal to 1"
-    assert err == f"dda sql: error: {expected} (see the README's configuration table)"
+    assert err == f"dda ingest: error: {expected} (see the README's configuration table)"
 
 
 def test_serving_the_watcher_without_a_server_is_refused_in_one_line(monkeypatch, tmp_path, capsys):
