@@ -79,13 +79,13 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _ingest(args: argparse.Namespace) -> int:
-    from storage.lock import announce_wait, writer_lock
+    from flows.pipeline import writing
     from storage.samples import SampleIn, extra_fields, ingest_samples, read_rows
     from storage.store import LineageStore
 
     settings = _settings(args)
     rows = read_rows(args.file, SampleIn)
-    with writer_lock(settings.data_dir, "dda ingest", settings.lock_timeout_seconds, on_wait=announce_wait):
+    with writing(settings, "dda ingest"):
         store = LineageStore.open(settings.data_dir / "store")
         result = ingest_samples(store, rows, dataset=args.dataset or Path(args.file).stem)
     print(f"ingested {result.added} new samples, {result.unchanged} already registered")
@@ -170,8 +170,8 @@ def _sql(args: argparse.Namespace) -> int:
 
 
 def _doctor(args: argparse.Namespace) -> int:
+    from flows.pipeline import writing
     from storage.doctor import find_duplicates, repair
-    from storage.lock import announce_wait, writer_lock
     from storage.store import open_existing
 
     data_dir = Path(args.data_dir or _default_dir())
@@ -186,8 +186,11 @@ def _doctor(args: argparse.Namespace) -> int:
     if not args.repair:
         print("run `dda doctor --repair` to remove the surplus rows", file=sys.stderr)
         return 1
-    timeout = _settings(args).lock_timeout_seconds
-    with writer_lock(data_dir, "dda doctor --repair", timeout, on_wait=announce_wait):
+    from flows.pipeline import load_settings
+
+    with writing(
+        load_settings(None, data_dir=str(data_dir)), "dda doctor --repair"
+    ):  # no registry read: it may be damaged
         for line in repair(store):
             print(f"repaired {line}")
     return 0

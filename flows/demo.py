@@ -15,9 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flows.pipeline import attribute, governance_report, index_run, load_settings, task_runner
+from flows.pipeline import attribute, governance_report, index_run, load_settings, task_runner, writing
 from flows.settings import DDASettings
-from storage.lock import announce_wait, writer_lock
 from storage.samples import SampleIn, ingest_samples, read_rows
 from storage.sql import named_query, query
 from storage.store import LineageStore
@@ -94,8 +93,7 @@ def run_demo(
 ) -> DemoReport:
     """Build/reuse the world, ingest, index, attribute, and read the lineage back through SQL."""
     data_dir = Path(data_dir).resolve()
-    timeout = load_settings(data_dir=str(data_dir)).lock_timeout_seconds
-    with writer_lock(data_dir, "dda demo", timeout, on_wait=announce_wait):
+    with writing(load_settings(data_dir=str(data_dir)), "dda demo"):
         return _run_demo(data_dir, seed, model, log, progress)
 
 

@@ -8,6 +8,7 @@ import pytest
 
 from flows.cli import main
 from storage.doctor import DamagedStoreError, find_duplicates, repair
+from storage.registry import read_checkpoints
 from storage.samples import ingest_samples
 from storage.scores import read_dda_state
 from storage.store import LineageStore, where_equal
@@ -32,6 +33,7 @@ def damaged(tmp_path):
     clean = {t: _rows(store, t) for t in ("samples", "embeddings", "scores", "checkpoints")}
     _append(store, "samples", store.read("samples", where="sample_id IN ('s001', 's002')"))
     _append(store, "embeddings", store.read("embeddings", where="sample_id = 's003'"))
+    _append(store, "checkpoints", store.read("checkpoints", where="checkpoint_id = 'c1'"))
     _append(store, "scores", store.read("scores", where="query_id = 'q1' AND checkpoint_id = 'c2'"))
     state = store.read("dda_state", where=where_equal(query_id="q2"))
     changed = state.set_column(state.schema.get_field_index("weighted_sum"), "weighted_sum",
@@ -48,15 +50,19 @@ def test_reads_of_a_damaged_store_fail_naming_the_table_and_the_fix(damaged):
         read_dda_state(store, SETTINGS, "q2")
     with pytest.raises(DamagedStoreError, match="table samples"):
         ingest_samples(store, sample_rows(3), dataset="toy")
+    with pytest.raises(DamagedStoreError, match="table checkpoints holds 2 rows for key 'c1'"):
+        read_checkpoints(store)
     assert read_dda_state(store, SETTINGS, "q1") is not None
 
 
 def test_doctor_finds_every_duplicate_and_repair_restores_the_clean_rows(damaged):
     store, clean = damaged
     found = {d.table: (d.n_keys, d.n_surplus) for d in find_duplicates(store)}
-    assert found == {"samples": (2, 2), "embeddings": (1, 1), "scores": (12, 12), "dda_state": (12, 12)}
+    assert found == {
+        "samples": (2, 2), "checkpoints": (1, 1), "embeddings": (1, 1), "scores": (12, 12), "dda_state": (12, 12)
+    }  # fmt: skip
     lines = repair(store)
-    assert len(lines) == 4
+    assert len(lines) == 5
     assert find_duplicates(store) == []
     for table, rows in clean.items():
         assert _rows(store, table) == rows, table

@@ -83,7 +83,8 @@ def test_a_failed_write_keeps_the_previous_report_whole(written, monkeypatch):
     with pytest.raises(RuntimeError, match="disk full"):
         report.write_report(data, files.folder)
     assert {p.name: p.read_bytes() for p in files.folder.rglob("*") if p.is_file()} == before
-    assert sorted(p.name for p in tmp.iterdir()) == ["data", "out"]  # no temporary folder left behind
+    # no temporary folder left behind; the report folder's lock file (and its holder) stay beside it
+    assert sorted(p.name for p in tmp.iterdir()) == [".out.lock", ".out.lock.json", "data", "out"]
 
 
 def test_a_report_replaces_the_previous_one_but_never_a_foreign_folder(written):
