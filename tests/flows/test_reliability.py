@@ -166,13 +166,19 @@ def test_sql_refuses_writes_with_one_line(tmp_path, capsys):
     assert "only SELECT" in err
 
 
-def test_sql_on_a_folder_without_a_store_fails_and_creates_nothing(tmp_path, capsys):
+def test_sql_on_a_folder_without_a_store_fails_and_creates_nothing(tmp_path):
+    """Through the real CLI with a user's environment (no PREFECT_HOME): not even Prefect's home is made."""
     folder = tmp_path / "nothing-here"
-    assert cli("sql", "SELECT 1", "--data-dir", str(folder)) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1
-    assert "holds no lineage store" in err
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "DDA_"))}
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "sql", "SELECT 1", "--data-dir", str(folder)],
+        cwd=tmp_path, env={**env, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert "holds no lineage store" in proc.stderr
     assert not folder.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
 def test_sql_cli_renders_every_type_caps_rows_and_types_named_parameters(tmp_path, capsys):
