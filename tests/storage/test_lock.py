@@ -71,3 +71,29 @@ def test_lock_is_reentrant_within_a_process(tmp_path):
     with writer_lock(tmp_path, "outer", 0), writer_lock(tmp_path, "inner", 0):
         assert holds_lock(tmp_path)
     assert not holds_lock(tmp_path)
+
+
+def test_cli_writer_fails_naming_the_holder_while_a_reader_does_not_wait(tmp_path):
+    """Through the real CLI: `dda ingest` waits DDA_LOCK_TIMEOUT_SECONDS then fails in one line naming the
+    holder, nothing ingested; `dda sql` on the same folder answers while the lock is held."""
+    data = tmp_path / "data"
+    train = tmp_path / "train.jsonl"
+    train.write_text('{"prompt": "p", "response": "r"}\n')
+    env = {**os.environ, "DDA_LOCK_TIMEOUT_SECONDS": "1"}
+    ingest = [sys.executable, "-m", "flows.cli", "ingest", str(train), "--data-dir", str(data)]
+    assert subprocess.run(ingest, cwd=ROOT, env=env, capture_output=True, timeout=120).returncode == 0
+    proc = holder(data)
+    try:
+        again = subprocess.run(ingest, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        sql = [sys.executable, "-m", "flows.cli", "sql", "SELECT count(*) AS n FROM samples", "--data-dir", str(data)]
+        read = subprocess.run(sql, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert again.returncode == 2
+    last = again.stderr.strip().splitlines()[-1]
+    assert last.startswith("dda ingest: error: data folder")
+    assert f"pid {proc.pid} (holder-under-test" in last
+    assert "since 20" in last
+    assert read.returncode == 0, read.stderr
+    assert "1 row" in read.stdout
