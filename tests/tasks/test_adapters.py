@@ -47,14 +47,21 @@ def test_adapter_of_another_base_model_is_refused(small_world, tmp_path):
         load_checkpoint(small_world.base_model, folder)
 
 
-def test_adapter_with_dropped_keys_is_refused_by_name(small_world, tmp_path):
-    """An adapter file missing its lora_B tensors would load as the base model (lora_B initialises to zero)."""
+@pytest.mark.parametrize(
+    "tamper",
+    [
+        lambda tensors: {k: v for k, v in tensors.items() if "down_proj" not in k},  # dropped keys
+        lambda tensors: {k.replace("layers.", "blocks."): v for k, v in tensors.items()},  # other module names
+    ],
+    ids=["dropped-keys", "other-module-names"],
+)
+def test_adapter_whose_tensors_do_not_load_is_refused(small_world, tmp_path, tamper):
+    """Such an adapter would load as the base model (lora_B initialises to zero), with only a warning from peft."""
     from safetensors.torch import load_file, save_file
 
     folder = tmp_path / "checkpoint-2"
     _adapter(load_base_model(small_world.base_model)[0], folder)
-    tensors = load_file(folder / "adapter_model.safetensors")
-    save_file({k: v for k, v in tensors.items() if "down_proj" not in k}, folder / "adapter_model.safetensors")
+    save_file(tamper(load_file(folder / "adapter_model.safetensors")), folder / "adapter_model.safetensors")
     with pytest.raises(CheckpointError, match=r"did not load onto the base model \(\d+ of \d+ LoRA weights missing"):
         load_checkpoint(small_world.base_model, folder)
 
@@ -63,15 +70,4 @@ def test_adapter_that_changes_nothing_is_refused(small_world, tmp_path):
     folder = tmp_path / "checkpoint-1"
     get_peft_model(load_base_model(small_world.base_model)[0], LORA).save_pretrained(folder)  # lora_B = 0
     with pytest.raises(CheckpointError, match="leaves the base model unchanged"):
-        load_checkpoint(small_world.base_model, folder)
-
-
-def test_adapter_saved_under_other_module_names_is_refused(small_world, tmp_path):
-    from safetensors.torch import load_file, save_file
-
-    folder = tmp_path / "checkpoint-4"
-    _adapter(load_base_model(small_world.base_model)[0], folder)
-    tensors = load_file(folder / "adapter_model.safetensors")
-    save_file({k.replace("layers.", "blocks."): v for k, v in tensors.items()}, folder / "adapter_model.safetensors")
-    with pytest.raises(CheckpointError, match="did not load onto the base model"):
         load_checkpoint(small_world.base_model, folder)
