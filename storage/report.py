@@ -23,6 +23,7 @@ from typing import Any
 
 import duckdb
 
+from storage.doctor import DamagedStoreError
 from storage.errors import StorageError
 from storage.sql import connect
 from storage.store import LineageStore, utcnow
@@ -36,6 +37,10 @@ SQL: dict[str, str] = {
         GROUP BY settings_fingerprint ORDER BY n_queries DESC, settings_fingerprint""",
     "query_ids": """
         SELECT DISTINCT query_id FROM lineage WHERE settings_fingerprint = $fp ORDER BY query_id""",
+    "repeated_state": """
+        SELECT query_id, sample_id, count(*) AS n FROM _dda_state
+        WHERE settings_fingerprint = $fp AND list_contains($ids, query_id)
+        GROUP BY query_id, sample_id HAVING n > 1 ORDER BY query_id, sample_id LIMIT 1""",
     "queries": """
         SELECT q.query_id, q.prompt, q.response, q.corrected, q.created_at, max(l.n_checkpoints) AS n_checkpoints,
                count(l.sample_id) AS n_samples
@@ -219,6 +224,11 @@ def _read(
     """:func:`gather` on an open connection."""
     ids = _chosen_ids(con, fp, query_ids)
     scoped = {"fp": fp, "ids": ids}
+    for r in _rows(con, "repeated_state", **scoped):  # a damaged store must not give a confident report
+        raise DamagedStoreError(
+            f"table dda_state holds {r['n']} rows for query {r['query_id']!r}, sample {r['sample_id']!r}: "
+            "two writers met without the lock; run `dda doctor --repair`"
+        )
     top, paths = _top_and_trajectories(con, fp, ids, top_k, n_trajectories)
     sources = _group(_rows(con, "by_source", **scoped))
     licenses = _group(_rows(con, "by_license", **scoped))

@@ -8,7 +8,9 @@ import pytest
 
 from flows.cli import main
 from storage.doctor import DamagedStoreError, find_duplicates, repair
+from storage.errors import StorageError
 from storage.registry import read_checkpoints
+from storage.report import gather
 from storage.samples import ingest_samples
 from storage.scores import read_dda_state
 from storage.store import LineageStore, where_equal
@@ -80,3 +82,11 @@ def test_doctor_command_reports_then_repairs(damaged, capsys):
     assert "repaired dda_state: deleted the running state of 1 queries (q2)" in capsys.readouterr().out
     assert main(["doctor", "--data-dir", data_dir]) == 0
     assert "one row per natural key" in capsys.readouterr().out
+
+
+def test_the_report_refuses_a_damaged_running_state(damaged):
+    store, _ = damaged
+    with pytest.raises(StorageError, match=r"dda_state holds 2 rows for query 'q2'.*dda doctor --repair"):
+        gather(store, SETTINGS)
+    repair(store)
+    assert [s.query["query_id"] for s in gather(store, SETTINGS).queries] == ["q1"]  # q2 waits for its rebuild
