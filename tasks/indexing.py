@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from dda_kernel import EmbeddingLayout, build_projector, embed_batch, layout_for, pad_batch
-from storage.faults import crash_point
+from storage.faults import fault_point
 from storage.registry import read_checkpoints, write_checkpoint
 from storage.samples import read_samples, sample_ids, set_token_counts
 from storage.store import LineageStore, utcnow, where_equal, where_in
@@ -158,7 +158,7 @@ def embed_shard(
                 out.n_tokens.cpu().numpy(),
             )  # fmt: skip
             written += len(chunk)
-            crash_point("embedding-written")
+            fault_point("embedding-written")
     return written
 
 
@@ -181,7 +181,7 @@ def finish_checkpoint(data_dir: str | Path, base_reference: str, plan: Checkpoin
         "epoch": plan.epoch, "learning_rate": plan.learning_rate, "path": plan.path, "fingerprint": plan.fingerprint,
         "projection_fingerprint": store.meta.projection_fingerprint if store.meta else "", "indexed_at": utcnow(),
     }  # fmt: skip
-    crash_point("before-checkpoint-row")
+    fault_point("before-checkpoint-row")
     write_checkpoint(store, row)
     return store.tag_checkpoint(plan.checkpoint_id)
 

@@ -32,7 +32,7 @@ from dda_kernel import (
     pairwise_scores,
     row_norms,
 )
-from storage.faults import crash_point
+from storage.faults import fault_point
 from storage.registry import read_checkpoints
 from storage.scores import StoredState, read_dda_state, write_dda_state, write_scores
 from storage.store import LineageStore, where_in
@@ -141,11 +141,11 @@ def refresh_lineage(data_dir: str | Path, base_reference: str, query_ids: Sequen
             s_0 = _scores(store, base, BASE_ID, kind, qs, layout, config)
             s_db = debias(s_t, s_0, config.scoring.debias_coefficient)
             write_scores(store, fp, cid, qs, base.sample_ids, s_t.numpy(), s_0.numpy(), s_db.numpy(), weights[cid])
-            crash_point("scores-written")
+            fault_point("scores-written")
             for i, q in enumerate(qs):
                 states[q] = dda_update(states[q], cid, s_db[i : i + 1], weights[cid], config.scoring.standardise)
         _write_states(store, fp, need, states, base.sample_ids)
-        crash_point("state-written")
+        fault_point("state-written")
         folds += len(need)
     return folds
 

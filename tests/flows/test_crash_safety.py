@@ -152,8 +152,10 @@ def test_two_concurrent_attributes_give_one_lineage_row_per_sample(small_world, 
     extra = write_queries(tmp_path / "c.jsonl", n=4).read_text().splitlines()[-1]
     second.write_text(second.read_text() + extra + "\n")
     homes = [tmp_path / "home-a", tmp_path / "home-b"]
+    # Each run pauses 3 s after every block of scores (4 per run), so without the lock the two would overlap.
     procs = [
-        subprocess_cli(data, h, small_world, "attribute", str(f)) for h, f in zip(homes, (first, second), strict=True)
+        subprocess_cli(data, h, small_world, "attribute", str(f), DDA_PAUSE_AT="scores-written:3")
+        for h, f in zip(homes, (first, second), strict=True)
     ]
     for p, home in zip(procs, homes, strict=True):
         err = finish(p, home)
@@ -168,3 +170,7 @@ def test_two_concurrent_attributes_give_one_lineage_row_per_sample(small_world, 
     assert [(r["query_id"], r["n"], r["d"], r["lo"], r["hi"], r["r"]) for r in rows.to_pylist()] == [
         (q, n, n, 1, n, n) for q in ("q0", "q1", "q2", "q3")
     ]
+    runs = sorted((r["started_at"], r["finished_at"]) for r in store.read("runs").to_pylist()
+                  if r["flow_name"] == "dda-attribute")  # fmt: skip
+    assert len(runs) == 2
+    assert runs[0][1] <= runs[1][0], f"the two attribute runs overlapped: {runs}"  # one writer at a time
