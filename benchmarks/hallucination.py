@@ -822,7 +822,7 @@ def main(argv: list[str] | None = None) -> int:
     size = SIZES[size_name]
     work = (args.work or Path(".bench-work") / size_name).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    from flows.settings import apply_prefect_environment
+    from flows.env import apply_prefect_environment
 
     apply_prefect_environment(work)
     if not args.verbose:

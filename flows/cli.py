@@ -283,7 +283,7 @@ READ_ONLY = ("sql", "doctor")
 
 
 def _prepare_environment(args: argparse.Namespace) -> None:
-    from flows.settings import apply_prefect_environment
+    from flows.env import apply_prefect_environment
 
     data_dir = Path(args.data_dir or _default_dir())
     apply_prefect_environment(data_dir)

@@ -6,7 +6,6 @@ Nested fields are set with a double underscore: ``DDA_SCORING__NORMALISATION=zsc
 
 from __future__ import annotations
 
-import os
 import subprocess
 from importlib import metadata
 from pathlib import Path
@@ -109,22 +108,6 @@ class DDASettings(BaseSettings):
     def fingerprint(self) -> str:
         """Fingerprint of the settings that change results (projection and scoring)."""
         return self.pipeline_config().settings_fingerprint
-
-
-def prefect_environment(data_dir: Path) -> dict[str, str]:
-    """Environment defaults for Prefect under the data folder (ENVIRONMENT.md): set before importing prefect."""
-    return {
-        "PREFECT_HOME": str((data_dir / "prefect").resolve()),
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "DO_NOT_TRACK": "1",
-        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "60",
-    }
-
-
-def apply_prefect_environment(data_dir: Path) -> None:
-    """Set :func:`prefect_environment` for variables the user has not set."""
-    for key, value in prefect_environment(data_dir).items():
-        os.environ.setdefault(key, value)
 
 
 def code_version() -> str:

@@ -199,3 +199,16 @@ def test_sql_cli_renders_every_type_caps_rows_and_types_named_parameters(tmp_pat
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
     assert "k='ten' is not a int" in err
+
+
+def test_plain_sql_imports_neither_torch_transformers_nor_prefect(tmp_path):
+    lineage_world(tmp_path / "store")
+    probe = (
+        "import sys\n"
+        "from flows.cli import main\n"
+        f"assert main(['sql', 'SELECT count(*) AS n FROM lineage', '--data-dir', {str(tmp_path)!r}]) == 0\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'prefect') if m in sys.modules))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
