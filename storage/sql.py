@@ -172,9 +172,8 @@ def run(
         table = pa.Table.from_batches(batches, schema=reader.schema)
         return Result(table.slice(0, max_rows) if truncated else table, truncated)
     except duckdb.InterruptException as e:
-        raise StorageError(
-            f"SQL stopped after the {timeout:g} s timeout: add a WHERE or LIMIT, or raise --timeout"
-        ) from e
+        why = f"after the {timeout:g} s timeout" if timeout is not None else "by an interrupt"
+        raise StorageError(f"SQL stopped {why}: add a WHERE or LIMIT, or raise --timeout") from e
     except duckdb.OutOfMemoryException as e:
         raise StorageError(f"SQL ran out of its {MEMORY_LIMIT} memory limit: add a WHERE or LIMIT") from e
     except duckdb.PermissionException as e:
