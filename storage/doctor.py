@@ -20,7 +20,6 @@ from typing import Any
 
 import duckdb
 import numpy as np
-import pyarrow as pa
 
 from storage.errors import StorageError
 from storage.schemas import TABLE_KEYS
@@ -59,9 +58,16 @@ def check_unique(table: str, ids: Sequence[Any] | np.ndarray, where: str = "") -
         )
 
 
-def _key_rows(store: LineageStore, table: str, columns: Sequence[str]) -> pa.Table:
-    result: pa.Table = store.db.open_table(table).to_lance().to_table(columns=list(columns), with_row_id=True)
-    return result
+def _over_keys(store: LineageStore, table: str, columns: Sequence[str], sql: str) -> list[dict[str, Any]]:
+    """Rows of ``sql`` over ``t`` = ``columns`` (plus ``_rowid``) of ``table``, on a private DuckDB connection."""
+    rows = store.db.open_table(table).to_lance().to_table(columns=list(columns), with_row_id=True)
+    con = duckdb.connect(":memory:")
+    try:
+        con.register("t", rows)
+        result: list[dict[str, Any]] = con.sql(sql).to_arrow_table().to_pylist()
+        return result
+    finally:
+        con.close()
 
 
 def find_duplicates(store: LineageStore) -> list[Duplicates]:
@@ -70,15 +76,10 @@ def find_duplicates(store: LineageStore) -> list[Duplicates]:
     for table, keys in TABLE_KEYS.items():
         if not store.has_table(table):
             continue
-        rows = _key_rows(store, table, keys)
         cols = ", ".join(keys)
-        con = duckdb.connect(":memory:")
-        try:
-            con.register("t", rows)
-            dup = con.sql(f"SELECT {cols}, count(*) AS n FROM t GROUP BY {cols} HAVING n > 1 ORDER BY {cols}")
-            hits = dup.to_arrow_table().to_pylist()
-        finally:
-            con.close()
+        hits = _over_keys(
+            store, table, keys, f"SELECT {cols}, count(*) AS n FROM t GROUP BY {cols} HAVING n > 1 ORDER BY {cols}"
+        )
         if hits:
             example = {k: hits[0][k] for k in keys}
             found.append(Duplicates(table, keys, len(hits), sum(h["n"] - 1 for h in hits), example))
@@ -88,19 +89,22 @@ def find_duplicates(store: LineageStore) -> list[Duplicates]:
 def _surplus_row_ids(store: LineageStore, table: str, keys: Sequence[str]) -> list[int]:
     """Row ids of every copy but the newest (then the first written) of each repeated key."""
     newest = NEWEST.get(table)  # vectors have no timestamp: copies of one key are the same computation
-    rows = _key_rows(store, table, [*keys, newest] if newest else keys)
-    cols = ", ".join(keys)
     order = f"{newest} DESC, _rowid" if newest else "_rowid"
-    con = duckdb.connect(":memory:")
-    try:
-        con.register("t", rows)
-        ranked = con.sql(
-            f"SELECT _rowid FROM (SELECT _rowid, row_number() OVER (PARTITION BY {cols} "
-            f"ORDER BY {order}) AS r FROM t) WHERE r > 1"
-        )
-        return [int(r[0]) for r in ranked.fetchall()]
-    finally:
-        con.close()
+    sql = (
+        f"SELECT _rowid FROM (SELECT _rowid, row_number() OVER (PARTITION BY {', '.join(keys)} "
+        f"ORDER BY {order}) AS r FROM t) WHERE r > 1"
+    )
+    return [int(r["_rowid"]) for r in _over_keys(store, table, [*keys, newest] if newest else keys, sql)]
+
+
+def _affected_states(store: LineageStore) -> set[tuple[str, str]]:
+    """(query_id, settings_fingerprint) of every running state with a repeated (query, sample, settings) key."""
+    sql = (
+        "SELECT DISTINCT query_id, settings_fingerprint FROM t "
+        "GROUP BY query_id, sample_id, settings_fingerprint HAVING count(*) > 1"
+    )
+    hits = _over_keys(store, "dda_state", TABLE_KEYS["dda_state"], sql)
+    return {(str(h["query_id"]), str(h["settings_fingerprint"])) for h in hits}
 
 
 def repair(store: LineageStore) -> list[str]:
@@ -126,18 +130,3 @@ def repair(store: LineageStore) -> list[str]:
         table.delete(f"_rowid IN ({', '.join(str(r) for r in surplus)})")
         done.append(f"{dup.table}: removed {len(surplus)} surplus copies of {dup.n_keys} keys (kept the newest row)")
     return done
-
-
-def _affected_states(store: LineageStore) -> set[tuple[str, str]]:
-    """(query_id, settings_fingerprint) of every running state with a repeated (query, sample, settings) key."""
-    rows = _key_rows(store, "dda_state", TABLE_KEYS["dda_state"])
-    con = duckdb.connect(":memory:")
-    try:
-        con.register("t", rows)
-        hits = con.sql(
-            "SELECT DISTINCT query_id, settings_fingerprint FROM t "
-            "GROUP BY query_id, sample_id, settings_fingerprint HAVING count(*) > 1"
-        ).fetchall()
-    finally:
-        con.close()
-    return {(str(q), str(f)) for q, f in hits}
