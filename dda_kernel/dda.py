@@ -10,14 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
 from dda_kernel.errors import StateError
 from dda_kernel.scoring import normalise_scores
-
-CheckpointWeighting = Literal["uniform", "lr"]
+from dda_kernel.spec import CheckpointWeighting
 
 
 @dataclass(frozen=True)

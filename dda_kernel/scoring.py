@@ -7,35 +7,33 @@ model **toward** the query output.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Literal
-
 import torch
 
-Normalisation = Literal["none", "zscore", "cosine"]
-NORMALISATIONS: tuple[str, ...] = ("none", "zscore", "cosine")
+from dda_kernel.spec import NORMALISATIONS, Normalisation
 
 
 def pairwise_scores(
-    queries: torch.Tensor, samples: torch.Tensor, chunk_size: int = 65536, dtype: torch.dtype = torch.float32
+    queries: torch.Tensor, samples: torch.Tensor, chunk_size: int = 2048, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
-    """s = Q · Gᵀ computed over chunks of samples: queries (m, D), samples (n, D) → (m, n) in ``dtype``.
+    """s = Q · Gᵀ in one pass over the samples: queries (m, D), samples (n, D) → (m, n) in ``dtype``.
 
-    Chunks bound the temporary memory to chunk_size × D values of ``dtype`` (samples may be stored as
-    float16; each chunk is cast before the product).
+    Every query is scored against a chunk while it is in cache. When ``samples`` already has ``dtype`` the
+    product runs on them directly; otherwise (e.g. float16 samples, which most CPUs cannot multiply natively)
+    each chunk of ``chunk_size`` rows is cast into one reused buffer, so the N × D matrix is never copied
+    and accumulation is in ``dtype``. ``samples`` may be a memory-mapped tensor.
     """
-    return chunked_scores(queries, (samples[i : i + chunk_size] for i in range(0, samples.shape[0], chunk_size)), dtype)
-
-
-def chunked_scores(
-    queries: torch.Tensor, sample_chunks: Iterable[torch.Tensor], dtype: torch.dtype = torch.float32
-) -> torch.Tensor:
-    """s = Q · Gᵀ with G given as a stream of row chunks (n_c, D); returns (m, Σ n_c) in ``dtype``."""
     q = queries.to(dtype)
-    parts = [q @ chunk.to(device=q.device, dtype=dtype).T for chunk in sample_chunks]
-    if not parts:
-        return torch.zeros(q.shape[0], 0, dtype=dtype)
-    return torch.cat(parts, dim=1)
+    n = samples.shape[0]
+    out = torch.empty(q.shape[0], n, dtype=dtype, device=q.device)
+    if samples.dtype == dtype and samples.device == q.device:
+        return torch.mm(q, samples.T, out=out)
+    buffer = torch.empty(min(chunk_size, n), samples.shape[1], dtype=dtype, device=q.device)
+    for start in range(0, n, chunk_size):
+        chunk = samples[start : start + chunk_size]
+        block = buffer[: chunk.shape[0]]
+        block.copy_(chunk)
+        torch.mm(q, block.T, out=out[:, start : start + chunk.shape[0]])
+    return out
 
 
 def row_norms(vectors: torch.Tensor) -> torch.Tensor:

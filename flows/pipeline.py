@@ -35,7 +35,7 @@ from tasks.indexing import CheckpointPlan
 from tasks.report import render_markdown, summary_table, write_report
 
 T = TypeVar("T")
-QUERY_BATCH = 64
+QUERY_BATCH = 128  # queries scored together: each batch reads every checkpoint's matrix once
 SUMMARY_KEY = "dda-lineage-summary"
 TABLE_KEY = "dda-lineage-top-samples"
 ARTIFACT_QUERIES = 20
@@ -183,9 +183,8 @@ def _refresh(settings: DDASettings, query_ids: list[str] | None = None) -> dict[
     for f in embedded:
         f.result()
     batches = [ids[i : i + QUERY_BATCH] for i in range(0, len(ids), QUERY_BATCH)]
-    folds = [refresh_task.submit(data_dir, base, batch, cfg) for batch in batches]
-    wait(folds)
-    return {"queries": len(ids), "folds": sum(int(f.result()) for f in folds)}
+    folds = sum(int(refresh_task(data_dir, base, batch, cfg)) for batch in batches)  # one after the other
+    return {"queries": len(ids), "folds": folds}
 
 
 def _open_existing_store(settings: DDASettings) -> LineageStore:

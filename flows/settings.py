@@ -14,8 +14,7 @@ from typing import Literal
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from dda_kernel import ProjectionSpec
-from dda_kernel.projection import DEFAULT_INCLUDE
+from dda_kernel.spec import DEFAULT_INCLUDE, ProjectionSpec
 from tasks.config import PipelineConfig, ScoringConfig
 
 

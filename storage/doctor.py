@@ -26,8 +26,8 @@ from storage.schemas import TABLE_KEYS
 from storage.store import LineageStore, where_equal, where_in
 
 NEWEST = {
-    "samples": "ingested_at", "checkpoints": "indexed_at", "queries": "created_at", "scores": "written_at",
-    "dda_state": "updated_at", "runs": "started_at",
+    "samples": "ingested_at", "checkpoints": "indexed_at", "queries": "created_at", "sample_sets": "created_at",
+    "scores": "written_at", "dda_state": "updated_at", "runs": "started_at",
 }  # fmt: skip
 
 
@@ -98,11 +98,8 @@ def _surplus_row_ids(store: LineageStore, table: str, keys: Sequence[str]) -> li
 
 
 def _affected_states(store: LineageStore) -> set[tuple[str, str]]:
-    """(query_id, settings_fingerprint) of every running state with a repeated (query, sample, settings) key."""
-    sql = (
-        "SELECT DISTINCT query_id, settings_fingerprint FROM t "
-        "GROUP BY query_id, sample_id, settings_fingerprint HAVING count(*) > 1"
-    )
+    """(query_id, settings_fingerprint) of every running state held by more than one row."""
+    sql = "SELECT query_id, settings_fingerprint FROM t GROUP BY query_id, settings_fingerprint HAVING count(*) > 1"
     hits = _over_keys(store, "dda_state", TABLE_KEYS["dda_state"], sql)
     return {(str(h["query_id"]), str(h["settings_fingerprint"])) for h in hits}
 

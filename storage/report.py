@@ -38,9 +38,9 @@ SQL: dict[str, str] = {
     "query_ids": """
         SELECT DISTINCT query_id FROM lineage WHERE settings_fingerprint = $fp ORDER BY query_id""",
     "repeated_state": """
-        SELECT query_id, sample_id, count(*) AS n FROM _dda_state
+        SELECT query_id, count(*) AS n FROM _dda_state
         WHERE settings_fingerprint = $fp AND list_contains($ids, query_id)
-        GROUP BY query_id, sample_id HAVING n > 1 ORDER BY query_id, sample_id LIMIT 1""",
+        GROUP BY query_id HAVING n > 1 ORDER BY query_id LIMIT 1""",
     "queries": """
         SELECT q.query_id, q.prompt, q.response, q.corrected, q.created_at, max(l.n_checkpoints) AS n_checkpoints,
                count(l.sample_id) AS n_samples
@@ -226,7 +226,7 @@ def _read(
     scoped = {"fp": fp, "ids": ids}
     for r in _rows(con, "repeated_state", **scoped):  # a damaged store must not give a confident report
         raise DamagedStoreError(
-            f"table dda_state holds {r['n']} rows for query {r['query_id']!r}, sample {r['sample_id']!r}: "
+            f"table dda_state holds {r['n']} rows for query {r['query_id']!r}: "
             "two writers met without the lock; run `dda doctor --repair`"
         )
     top, paths = _top_and_trajectories(con, fp, ids, top_k, n_trajectories)

@@ -15,7 +15,8 @@ from lancedb.pydantic import LanceModel, Vector
 from pydantic import create_model
 
 VECTOR_TYPE = pa.float16()
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+BASE_CHECKPOINT = "base"  # checkpoint_id of the base model θ_0
 
 
 class SampleRow(LanceModel):
@@ -59,34 +60,48 @@ class QueryRow(LanceModel):
     created_at: datetime
 
 
-class ScoreRow(LanceModel):
-    """Per-checkpoint scores of a (query, sample). Key: (query_id, sample_id, checkpoint_id, settings_fingerprint).
+class SampleSetRow(LanceModel):
+    """An ordered list of sample ids that score and state vectors are aligned to. Key: ``sample_set_id``.
 
-    ``score`` = s̃_t, ``base_score`` = s̃_0, ``debiased_score`` = s̃_t − λ s̃_0 (after normalisation),
-    ``weight`` = w_t, the checkpoint's weight in the denoise mean.
+    ``sample_set_id`` = md5 of the ids joined by newlines (:func:`storage.scores.sample_set_id`): the same
+    samples in the same order are one set, whoever writes them.
+    """
+
+    sample_set_id: str
+    sample_ids: list[str]
+    n_samples: int
+    created_at: datetime
+
+
+class ScoreRow(LanceModel):
+    """Scores of one query at one checkpoint, over every sample. Key: (query_id, checkpoint_id, settings_fingerprint).
+
+    ``score[j]`` = s̃_t(q, i_j) for the j-th sample of ``sample_set_id``; the row of ``checkpoint_id`` =
+    ``'base'`` holds s̃_0. ``debias_coefficient`` λ gives s_t^db = s̃_t − λ s̃_0 (computed by the ``scores``
+    view, the formula :func:`dda_kernel.debias` folds); ``weight`` = w_t in the denoise mean (0 for the base).
     """
 
     query_id: str
-    sample_id: str
     checkpoint_id: str
     settings_fingerprint: str
-    score: float
-    base_score: float
-    debiased_score: float
+    sample_set_id: str
+    score: list[float]
     weight: float
+    debias_coefficient: float
     written_at: datetime
 
 
 class DDAStateRow(LanceModel):
-    """Running denoise state of a (query, sample). Key: (query_id, sample_id, settings_fingerprint).
+    """Running denoise state of one query over every sample. Key: (query_id, settings_fingerprint).
 
-    dda_score = weighted_sum / total_weight over the checkpoints listed in ``checkpoints``.
+    dda_score[j] = weighted_sum[j] / total_weight over the checkpoints listed in ``checkpoints``, for the
+    j-th sample of ``sample_set_id``.
     """
 
     query_id: str
-    sample_id: str
     settings_fingerprint: str
-    weighted_sum: float
+    sample_set_id: str
+    weighted_sum: list[float]
     total_weight: float
     checkpoints: list[str]
     updated_at: datetime
@@ -146,8 +161,9 @@ TABLE_KEYS: dict[str, tuple[str, ...]] = {
     "queries": ("query_id",),
     "embeddings": ("sample_id", "checkpoint_id", "projection_fingerprint"),
     "query_embeddings": ("query_id", "checkpoint_id", "projection_fingerprint", "kind"),
-    "scores": ("query_id", "sample_id", "checkpoint_id", "settings_fingerprint"),
-    "dda_state": ("query_id", "sample_id", "settings_fingerprint"),
+    "sample_sets": ("sample_set_id",),
+    "scores": ("query_id", "checkpoint_id", "settings_fingerprint"),
+    "dda_state": ("query_id", "settings_fingerprint"),
     "runs": ("run_id",),
 }
 
@@ -160,6 +176,7 @@ def table_schema(table: str, dim: int) -> pa.Schema:
         "queries": QueryRow,
         "embeddings": embedding_row_model(dim),
         "query_embeddings": query_embedding_row_model(dim),
+        "sample_sets": SampleSetRow,
         "scores": ScoreRow,
         "dda_state": DDAStateRow,
         "runs": RunRow,

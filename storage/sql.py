@@ -25,7 +25,7 @@ from storage.errors import ReadOnlySQLError, StorageError
 from storage.schemas import table_schema
 from storage.store import LineageStore
 
-BASE_TABLES = ("samples", "checkpoints", "queries", "scores", "dda_state", "runs")
+BASE_TABLES = ("samples", "checkpoints", "queries", "sample_sets", "scores", "dda_state", "runs")
 MEMORY_LIMIT = "2GB"
 THREADS = 2
 
@@ -47,14 +47,31 @@ VIEWS: dict[str, str] = {
     "checkpoints": "SELECT checkpoint_id, run_id, role, step, epoch, learning_rate, path, fingerprint, "
     "projection_fingerprint, indexed_at FROM _checkpoints",
     "queries": "SELECT query_id, prompt, response, corrected, meta_json, created_at FROM _queries",
-    "scores": "SELECT query_id, sample_id, checkpoint_id, score, base_score, debiased_score, weight, "
-    "settings_fingerprint, written_at FROM _scores",
+    # Stored compactly (one row per query × checkpoint, or per query, holding a vector aligned with a sample
+    # set); unnested here into one row per sample. s_t^db = s̃_t − λ·s̃_0 is the formula the state folded.
+    "scores": """
+        SELECT query_id, sample_id, checkpoint_id, score, base_score,
+               score - debias_coefficient * base_score AS debiased_score, weight, settings_fingerprint, written_at
+        FROM (
+            SELECT s.query_id, unnest(ss.sample_ids) AS sample_id, s.checkpoint_id, unnest(s.score) AS score,
+                   unnest(b.score) AS base_score, s.debias_coefficient, s.weight, s.settings_fingerprint, s.written_at
+            FROM _scores s
+            JOIN _scores b ON b.query_id = s.query_id AND b.settings_fingerprint = s.settings_fingerprint
+                AND b.checkpoint_id = 'base' AND b.sample_set_id = s.sample_set_id
+            JOIN _sample_sets ss ON ss.sample_set_id = s.sample_set_id
+            WHERE s.checkpoint_id <> 'base')""",
     "lineage": """
-        SELECT query_id, sample_id, weighted_sum / total_weight AS dda_score, len(checkpoints) AS n_checkpoints,
+        SELECT query_id, sample_id, dda_score, n_checkpoints,
                row_number() OVER (PARTITION BY query_id, settings_fingerprint
-                                  ORDER BY weighted_sum / total_weight DESC, sample_id) AS rank,
+                                  ORDER BY dda_score DESC, sample_id) AS rank,
                updated_at, settings_fingerprint
-        FROM _dda_state""",
+        FROM (
+            SELECT query_id, sample_id, weighted_sum / total_weight AS dda_score, n_checkpoints, updated_at,
+                   settings_fingerprint
+            FROM (
+                SELECT d.query_id, unnest(ss.sample_ids) AS sample_id, unnest(d.weighted_sum) AS weighted_sum,
+                       d.total_weight, len(d.checkpoints) AS n_checkpoints, d.updated_at, d.settings_fingerprint
+                FROM _dda_state d JOIN _sample_sets ss USING (sample_set_id)))""",
     "source_influence": _influence_view("source"),
     "license_influence": _influence_view("license"),
     "runs": "SELECT * FROM _runs",

@@ -14,18 +14,21 @@ import re
 import tempfile
 import threading
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import lancedb
 import pyarrow as pa
+from lancedb.index import Bitmap
 
 from storage.errors import FingerprintMismatchError, StorageError
 from storage.schemas import SCHEMA_VERSION, TABLE_KEYS, table_schema
 
 _CREATE_GUARD = threading.Lock()
+# Scalar indexes on the columns every read of a table filters by (built by LineageStore.compact).
+SCALAR_INDEXES: dict[str, tuple[str, ...]] = {"embeddings": ("checkpoint_id",), "query_embeddings": ("checkpoint_id",)}
 
 
 def utcnow() -> datetime:
@@ -35,12 +38,17 @@ def utcnow() -> datetime:
 
 @dataclass(frozen=True)
 class StoreMeta:
-    """What every vector in the store depends on; fixed at creation."""
+    """What every vector in the store depends on; fixed at creation.
+
+    ``layout`` lists the tracked modules as the projection lays them out (name, d_in, d_out, k_in, k_out,
+    offset), so that scoring rebuilds the layout without loading a model.
+    """
 
     schema_version: int
     projection_fingerprint: str
     dim: int
     created_at: str
+    layout: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
@@ -98,12 +106,15 @@ class LineageStore:
         self.db = lancedb.connect(str(root / "lance"))
 
     @classmethod
-    def open(cls, root: str | Path, projection_fingerprint: str | None = None, dim: int | None = None) -> LineageStore:
+    def open(
+        cls, root: str | Path, projection_fingerprint: str | None = None, dim: int | None = None,
+        layout: list[dict[str, Any]] | None = None,
+    ) -> LineageStore:  # fmt: skip
         """Open (or create) the store at ``root``.
 
-        With ``projection_fingerprint`` and ``dim``: a new store records them; an existing one must
-        match them, else :class:`FingerprintMismatchError` names both values. Without them the store
-        is opened as it is (for reading and SQL).
+        With ``projection_fingerprint`` and ``dim`` (and the module ``layout``): a new store records them;
+        an existing one must match them, else :class:`FingerprintMismatchError` names both values. Without
+        them the store is opened as it is (for reading and SQL).
         """
         root = Path(root)
         root.mkdir(parents=True, exist_ok=True)
@@ -118,7 +129,7 @@ class LineageStore:
             if dim is None:
                 raise ValueError("opening a store for writing needs both projection_fingerprint and dim")
             if meta is None:
-                meta = StoreMeta(SCHEMA_VERSION, projection_fingerprint, dim, utcnow().isoformat())
+                meta = StoreMeta(SCHEMA_VERSION, projection_fingerprint, dim, utcnow().isoformat(), list(layout or []))
                 _write_json_atomic(meta_path, asdict(meta))
             elif (meta.projection_fingerprint, meta.dim) != (projection_fingerprint, dim):
                 raise FingerprintMismatchError(
@@ -172,6 +183,19 @@ class LineageStore:
             table.checkout(as_of)
         result: pa.Table = table.to_lance().to_table(columns=list(columns) if columns else None, filter=where)
         return result
+
+    def compact(self, names: Sequence[str]) -> None:
+        """Merge the small files of tables ``names`` (one per write) into few, and fold new rows into their scalar
+        indexes; versions are kept (tags stay readable). Creates the index of :data:`SCALAR_INDEXES` on first use."""
+        for name in names:
+            if not self.has_table(name):
+                continue
+            table = self.db.open_table(name)
+            indexed = {tuple(i.columns) for i in table.list_indices()}
+            for column in SCALAR_INDEXES.get(name, ()):
+                if (column,) not in indexed and table.count_rows() > 0:
+                    table.create_index(column, config=Bitmap())  # few distinct values: a bitmap per checkpoint
+            table.optimize()
 
     def tag_checkpoint(self, checkpoint_id: str) -> str:
         """Tag the current ``embeddings`` and ``checkpoints`` versions as ``ckpt-<id>``; returns the tag."""

@@ -117,3 +117,10 @@ def read_query_embeddings(store: LineageStore, checkpoint_id: str, kind: str, qu
     matrix = flat.reshape(table.num_rows, -1)
     selected: np.ndarray = matrix[[index[q] for q in query_ids]]
     return selected
+
+
+def count_embeddings(store: LineageStore, checkpoint_id: str) -> int:
+    """Number of sample vectors stored for ``checkpoint_id`` at this store's projection."""
+    if not store.has_table("embeddings"):
+        return 0
+    return int(store.db.open_table("embeddings").count_rows(_at_checkpoint(store, checkpoint_id)))

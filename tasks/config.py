@@ -5,9 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from dda_kernel import ProjectionSpec, stable_fingerprint
-from dda_kernel.dda import CheckpointWeighting
-from dda_kernel.scoring import Normalisation
+from dda_kernel.fingerprint import stable_fingerprint
+from dda_kernel.spec import CheckpointWeighting, Normalisation, ProjectionSpec
 
 Preconditioning = Literal["identity", "fisher"]
 QueryKind = Literal["auto", "plain", "contrastive"]

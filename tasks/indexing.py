@@ -25,6 +25,7 @@ from storage.store import LineageStore, utcnow, where_equal, where_in
 from storage.vectors import embedded_sample_ids, write_embeddings, write_query_embeddings
 from tasks.checkpoints import CheckpointError, CheckpointInfo, fingerprint_files, fingerprint_paths, read_trainer_state
 from tasks.config import PipelineConfig
+from tasks.finalize import finalize_checkpoint, layout_record, stored_layout
 from tasks.models import context_length, model_for
 from tasks.tokenize import encode_pair
 
@@ -61,7 +62,7 @@ def model_layout(base_reference: str, config: PipelineConfig) -> EmbeddingLayout
 def open_store(data_dir: str | Path, base_reference: str, config: PipelineConfig) -> LineageStore:
     """The store of ``data_dir`` opened for writing with the base model's projection fingerprint and dim."""
     layout = model_layout(base_reference, config)
-    return LineageStore.open(Path(data_dir) / "store", layout.fingerprint, layout.dim)
+    return LineageStore.open(Path(data_dir) / "store", layout.fingerprint, layout.dim, layout_record(layout))
 
 
 def plan_checkpoint(
@@ -140,7 +141,7 @@ def embed_shard(
 ) -> int:
     """Embed the samples ``shard`` at the plan's checkpoint (skipping stored ones); returns rows written.
 
-    Writes after every batch, so a killed run resumes where it stopped.
+    Writes once per shard (one Lance commit, one fragment): a killed run resumes at the first shard not written.
     """
     store = open_store(data_dir, base_reference, config)
     todo = sorted(set(shard) - embedded_sample_ids(store, plan.checkpoint_id))
@@ -149,21 +150,20 @@ def embed_shard(
     texts = read_samples(store, todo)
     rows = [(f"sample {sid!r}", *texts[sid]) for sid in todo]
     checkpoint = None if plan.role == "base" else plan.path
-    written = 0
+    parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     with model_for(base_reference, checkpoint, config.device) as cached:
-        for chunk, out in _embed_rows(cached, rows, config, desc=f"{plan.checkpoint_id}"):
-            ids = [todo[written + i] for i in range(len(chunk))]
-            write_embeddings(
-                store, plan.checkpoint_id, ids, out.vectors.detach().cpu().numpy(), out.loss.detach().cpu().numpy(),
-                out.n_tokens.cpu().numpy(),
-            )  # fmt: skip
-            written += len(chunk)
-            fault_point("embedding-written")
-    return written
+        for _, out in _embed_rows(cached, rows, config, desc=f"{plan.checkpoint_id}"):
+            parts.append((out.vectors.detach().float().cpu().numpy(), out.loss.detach().cpu().numpy(),
+                          out.n_tokens.cpu().numpy()))  # fmt: skip
+    vectors, loss, n_tokens = (np.concatenate(column) for column in zip(*parts, strict=True))
+    write_embeddings(store, plan.checkpoint_id, todo, vectors, loss, n_tokens)
+    fault_point("embedding-written")
+    return len(todo)
 
 
 def finish_checkpoint(data_dir: str | Path, base_reference: str, plan: CheckpointPlan, config: PipelineConfig) -> str:
-    """Mark the checkpoint indexed (its ``checkpoints`` row, a version tag); fill token counts for the base.
+    """Finalize the checkpoint (:func:`tasks.finalize.finalize_checkpoint`), compact the tables it wrote, then mark
+    it indexed (its ``checkpoints`` row, a version tag); fill token counts for the base.
 
     Raises :class:`CheckpointError` if a registered sample still lacks its embedding.
     """
@@ -181,6 +181,8 @@ def finish_checkpoint(data_dir: str | Path, base_reference: str, plan: Checkpoin
         "epoch": plan.epoch, "learning_rate": plan.learning_rate, "path": plan.path, "fingerprint": plan.fingerprint,
         "projection_fingerprint": store.meta.projection_fingerprint if store.meta else "", "indexed_at": utcnow(),
     }  # fmt: skip
+    finalize_checkpoint(store, row, stored_layout(store, config.projection))
+    store.compact(("embeddings", "query_embeddings", "samples"))
     fault_point("before-checkpoint-row")
     write_checkpoint(store, row)
     return store.tag_checkpoint(plan.checkpoint_id)

@@ -2,15 +2,19 @@
 
 For each query q and every indexed fine-tuning checkpoint t not yet in q's state:
 s_t = ĝ_q(θ_t)ᵀ F_t⁻¹ ĝ_i(θ_t), s_0 the same at the base model, s̃ their normalised forms,
-s_t^db = s̃_t − λ s̃_0, and S = Σ_t w_t s_t^db / Σ_t w_t kept as a running state. A new checkpoint
-costs one pass over its own vectors; earlier checkpoints are never recomputed. If samples were
-added since a query's state was built, its state is rebuilt over every checkpoint.
+s_t^db = s̃_t − λ s̃_0, and S = Σ_t w_t s_t^db / Σ_t w_t kept as a running state.
+
+A refresh reads each finalized checkpoint (:mod:`tasks.finalize`: a memory-mapped float16 matrix in
+canonical sample order and its stored Fisher statistics) once, and scores every pending query of it in one
+matrix product; the base model is scored once per query and its s̃_0 kept with the scores, so a later
+checkpoint costs one pass over its own matrix. Scores are written once per checkpoint, the states once per
+refresh. If samples were added since a query's state was built, its state is rebuilt over every checkpoint.
+No model is loaded: the layout comes from the store.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +27,6 @@ from dda_kernel import (
     Preconditioner,
     apply_preconditioner,
     checkpoint_weights,
-    covariance_init,
-    covariance_update,
     dda_update,
     debias,
     fit_preconditioner,
@@ -33,46 +35,41 @@ from dda_kernel import (
     row_norms,
 )
 from storage.faults import fault_point
+from storage.finalized import Finalized
 from storage.registry import read_checkpoints
-from storage.scores import StoredState, read_dda_state, write_dda_state, write_scores
+from storage.schemas import BASE_CHECKPOINT
+from storage.scores import (
+    ScoreBlock,
+    StoredState,
+    read_base_scores,
+    read_dda_states,
+    read_sample_set,
+    write_dda_state,
+    write_scores,
+)
 from storage.store import LineageStore, where_in
-from storage.vectors import EmbeddingMatrix, embedded_sample_ids, read_embeddings, read_query_embeddings
+from storage.vectors import read_query_embeddings
 from tasks.checkpoints import CheckpointError
 from tasks.config import PipelineConfig
-from tasks.indexing import BASE_ID, model_layout
+from tasks.finalize import covariance_of, open_checkpoint, stored_layout
 
 
-@dataclass(frozen=True)
-class Aligned:
-    """One checkpoint's sample vectors with rows sorted by sample id (the order of every state)."""
-
-    sample_ids: list[str]
-    vectors: np.ndarray
-    grad_norms: np.ndarray
-    preconditioner: Preconditioner | None
-
-
-def _aligned(store: LineageStore, checkpoint_id: str, layout: EmbeddingLayout, config: PipelineConfig) -> Aligned:
-    matrix: EmbeddingMatrix = read_embeddings(store, checkpoint_id)
-    order = matrix.order
-    vectors = matrix.vectors[order]
-    pre = None
-    if config.scoring.preconditioner == "fisher":
-        state = covariance_init(layout)
-        for start in range(0, len(vectors), 8192):
-            state = covariance_update(state, layout, torch.from_numpy(vectors[start : start + 8192].astype(np.float32)))
-        pre = fit_preconditioner(state, config.scoring.damping)
-    return Aligned(matrix.sample_ids[order].tolist(), vectors, matrix.grad_norms[order], pre)
+def _preconditioner(fin: Finalized, layout: EmbeddingLayout, config: PipelineConfig) -> Preconditioner | None:
+    """F_t from the checkpoint's stored Fisher statistics (a Cholesky per module), or None for the identity."""
+    if config.scoring.preconditioner != "fisher":
+        return None
+    return fit_preconditioner(covariance_of(fin, layout), config.scoring.damping)
 
 
 def _scores(
-    store: LineageStore, at: Aligned, checkpoint_id: str, kind: str, query_ids: list[str], layout: EmbeddingLayout,
+    store: LineageStore, fin: Finalized, kind: str, query_ids: list[str], layout: EmbeddingLayout,
     config: PipelineConfig,
 ) -> torch.Tensor:  # fmt: skip
     """s̃ (m, n) float64: preconditioned inner products of the queries with every sample, normalised."""
-    q = torch.from_numpy(read_query_embeddings(store, checkpoint_id, kind, query_ids))
-    s = pairwise_scores(apply_preconditioner(at.preconditioner, layout, q), torch.from_numpy(at.vectors))
-    return normalise_scores(s, config.scoring.normalisation, row_norms(q), torch.from_numpy(at.grad_norms))
+    q = torch.from_numpy(read_query_embeddings(store, fin.meta.checkpoint_id, kind, query_ids))
+    pre = _preconditioner(fin, layout, config)
+    s = pairwise_scores(apply_preconditioner(pre, layout, q), torch.from_numpy(fin.vectors))
+    return normalise_scores(s, config.scoring.normalisation, row_norms(q), torch.from_numpy(fin.grad_norms))
 
 
 def query_kinds(store: LineageStore, query_ids: Sequence[str], config: PipelineConfig) -> dict[str, str]:
@@ -107,6 +104,7 @@ def refresh_lineage(data_dir: str | Path, base_reference: str, query_ids: Sequen
     """Fold every indexed checkpoint missing from the queries' DDA states in; returns (query, checkpoint) folds.
 
     Needs the query embeddings at the base model and at each checkpoint (:func:`tasks.indexing.embed_queries`).
+    ``base_reference`` is not loaded (kept for the flows' uniform task signature).
     """
     store = LineageStore.open(Path(data_dir) / "store")
     checkpoints = read_checkpoints(store)
@@ -117,37 +115,74 @@ def refresh_lineage(data_dir: str | Path, base_reference: str, query_ids: Sequen
         return 0
     fp = config.settings_fingerprint
     kinds = query_kinds(store, query_ids, config)
-    sample_ids = sorted(embedded_sample_ids(store, BASE_ID))
-    states = {q: _state(read_dda_state(store, fp, q), sample_ids) for q in query_ids}
-    if all(c["checkpoint_id"] in states[q].checkpoints for q in query_ids for c in finetuned):
+    layout = stored_layout(store, config.projection)
+    base = open_checkpoint(store, checkpoints[0], layout)
+    set_id = base.meta.sample_set_id
+    sample_ids = read_sample_set(store, set_id)
+    stored = read_dda_states(store, fp, query_ids)
+    states = {q: _state(stored.get(q), sample_ids) for q in query_ids}
+    pending = [q for q in query_ids if any(c["checkpoint_id"] not in states[q].checkpoints for c in finetuned)]
+    if not pending:
         return 0  # every state is current: no vector is read
-    layout = model_layout(base_reference, config)
-    base = _aligned(store, BASE_ID, layout, config)
+    base_scores = _base_scores(store, base, pending, kinds, layout, config)
     weights = _weights(finetuned, config)
+    fresh = [ScoreBlock(BASE_CHECKPOINT, list(base_scores.computed), base_scores.matrix(base_scores.computed), 0.0)]
     folds = 0
     for ckpt in finetuned:
         cid = ckpt["checkpoint_id"]
-        need = [q for q in query_ids if cid not in states[q].checkpoints]
+        need = [q for q in pending if cid not in states[q].checkpoints]
         if not need:
             continue
-        at = _aligned(store, cid, layout, config)
-        if at.sample_ids != base.sample_ids:
+        at = open_checkpoint(store, ckpt, layout)
+        if at.meta.sample_set_id != set_id:
             raise CheckpointError(f"checkpoint {cid} and the base model embed different samples: re-run dda index")
+        blocks = [b for b in fresh if b.query_ids]
+        fresh = []
         for kind in ("plain", "contrastive"):
             qs = [q for q in need if kinds[q] == kind]
             if not qs:
                 continue
-            s_t = _scores(store, at, cid, kind, qs, layout, config)
-            s_0 = _scores(store, base, BASE_ID, kind, qs, layout, config)
-            s_db = debias(s_t, s_0, config.scoring.debias_coefficient)
-            write_scores(store, fp, cid, qs, base.sample_ids, s_t.numpy(), s_0.numpy(), s_db.numpy(), weights[cid])
-            fault_point("scores-written")
+            s_t = _scores(store, at, kind, qs, layout, config)
+            s_db = debias(s_t, torch.from_numpy(base_scores.matrix(qs)), config.scoring.debias_coefficient)
+            blocks.append(ScoreBlock(cid, qs, s_t.numpy(), weights[cid]))
             for i, q in enumerate(qs):
                 states[q] = dda_update(states[q], cid, s_db[i : i + 1], weights[cid], config.scoring.standardise)
-        _write_states(store, fp, need, states, base.sample_ids)
-        fault_point("state-written")
+        write_scores(store, fp, set_id, blocks, config.scoring.debias_coefficient)
+        fault_point("scores-written")
         folds += len(need)
+    _write_states(store, fp, pending, states, sample_ids)
+    fault_point("state-written")
     return folds
+
+
+class _BaseScores:
+    """s̃_0 per query: reused from the store when kept there, else computed now (``computed``)."""
+
+    def __init__(self, rows: dict[str, np.ndarray], computed: list[str]) -> None:
+        self.rows = rows
+        self.computed = computed
+
+    def matrix(self, query_ids: Sequence[str]) -> np.ndarray:
+        """(m, n) float64 rows of ``query_ids``."""
+        if not query_ids:
+            return np.zeros((0, 0))
+        return np.stack([self.rows[q] for q in query_ids])
+
+
+def _base_scores(
+    store: LineageStore, base: Finalized, query_ids: list[str], kinds: dict[str, str], layout: EmbeddingLayout,
+    config: PipelineConfig,
+) -> _BaseScores:  # fmt: skip
+    """s̃_0 of ``query_ids``: read where stored over the base's sample set, the others scored in one pass per kind."""
+    fp = config.settings_fingerprint
+    rows = read_base_scores(store, fp, base.meta.sample_set_id, query_ids)
+    computed = [q for q in query_ids if q not in rows]
+    for kind in ("plain", "contrastive"):
+        qs = [q for q in computed if kinds[q] == kind]
+        if qs:
+            s_0 = _scores(store, base, kind, qs, layout, config).numpy()
+            rows.update(zip(qs, s_0, strict=True))
+    return _BaseScores(rows, computed)
 
 
 def _write_states(

@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow as pa
 
 from storage.samples import QueryIn, SampleIn, ingest_samples, register_queries
-from storage.scores import StoredState, write_dda_state, write_scores
+from storage.scores import ScoreBlock, StoredState, write_dda_state, write_sample_set, write_scores
 from storage.store import LineageStore, utcnow
 
 DIM = 16
@@ -68,10 +68,12 @@ def lineage_world(tmp_path):
     base = rng.standard_normal((2, N))
     weights = {"c1": 1.0, "c2": 2.0, "c3": 0.5}
     debiased = {}
+    blocks = [ScoreBlock("base", queries, base, 0.0)]
     for c, w in weights.items():
         s = rng.standard_normal((2, N))
         debiased[c] = s - base
-        write_scores(store, SETTINGS, c, queries, SAMPLES, s, base, debiased[c], w)
+        blocks.append(ScoreBlock(c, queries, s, w))
+    write_scores(store, SETTINGS, write_sample_set(store, SAMPLES), blocks, debias_coefficient=1.0)
     total = sum(weights.values())
     weighted = sum(w * debiased[c] for c, w in weights.items())
     state = StoredState(queries, SAMPLES, weighted, np.full(2, total), [frozenset(weights)] * 2)

@@ -34,9 +34,10 @@ PINNED = {
     "vector:fixed_size_list<item: halffloat>[16] loss:double! grad_norm:double! n_tokens:int64!",
     "query_embeddings": "query_id:string! checkpoint_id:string! projection_fingerprint:string! kind:string! "
     "vector:fixed_size_list<item: float>[16] grad_norm:double!",
-    "scores": "query_id:string! sample_id:string! checkpoint_id:string! settings_fingerprint:string! score:double! "
-    "base_score:double! debiased_score:double! weight:double! written_at:timestamp[us]!",
-    "dda_state": "query_id:string! sample_id:string! settings_fingerprint:string! weighted_sum:double! "
+    "sample_sets": "sample_set_id:string! sample_ids:list<item: string>! n_samples:int64! created_at:timestamp[us]!",
+    "scores": "query_id:string! checkpoint_id:string! settings_fingerprint:string! sample_set_id:string! "
+    "score:list<item: double>! weight:double! debias_coefficient:double! written_at:timestamp[us]!",
+    "dda_state": "query_id:string! settings_fingerprint:string! sample_set_id:string! weighted_sum:list<item: double>! "
     "total_weight:double! checkpoints:list<item: string>! updated_at:timestamp[us]!",
     "runs": "run_id:string! flow_name:string! started_at:timestamp[us]! finished_at:timestamp[us] status:string! "
     "settings_json:string! settings_fingerprint:string! projection_fingerprint:string! code_version:string! "

@@ -12,7 +12,8 @@ import pytest
 
 from dda_kernel import build_projector, embed_batch, layout_for, pad_batch
 from storage.samples import SampleIn, ingest_samples, read_rows
-from storage.store import LineageStore, where_equal
+from storage.scores import read_dda_states
+from storage.store import LineageStore
 from storage.vectors import read_embeddings, read_query_embeddings
 from tasks.checkpoints import discover_checkpoints
 from tasks.config import ScoringConfig
@@ -125,13 +126,12 @@ def test_incremental_lineage_equals_a_numpy_reference(small_world, tmp_path, sco
     queries = [json.loads(line) for line in queries_file.read_text().splitlines()]
     model, _ = load_base_model(small_world.base_model)
     expected = _reference_dda(store, queries, config, layout_for(model, config.projection))
-    state = store.read("dda_state", where=where_equal(settings_fingerprint=config.settings_fingerprint))
-    got = {}
-    for r in state.to_pylist():
-        got.setdefault(r["query_id"], {})[r["sample_id"]] = r["weighted_sum"] / r["total_weight"]
-        assert len(r["checkpoints"]) == 2
+    states = read_dda_states(store, config.settings_fingerprint, ids)
     for i, qid in enumerate(ids):
-        row = [got[qid][s] for s in sorted(got[qid])]
+        state = states[qid]
+        assert len(state.checkpoints[0]) == 2
+        assert state.sample_ids == sorted(state.sample_ids)
+        row = state.weighted_sum[0] / state.total_weight[0]
         np.testing.assert_allclose(row, expected[i], rtol=1e-4, atol=1e-5)
 
 
@@ -149,9 +149,9 @@ def test_new_samples_are_embedded_everywhere_and_states_rebuilt(small_world, tmp
     index(tmp_path, small_world, small_world.run_dir)
     _, folds = attribute(tmp_path, small_world, queries_file)
     assert folds == 2 * 2
-    state = store.read("dda_state", ["sample_id", "checkpoints"]).to_pylist()
-    assert sum(r["sample_id"] == "late" for r in state) == 2
-    assert all(len(r["checkpoints"]) == 2 for r in state)
+    states = read_dda_states(store, CONFIG.settings_fingerprint, ["q0", "q1"])
+    assert [s.sample_ids.count("late") for s in states.values()] == [1, 1]
+    assert all(len(s.checkpoints[0]) == 2 for s in states.values())
 
 
 def test_query_longer_than_the_context_is_reported_by_id(small_world, tmp_path):
