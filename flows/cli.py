@@ -18,7 +18,7 @@ from typing import Any
 
 
 def _settings(args: argparse.Namespace, **overrides: Any) -> Any:
-    from flows.pipeline import load_settings
+    from flows.settings import load_settings
 
     values = {"data_dir": args.data_dir, **overrides}
     settings = load_settings(None, **values)
@@ -79,7 +79,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _ingest(args: argparse.Namespace) -> int:
-    from flows.pipeline import writing
+    from flows.runs import writing
     from storage.samples import SampleIn, extra_fields, ingest_samples, read_rows
     from storage.store import LineageStore
 
@@ -135,10 +135,21 @@ def _watch(args: argparse.Namespace) -> int:
 
 
 def _attribute(args: argparse.Namespace) -> int:
-    from flows.pipeline import attribute
-
     settings = _settings(args, base_model=args.base)
-    report = _run(attribute, settings, queries_file=args.queries, query_ids=args.query_id or None)
+    if os.environ.get("PREFECT_API_URL"):  # a server is there: run (and show) the flow
+        from flows.pipeline import attribute
+
+        report = _run(attribute, settings, queries_file=args.queries, query_ids=args.query_id or None)
+    else:  # no temporary server for an interactive command (README: Prefect); the runs table still records it
+        from flows.runs import new_run_id, recorded, writing
+        from tasks.attribution import attribute_queries
+
+        if settings.base_model is None:
+            raise ValueError("no base model given: pass --base or set DDA_BASE_MODEL")
+        report = {}
+        with writing(settings, "dda-attribute"), recorded(settings, "dda-attribute", new_run_id(), report):
+            report.update(attribute_queries(settings.data_dir, str(settings.base_model), args.queries,
+                                            args.query_id or [], settings.pipeline_config()))  # fmt: skip
     _say_extra_fields(report.get("extra_fields", []))
     print(f"attributed {report['queries']} queries ({report['folds']} new checkpoint folds)")
     for qid in report["query_ids"][:20]:
@@ -170,7 +181,7 @@ def _sql(args: argparse.Namespace) -> int:
 
 
 def _doctor(args: argparse.Namespace) -> int:
-    from flows.pipeline import writing
+    from flows.runs import writing
     from storage.doctor import find_duplicates, repair
     from storage.store import open_existing
 
@@ -186,7 +197,7 @@ def _doctor(args: argparse.Namespace) -> int:
     if not args.repair:
         print("run `dda doctor --repair` to remove the surplus rows", file=sys.stderr)
         return 1
-    from flows.pipeline import load_settings
+    from flows.settings import load_settings
 
     with writing(
         load_settings(None, data_dir=str(data_dir)), "dda doctor --repair"
@@ -197,14 +208,17 @@ def _doctor(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from flows.pipeline import governance_report
+    from storage.report import gather
+    from storage.store import open_existing
+    from tasks.report import write_report
 
     settings = _settings(args)
-    out = _run(governance_report, settings, out_dir=args.out, query_ids=args.query_id or None, top_k=args.top_k,
-               settings_fingerprint=args.settings_fingerprint)  # fmt: skip
-    print(f"report of {out['queries']} traced outputs under settings {out['settings_fingerprint']} "
-          f"({out['plots']} plots):")  # fmt: skip
-    print(f"  {out['html']}\n  {out['markdown']}")
+    fp = args.settings_fingerprint or settings.fingerprint
+    data = gather(open_existing(settings.data_dir / "store"), fp, args.query_id or None, top_k=args.top_k)
+    files = write_report(data, args.out or settings.data_dir / "report", progress=settings.indexing.progress,
+                         lock_timeout=settings.lock_timeout_seconds)  # fmt: skip
+    print(f"report of {len(data.queries)} traced outputs under settings {fp} ({len(files.plots)} plots):")
+    print(f"  {files.html}\n  {files.markdown}")
     return 0
 
 
@@ -279,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-READ_ONLY = ("sql", "doctor")
+READ_ONLY = ("sql", "doctor", "report")
 
 
 def _prepare_environment(args: argparse.Namespace) -> None:

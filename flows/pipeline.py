@@ -8,7 +8,6 @@ write is an idempotent upsert, so any flow can be killed and re-run. The task ru
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
@@ -22,20 +21,17 @@ from prefect.futures import wait
 from prefect.runtime import flow_run
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
-from flows.settings import DDASettings, code_version
+from flows.runs import new_run_id, recorded, writing
+from flows.settings import DDASettings, load_settings
 from storage.errors import StorageError
-from storage.lock import announce_wait, writer_lock
-from storage.registry import write_run
 from storage.report import ReportData, gather
-from storage.samples import QueryIn, extra_fields, read_rows, register_queries
-from storage.store import LineageStore, open_existing, utcnow
-from tasks import checkpoints, indexing, lineage
+from storage.store import LineageStore, open_existing
+from tasks import attribution, checkpoints, indexing
 from tasks.checkpoints import CheckpointError, CheckpointInfo
 from tasks.indexing import CheckpointPlan
 from tasks.report import render_markdown, summary_table, write_report
 
 T = TypeVar("T")
-QUERY_BATCH = 128  # queries scored together: each batch reads every checkpoint's matrix once
 SUMMARY_KEY = "dda-lineage-summary"
 TABLE_KEY = "dda-lineage-top-samples"
 ARTIFACT_QUERIES = 20
@@ -50,9 +46,8 @@ discover_task = _task(checkpoints.discover_checkpoints, "discover-checkpoints")
 plan_task = _task(indexing.plan_checkpoint, "plan-checkpoint")
 embed_shard_task = _task(indexing.embed_shard, "embed-shard")
 finish_task = _task(indexing.finish_checkpoint, "finish-checkpoint")
-embed_queries_task = _task(indexing.embed_queries, "embed-queries")
-refresh_task = _task(lineage.refresh_lineage, "refresh-lineage")
-check_lengths_task = _task(indexing.check_lengths, "check-query-lengths")
+refresh_queries_task = _task(attribution.refresh_queries, "refresh-lineage")
+attribute_task = _task(attribution.attribute_queries, "attribute-queries")
 
 
 class CheckpointsFailedError(CheckpointError):
@@ -61,23 +56,6 @@ class CheckpointsFailedError(CheckpointError):
     def __init__(self, message: str, report: dict[str, Any] | None = None) -> None:
         super().__init__(message)
         self.report = report or {}
-
-
-def load_settings(settings: dict[str, Any] | None = None, **overrides: Any) -> DDASettings:
-    """The settings tree from the environment, updated by ``settings`` (nested dict) and non-None ``overrides``."""
-    merged = DDASettings().model_dump()
-    for key, value in {**(settings or {}), **{k: v for k, v in overrides.items() if v is not None}}.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = {**merged[key], **value}
-        else:
-            merged[key] = value
-    resolved = DDASettings(**merged)
-    updates: dict[str, Any] = {"data_dir": resolved.data_dir.resolve()}
-    if resolved.run_dir is not None:
-        updates["run_dir"] = resolved.run_dir.resolve()
-    if resolved.base_model is not None and Path(resolved.base_model).exists():
-        updates["base_model"] = str(Path(resolved.base_model).resolve())
-    return resolved.model_copy(update=updates)
 
 
 def task_runner(settings: DDASettings) -> TaskRunner[Any]:
@@ -101,43 +79,12 @@ def _require(settings: DDASettings, *names: str) -> None:
 
 
 @contextmanager
-def writing(settings: DDASettings, purpose: str) -> Iterator[None]:
-    """Hold the data folder's writer lock (:func:`storage.lock.writer_lock`) for the ``with`` block.
-
-    Waits up to ``settings.lock_timeout_seconds`` for another writer, saying so once on stderr.
-    """
-    with writer_lock(settings.data_dir, purpose, settings.lock_timeout_seconds, on_wait=announce_wait):
-        yield
-
-
-@contextmanager
 def recorded_run(settings: DDASettings, wrote: dict[str, Any]) -> Iterator[None]:
-    """Hold the writer lock and record the flow run in the store's ``runs`` table (status, settings, code
-    version, what it wrote)."""
-    with writing(settings, str(flow_run.flow_name or "flow")), _recorded(settings, wrote):
+    """Hold the writer lock and record the current flow run in the store's ``runs`` table
+    (:func:`flows.runs.recorded`)."""
+    name = str(flow_run.flow_name or "flow")
+    with writing(settings, name), recorded(settings, name, str(flow_run.id or new_run_id()), wrote):
         yield
-
-
-@contextmanager
-def _recorded(settings: DDASettings, wrote: dict[str, Any]) -> Iterator[None]:
-    started = utcnow()
-    status = "failed"
-    try:
-        yield
-        status = "completed"
-    except (KeyboardInterrupt, SystemExit):
-        status = "interrupted"
-        raise
-    finally:
-        store = LineageStore.open(Path(settings.data_dir) / "store")
-        if store.meta is not None:
-            write_run(store, {
-                "run_id": str(flow_run.id or f"local-{started.isoformat()}"), "flow_name": str(flow_run.flow_name),
-                "started_at": started, "finished_at": utcnow(), "status": status,
-                "settings_json": settings.model_dump_json(), "settings_fingerprint": settings.fingerprint,
-                "projection_fingerprint": store.meta.projection_fingerprint, "code_version": code_version(),
-                "wrote_json": json.dumps(wrote, sort_keys=True, default=str),
-            })  # fmt: skip
 
 
 def _index_one(settings: DDASettings, info: CheckpointInfo | None) -> CheckpointPlan:
@@ -172,19 +119,8 @@ def index_checkpoint(
 def _refresh(settings: DDASettings, query_ids: list[str] | None = None) -> dict[str, int]:
     """Embed the queries at every indexed checkpoint, then fold missing checkpoints into their DDA states."""
     cfg = settings.pipeline_config()
-    base, data_dir = str(settings.base_model), str(settings.data_dir)
-    store = LineageStore.open(Path(data_dir) / "store")
-    ids = query_ids if query_ids is not None else sorted(store.read("queries", ["query_id"])["query_id"].to_pylist())
-    if not ids:
-        return {"queries": 0, "folds": 0}
-    ckpts = indexing.indexed_checkpoints(data_dir)
-    embedded = [embed_queries_task.submit(data_dir, base, c, ids, cfg) for c in ckpts]
-    wait(embedded)
-    for f in embedded:
-        f.result()
-    batches = [ids[i : i + QUERY_BATCH] for i in range(0, len(ids), QUERY_BATCH)]
-    folds = sum(int(refresh_task(data_dir, base, batch, cfg)) for batch in batches)  # one after the other
-    return {"queries": len(ids), "folds": folds}
+    result: dict[str, int] = refresh_queries_task(str(settings.data_dir), str(settings.base_model), query_ids, cfg)
+    return result
 
 
 def _open_existing_store(settings: DDASettings) -> LineageStore:
@@ -287,17 +223,9 @@ def attribute(
     _require(s, "base_model")
     report: dict[str, Any] = {}
     with recorded_run(s, report):
-        ids = list(query_ids or [])
-        if queries_file is not None:
-            rows = read_rows(queries_file, QueryIn)
-            names = [f"query {q.id!r}" if q.id else f"query on row {i + 1}" for i, q in enumerate(rows)]
-            texts = [(n, q.prompt, t) for n, q in zip(names, rows, strict=True) for t in (q.response, q.corrected) if t]
-            check_lengths_task(str(s.base_model), texts, s.pipeline_config())
-            ids += register_queries(LineageStore.open(Path(s.data_dir) / "store"), rows)
-            report["extra_fields"] = extra_fields(rows)
-        chosen = sorted(set(ids))
-        report.update(_refresh(s, chosen), query_ids=chosen)
-        publish_summary(s, chosen or None)
+        cfg = s.pipeline_config()
+        report.update(attribute_task(str(s.data_dir), str(s.base_model), queries_file, query_ids or [], cfg))
+        publish_summary(s, report["query_ids"] or None)
     return report
 
 

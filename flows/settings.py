@@ -9,7 +9,7 @@ from __future__ import annotations
 import subprocess
 from importlib import metadata
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -107,6 +107,23 @@ class DDASettings(BaseSettings):
     def fingerprint(self) -> str:
         """Fingerprint of the settings that change results (projection and scoring)."""
         return self.pipeline_config().settings_fingerprint
+
+
+def load_settings(settings: dict[str, Any] | None = None, **overrides: Any) -> DDASettings:
+    """The settings tree from the environment, updated by ``settings`` (nested dict) and non-None ``overrides``."""
+    merged = DDASettings().model_dump()
+    for key, value in {**(settings or {}), **{k: v for k, v in overrides.items() if v is not None}}.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    resolved = DDASettings(**merged)
+    updates: dict[str, Any] = {"data_dir": resolved.data_dir.resolve()}
+    if resolved.run_dir is not None:
+        updates["run_dir"] = resolved.run_dir.resolve()
+    if resolved.base_model is not None and Path(resolved.base_model).exists():
+        updates["base_model"] = str(Path(resolved.base_model).resolve())
+    return resolved.model_copy(update=updates)
 
 
 def code_version() -> str:

@@ -15,7 +15,7 @@ import tempfile
 import threading
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,8 @@ from storage.schemas import SCHEMA_VERSION, TABLE_KEYS, table_schema
 
 _CREATE_GUARD = threading.Lock()
 # Scalar indexes on the columns every read of a table filters by (built by LineageStore.compact).
+FRAGMENT_ROWS = 65536  # compaction target: full fragments are never rewritten
+RETENTION = timedelta(hours=1)  # versions younger than this are kept for readers on an old snapshot
 SCALAR_INDEXES: dict[str, tuple[str, ...]] = {"embeddings": ("checkpoint_id",), "query_embeddings": ("checkpoint_id",)}
 
 
@@ -185,8 +187,10 @@ class LineageStore:
         return result
 
     def compact(self, names: Sequence[str]) -> None:
-        """Merge the small files of tables ``names`` (one per write) into few, and fold new rows into their scalar
-        indexes; versions are kept (tags stay readable). Creates the index of :data:`SCALAR_INDEXES` on first use."""
+        """Merge the small files of tables ``names`` (one per write) into fragments of up to
+        :data:`FRAGMENT_ROWS` rows and fold new rows into their scalar indexes (created on first use,
+        :data:`SCALAR_INDEXES`). Fragments a tag uses are never rewritten: a tagged checkpoint keeps its files and
+        nothing is stored twice. A new version: earlier ones and tags stay readable."""
         for name in names:
             if not self.has_table(name):
                 continue
@@ -195,7 +199,26 @@ class LineageStore:
             for column in SCALAR_INDEXES.get(name, ()):
                 if (column,) not in indexed and table.count_rows() > 0:
                     table.create_index(column, config=Bitmap())  # few distinct values: a bitmap per checkpoint
-            table.optimize()
+            dataset = table.to_lance()
+            pinned = {
+                f.fragment_id for tag in dataset.tags.list() for f in dataset.checkout_version(tag).get_fragments()
+            }
+            dataset.optimize.compact_files(target_rows_per_fragment=FRAGMENT_ROWS, excluded_fragment_ids=sorted(pinned))
+            dataset.optimize.optimize_indices()
+
+    def prune(self, names: Sequence[str], older_than: timedelta = RETENTION) -> int:
+        """Delete the files of versions of ``names`` older than ``older_than`` that no tag and no later version
+        uses; returns bytes removed. The window protects readers still on an old snapshot."""
+        removed = 0
+        for name in names:
+            if self.has_table(name):
+                stats = (
+                    self.db.open_table(name)
+                    .to_lance()
+                    .cleanup_old_versions(older_than=older_than, error_if_tagged_old_versions=False)
+                )
+                removed += int(stats.bytes_removed)
+        return removed
 
     def tag_checkpoint(self, checkpoint_id: str) -> str:
         """Tag the current ``embeddings`` and ``checkpoints`` versions as ``ckpt-<id>``; returns the tag."""

@@ -183,6 +183,7 @@ def finish_checkpoint(data_dir: str | Path, base_reference: str, plan: Checkpoin
     }  # fmt: skip
     finalize_checkpoint(store, row, stored_layout(store, config.projection))
     store.compact(("embeddings", "query_embeddings", "samples"))
+    store.prune(("embeddings", "query_embeddings", "samples", "scores", "dda_state"))
     fault_point("before-checkpoint-row")
     write_checkpoint(store, row)
     return store.tag_checkpoint(plan.checkpoint_id)
@@ -214,13 +215,13 @@ def embed_queries(
     plain ĝ_q = ĝ(prompt, response); contrastive ĝ_q = ĝ(prompt, response) − ĝ(prompt, corrected).
     Queries already embedded there are skipped; returns the number embedded now.
     """
-    store = open_store(data_dir, base_reference, config)
     cid = checkpoint["checkpoint_id"]
     done_where = where_equal(checkpoint_id=cid, kind="plain")
-    done = set(store.read("query_embeddings", ["query_id"], done_where)["query_id"].to_pylist())
-    todo = [q for q in query_ids if q not in done]
+    known = LineageStore.open(Path(data_dir) / "store").read("query_embeddings", ["query_id"], done_where)
+    todo = sorted(set(query_ids) - set(known["query_id"].to_pylist()))
     if not todo:
-        return 0
+        return 0  # no model is loaded when every query is embedded here
+    store = open_store(data_dir, base_reference, config)
     rows = store.read("queries", ["query_id", "prompt", "response", "corrected"], where_in("query_id", todo))
     queries = sorted(rows.to_pylist(), key=lambda r: r["query_id"])
     path = None if checkpoint["role"] == "base" else checkpoint["path"]
