@@ -30,6 +30,22 @@ def _check(store: LineageStore, vectors: np.ndarray, n: int) -> str:
     return meta.projection_fingerprint
 
 
+FLOAT16_MAX = float(np.finfo(np.float16).max)
+
+
+def _check_float16_range(vectors: np.ndarray, ids: Sequence[str]) -> None:
+    """Refuse vectors float16 cannot hold (|v| > 65 504 would be stored as infinity), naming the first sample."""
+    big = np.abs(vectors).max(axis=1) > FLOAT16_MAX if len(vectors) else np.zeros(0, dtype=bool)
+    bad = ~np.isfinite(vectors).all(axis=1) | big
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise ValueError(
+            f"the gradient embedding of {ids[i]!r} has a value beyond the float16 range the store keeps "
+            f"(max |v| = {float(np.abs(vectors[i]).max()):.4g} > {FLOAT16_MAX:g}, or not finite): "
+            "use DDA_PROJECTION__LOSS_REDUCTION=mean or check the sample for a diverging loss"
+        )
+
+
 def _at_checkpoint(store: LineageStore, checkpoint_id: str, **more: str) -> str:
     """Filter for rows of ``checkpoint_id`` at this store's projection fingerprint (and ``more`` columns)."""
     fp = store.meta.projection_fingerprint if store.meta else ""
@@ -46,6 +62,7 @@ def write_embeddings(
 ) -> int:
     """Upsert ĝ_i(θ_t) for ``sample_ids`` (vectors (n, D), stored float16) with loss and ‖ĝ_i‖ (from float32)."""
     fp = _check(store, vectors, len(sample_ids))
+    _check_float16_range(vectors, sample_ids)
     norms = np.linalg.norm(vectors.astype(np.float64), axis=1)
     data = pa.table({
         "sample_id": list(sample_ids), "checkpoint_id": [checkpoint_id] * len(sample_ids),

@@ -92,10 +92,11 @@ def clean(small_world, tmp_path_factory):
 @pytest.mark.parametrize(
     ("command", "point"),
     [
-        ("index", "embedding-written#3"),  # during embedding (the base model's third batch)
-        ("index", "before-checkpoint-row#2"),  # every vector of checkpoint 1 written, its row not yet
-        ("attribute", "scores-written#1"),  # the first checkpoint's scores written, no running state yet
-        ("attribute", "state-written#1"),  # the first checkpoint folded, the second not yet
+        ("index", "embedding-written#3"),  # during embedding (the base model's third shard)
+        ("index", "before-checkpoint-row#2"),  # checkpoint 1 embedded and finalized, its row not yet written
+        ("attribute", "scores-written#1"),  # the base's and the first checkpoint's scores written, no state yet
+        ("attribute", "scores-written#2"),  # two checkpoints' scores written, the third's not, no state
+        ("attribute", "state-written#1"),  # every state written, the run not recorded: nothing may fold twice
     ],
 )
 def test_sigkill_then_rerun_leaves_every_table_identical_to_a_clean_run(
@@ -152,7 +153,7 @@ def test_two_concurrent_attributes_give_one_lineage_row_per_sample(small_world, 
     extra = write_queries(tmp_path / "c.jsonl", n=4).read_text().splitlines()[-1]
     second.write_text(second.read_text() + extra + "\n")
     homes = [tmp_path / "home-a", tmp_path / "home-b"]
-    # Each run pauses 3 s after every block of scores (4 per run), so without the lock the two would overlap.
+    # Each run pauses 3 s after every checkpoint's scores (3 per run), so without the lock the two would overlap.
     procs = [
         subprocess_cli(data, h, small_world, "attribute", str(f), DDA_PAUSE_AT="scores-written:3")
         for h, f in zip(homes, (first, second), strict=True)
