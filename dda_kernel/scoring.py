@@ -13,7 +13,7 @@ from dda_kernel.spec import NORMALISATIONS, Normalisation
 
 
 def pairwise_scores(
-    queries: torch.Tensor, samples: torch.Tensor, chunk_size: int = 2048, dtype: torch.dtype = torch.float32
+    queries: torch.Tensor, samples: torch.Tensor, chunk_size: int = 256, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
     """s = Q · Gᵀ in one pass over the samples: queries (m, D), samples (n, D) → (m, n) in ``dtype``.
 

@@ -28,6 +28,9 @@ from storage.schemas import SCHEMA_VERSION, TABLE_KEYS, table_schema
 
 _CREATE_GUARD = threading.Lock()
 # Scalar indexes on the columns every read of a table filters by (built by LineageStore.compact).
+# Tables of long float64 vectors use Lance file format 2.0: measured writing 64 × 100 000 float64 lists,
+# 2.0 took 0.06 s and the default 2.1 0.57 s (its list encoding), reads 0.08 s vs 0.17 s.
+FILE_VERSION: dict[str, str] = {"scores": "2.0", "dda_state": "2.0", "sample_sets": "2.0"}
 FRAGMENT_ROWS = 65536  # compaction target: full fragments are never rewritten
 RETENTION = timedelta(hours=1)  # versions younger than this are kept for readers on an old snapshot
 SCALAR_INDEXES: dict[str, tuple[str, ...]] = {"embeddings": ("checkpoint_id",), "query_embeddings": ("checkpoint_id",)}
@@ -156,8 +159,11 @@ class LineageStore:
         if name not in TABLE_KEYS:
             raise StorageError(f"unknown table {name!r}: the store has {', '.join(TABLE_KEYS)}")
         dim = self._dim() if name in ("embeddings", "query_embeddings") else 1
+        version = FILE_VERSION.get(name)
         with _CREATE_GUARD:  # two task threads creating one table race (Lance: "incompatible with Overwrite")
-            return self.db.create_table(name, schema=table_schema(name, dim), exist_ok=True)
+            return self.db.create_table(
+                name, schema=table_schema(name, dim), exist_ok=True, data_storage_version=version
+            )
 
     def upsert(self, name: str, data: pa.Table) -> int:
         """Insert-or-replace rows of ``data`` on the table's natural key; returns rows inserted (not updated)."""
