@@ -1,7 +1,14 @@
 """Gradient-embedding throughput against a plain training step, and peak memory (DESIGN.md section 8).
 
+    .venv/bin/python -m benchmarks.embed_throughput --world --json benchmarks/results/embed_throughput_smollm2.json
     .venv/bin/python -m benchmarks.embed_throughput --model tiny
     .venv/bin/python -m benchmarks.embed_throughput --model smollm2 --batch 8 --repeats 3
+
+``--world`` is the indexing benchmark of record (``benchmarks/embed_world.py``): SmolLM2-135M on the
+hallucination benchmark's real samples through ``tasks.indexing.embed_rows``, float32 vs bfloat16, batches
+by count vs by token budget, against a float32 training step on the same batches, plus the score
+agreement of bfloat16 with float32 on the demo world. Its figures are in the README. The synthetic modes
+below predate it (random tokens, fixed length 64, float32) and are kept for the kernel alone.
 
 For one model, batch and sequence length, in one process, it times (median of ``--repeats`` after
 one warm-up): a plain training step (forward + backward with weight gradients), a LoRA training
@@ -11,7 +18,8 @@ subprocess and reports its peak RSS above the loaded model, for several batch si
 batches, to show memory is bounded by the batch and not by how much data is embedded.
 
 Measured 2026-11-21 on the project machine (2 CPUs, torch 2.13 CPU, float32, seq 64, default
-projection k_in = k_out = 8 over every block linear; results/embed_throughput_*.json):
+projection k_in = k_out = 8 over every block linear; results/embed_throughput_tiny.json; the SmolLM2
+file now holds the ``--world`` run):
 
 | model | batch | D | train step | LoRA step | embed | embed / train step | embed / LoRA step |
 | --- | --- | --- | --- | --- | --- | --- | --- |
@@ -20,8 +28,7 @@ projection k_in = k_out = 8 over every block linear; results/embed_throughput_*.
 
 Measured 2026-11-22 at the default chosen by the hallucination benchmark (8×8 on ``o_proj`` +
 ``down_proj``; same command, SmolLM2-135M, batch 8): D = 3 840, train step 2.1 samples/s, LoRA step
-2.9, embed 3.2, **embed / train step 1.50**, embed / LoRA step 1.10 (printed only; the JSON files
-hold the earlier run).
+2.9, embed 3.2, **embed / train step 1.50**, embed / LoRA step 1.10 (printed only).
 
 Peak RSS above the loaded model, SmolLM2, embed: batch 2 → 294 MiB, 4 → 499, 8 → 1 024; 4 batches
 of 8 → 1 294 (the train step: 873 / 1 041 / 1 288 / 1 447). Memory grows with the batch, not with
@@ -38,6 +45,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model
@@ -145,7 +153,20 @@ def main() -> None:
     parser.add_argument("--child", choices=["train_step", "embed", "lora_step"])
     parser.add_argument("--n-batches", type=int, default=1)
     parser.add_argument("--json", help="write the figures to this file")
+    parser.add_argument(
+        "--world", action="store_true", help="real samples and score agreement (benchmarks/embed_world.py)"
+    )
+    parser.add_argument("--world-child", nargs=2, metavar=("PRECISION", "BATCHING"), help=argparse.SUPPRESS)
+    parser.add_argument("--max-tokens", type=int, default=512, help="token budget of a batch (--world)")
     args = parser.parse_args()
+    if args.world or args.world_child:
+        from benchmarks import embed_world
+
+        if args.world_child:
+            print(json.dumps(embed_world.child(*args.world_child, args.max_tokens)))
+        else:
+            embed_world.run(Path(args.json) if args.json else None, args.max_tokens)
+        return
     if args.child:
         memory_child(args.model, args.child, args.batch, args.seq, args.n_batches)
         return

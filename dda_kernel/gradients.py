@@ -2,8 +2,8 @@
 
 For each sample i and tracked module m: ĝ_{i,m} = vec(Σ_t (P_out δ_t)(P_in x_t)ᵀ), where x_t is the
 module input at token t and δ_t = ∂l_i/∂y_t the gradient of the sample's loss w.r.t. the module
-output. The weights are frozen; the backward pass starts at the embedding output and computes
-activation gradients only. Because a sample's loss depends only on its own activations, the gradient
+output. The weights are frozen; the backward pass computes activation gradients only, from the loss
+down to the earliest tracked module outputs. Because a sample's loss depends only on its own activations, the gradient
 of Σ_i l_i w.r.t. sample i's activations is ∇l_i: one backward pass yields every per-sample gradient.
 """
 
@@ -130,19 +130,62 @@ def _frozen_eval(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-def _embedding_requires_grad(_module: nn.Module, _inputs: Any, output: torch.Tensor) -> torch.Tensor:
-    return output.requires_grad_(True)
+def accumulation_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype projected gradients are accumulated in: the parameters' dtype, at least float32."""
+    return torch.promote_types(next(model.parameters()).dtype, torch.float32)
+
+
+def _response_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Where the loss counts: (mask (B, T−1) over predicting positions, row (R,) and target (R,) of each).
+
+    Position t predicts ``labels[:, t + 1]``; R = number of response tokens in the batch.
+    """
+    mask = labels[:, 1:] != IGNORE_INDEX
+    return mask, torch.nonzero(mask)[:, 0], labels[:, 1:][mask]
+
+
+def _response_loss(
+    logits: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor, n_tokens: torch.Tensor, reduction: LossReduction,
+    dtype: torch.dtype,
+) -> torch.Tensor:  # fmt: skip
+    """Per-sample loss from the logits of response positions only: logits (R, V) → loss (B,) in ``dtype``.
+
+    loss_i = Σ_{r: rows[r] = i} nll_r (÷ n_tokens_i for ``"mean"``); the log-softmax runs in ``dtype``.
+    """
+    nll = nn.functional.cross_entropy(logits.to(dtype), targets, reduction="none")
+    total = torch.zeros(n_tokens.shape[0], dtype=dtype, device=nll.device).index_add(0, rows, nll)
+    return total / n_tokens.clamp(min=1).to(dtype) if reduction == "mean" else total
+
+
+def _autocast(device: torch.device, precision: torch.dtype | None) -> contextlib.AbstractContextManager[Any]:
+    """Autocast to ``precision`` (e.g. bfloat16) on ``device``; no autocast when ``precision`` is None."""
+    if precision is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=precision)
 
 
 def embed_batch(
-    model: nn.Module, batch: TokenBatch, projector: Projector, names: Sequence[str] | None = None
+    model: nn.Module,
+    batch: TokenBatch,
+    projector: Projector,
+    names: Sequence[str] | None = None,
+    precision: torch.dtype | None = None,
 ) -> EmbeddingBatch:
     """Projected per-sample gradients of the response loss for every sample of ``batch``.
 
     model: a causal LM taking ``input_ids``, ``attention_mask``, ``position_ids`` and returning
-    ``.logits`` (B, T, V), whose dtype is the compute dtype. Position ids are derived from the mask,
-    so left and right padding give the same result. Returns vectors (B, D) in the model's dtype with
-    D = ``projector.layout.dim``. ``names`` label samples in error messages.
+    ``.logits``. Position ids are derived from the mask, so left and right padding give the same result.
+    ``precision`` (e.g. ``torch.bfloat16``) runs the forward under autocast, and with it the backward;
+    module inputs and output gradients are cast to the accumulation dtype (:func:`accumulation_dtype`,
+    float32 for a float32 or 16-bit model) before they are projected and summed over tokens.
+
+    Work is spent only where the result needs it:
+    - the output head sees the hidden states of response positions only (R rows, not B × T);
+    - the backward starts at the loss and stops at the earliest tracked module outputs: nothing below
+      them requires grad, so layers before the first tracked one keep no activations for backward.
+
+    Returns vectors (B, D) in the accumulation dtype with D = ``projector.layout.dim``. ``names`` label
+    samples in error messages.
     """
     check_batch(batch, names)
     layout = projector.layout
@@ -152,7 +195,9 @@ def embed_batch(
             f"model modules do not match projection layout {layout.fingerprint}: rebuild the layout for this model"
         )
     device = next(model.parameters()).device
+    acc = accumulation_dtype(model)
     ids, mask, labels = (t.to(device) for t in (batch.input_ids, batch.attention_mask, batch.labels))
+    where, rows, targets = _response_positions(labels)
     # Slot j of the layout is module j: inputs and outputs are kept by slot, never by execution order
     # (a model may run its modules in another order than it registers them).
     inputs: dict[int, torch.Tensor] = {}
@@ -162,22 +207,28 @@ def embed_batch(
     def capture(index: int) -> Any:
         def hook(_m: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
             fired[index] += 1
-            with torch.no_grad():
-                x = args[0]
+            with torch.no_grad(), torch.autocast(device.type, enabled=False):  # project in ``acc``
+                x = args[0].detach().to(acc)
                 p_in = projector.p_in[index]
-                inputs[index] = x.detach() if p_in is None else x.detach() @ p_in.to(x.device, x.dtype).T
+                inputs[index] = x if p_in is None else x @ p_in.to(x.device, acc).T
+            if not out.requires_grad:  # nothing tracked upstream: the backward stops here
+                out.requires_grad_(True)
             outputs[index] = out
 
         return hook
 
     handles = [m.register_forward_hook(capture(j)) for j, (_, m, _, _) in enumerate(modules)]
-    embedding = model.get_input_embeddings()  # type: ignore[operator]
-    handles.append(embedding.register_forward_hook(_embedding_requires_grad))
+    head = _untracked_head(model, modules)
+    if head is not None:
+        handles.append(head.register_forward_pre_hook(lambda _m, args: (args[0][:, :-1][where],)))
     try:
         with _frozen_eval(model), torch.enable_grad():
             position_ids = (mask.cumsum(dim=-1) - 1).clamp(min=0)
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits
-            loss, n_tokens = per_sample_loss(logits, labels, layout.spec.loss_reduction)
+            with _autocast(device, precision):
+                logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False).logits
+            if head is None:
+                logits = logits[:, :-1][where]
+            loss = _response_loss(logits, rows, targets, where.sum(dim=1), layout.spec.loss_reduction, acc)
             _check_finite(loss, names)
             _check_fired_once(modules, fired)
             order = range(len(modules))
@@ -185,9 +236,18 @@ def embed_batch(
     finally:
         for h in handles:
             h.remove()
-    vectors = _assemble(projector, [inputs[j] for j in order], [outputs[j] for j in order], deltas)
+    vectors = _assemble(projector, [inputs[j] for j in order], [outputs[j] for j in order], deltas, acc)
     _check_finite(vectors.sum(dim=1), names, what="gradient")
-    return EmbeddingBatch(vectors, loss.detach(), n_tokens)
+    return EmbeddingBatch(vectors, loss.detach(), where.sum(dim=1))
+
+
+def _untracked_head(model: nn.Module, modules: Sequence[tuple[str, nn.Module, int, int]]) -> nn.Module | None:
+    """The output head, when it can be fed response positions only: it exists and is not itself tracked."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if not isinstance(head, nn.Module) or any(m is head for _, m, _, _ in modules):
+        return None
+    return head
 
 
 def _check_fired_once(modules: Sequence[tuple[str, nn.Module, int, int]], fired: Sequence[int]) -> None:
@@ -215,13 +275,14 @@ def _assemble(
     inputs: list[torch.Tensor],
     outputs: list[torch.Tensor],
     deltas: Sequence[torch.Tensor | None],
+    dtype: torch.dtype,
 ) -> torch.Tensor:
-    """Concatenate ĝ_{i,m} = vec(Σ_t δ̃_t x̃_tᵀ) over modules: (B, T, k_out) × (B, T, k_in) → (B, D)."""
+    """Concatenate ĝ_{i,m} = vec(Σ_t δ̃_t x̃_tᵀ) over modules in ``dtype``: (B, T, k_out) × (B, T, k_in) → (B, D)."""
     parts = []
     for j, (x_proj, out, delta) in enumerate(zip(inputs, outputs, deltas, strict=True)):
-        d = torch.zeros_like(out) if delta is None else delta
+        d = torch.zeros_like(out, dtype=dtype) if delta is None else delta.to(dtype)
         p_out = projector.p_out[j]
-        d_proj = d if p_out is None else d @ p_out.to(d.device, d.dtype).T
+        d_proj = d if p_out is None else d @ p_out.to(d.device, dtype).T
         batch = d.shape[0]
         d_flat = d_proj.reshape(batch, -1, d_proj.shape[-1])
         x_flat = x_proj.reshape(batch, -1, x_proj.shape[-1])

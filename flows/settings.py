@@ -48,7 +48,13 @@ class ScoringSettings(BaseModel):
 class IndexSettings(BaseModel):
     """Embedding work: batches, shards, sequence length, device."""
 
-    batch_size: int = Field(16, ge=1, le=4096, description="samples per forward/backward pass")
+    batch_size: int = Field(64, ge=1, le=4096, description="most samples per forward/backward pass")
+    max_tokens: int = Field(
+        512, ge=8, description="token budget of a forward/backward pass: samples × longest (padded) length"
+    )
+    precision: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="embedding compute precision (auto: bfloat16 where the device has native kernels)"
+    )
     shard_size: int = Field(256, ge=1, description="samples per indexing task")
     max_length: int = Field(512, ge=8, description="longest prompt+response in tokens; longer rows are errors")
     device: str = Field("cpu", description="torch device for embedding (cpu, cuda)")
@@ -93,8 +99,9 @@ class DDASettings(BaseSettings):
             s.preconditioner, s.damping, s.normalisation, s.debias_coefficient, s.weighting, s.standardise, s.query_kind
         )
         return PipelineConfig(
-            spec, scoring, i.batch_size, i.shard_size, i.max_length, i.device, i.settle_seconds, i.progress
-        )
+            spec, scoring, i.batch_size, i.shard_size, i.max_length, i.device, i.settle_seconds, i.progress,
+            i.max_tokens, i.precision,
+        )  # fmt: skip
 
     @property
     def effective_run_id(self) -> str:

@@ -9,6 +9,7 @@ from dda_kernel.fingerprint import stable_fingerprint
 from dda_kernel.spec import CheckpointWeighting, Normalisation, ProjectionSpec
 
 Preconditioning = Literal["identity", "fisher"]
+Precision = Literal["auto", "float32", "bfloat16"]
 QueryKind = Literal["auto", "plain", "contrastive"]
 
 
@@ -37,12 +38,14 @@ class PipelineConfig:
 
     projection: ProjectionSpec = field(default_factory=ProjectionSpec)
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
-    batch_size: int = 16
+    batch_size: int = 64
     shard_size: int = 256
     max_length: int = 512
     device: str = "cpu"
     settle_seconds: float = 30.0
     progress: bool = False
+    max_tokens: int = 512
+    precision: Precision = "auto"
 
     @property
     def settings_fingerprint(self) -> str:

@@ -26,7 +26,7 @@ from storage.vectors import embedded_sample_ids, write_embeddings, write_query_e
 from tasks.checkpoints import CheckpointError, CheckpointInfo, fingerprint_files, fingerprint_paths, read_trainer_state
 from tasks.config import PipelineConfig
 from tasks.finalize import finalize_checkpoint, layout_record, stored_layout
-from tasks.models import context_length, model_for
+from tasks.models import compute_precision, context_length, model_for
 from tasks.tokenize import encode_pair
 
 BASE_ID = "base"
@@ -119,17 +119,54 @@ def _pad_id(tokenizer: Any) -> int:
     return 0
 
 
-def _embed_rows(cached: Any, rows: Sequence[tuple[str, str, str]], config: PipelineConfig, desc: str | None) -> Any:
-    """Yield (row slice, EmbeddingBatch) over ``rows`` = [(name, prompt, response)] in batches."""
+def token_batches(lengths: Sequence[int], max_tokens: int, max_samples: int) -> list[list[int]]:
+    """Group row indices into batches by token budget: longest first (ties by index), each batch's padded
+    size (rows × its longest length) ≤ ``max_tokens`` and at most ``max_samples`` rows.
+
+    A row longer than ``max_tokens`` gets a batch of its own. Peak memory of a pass is bounded by the
+    budget whatever the lengths; grouping similar lengths wastes little on padding.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches: list[list[int]] = []
+    for i in order:
+        current = batches[-1] if batches else None
+        if current and len(current) < max_samples and (len(current) + 1) * lengths[current[0]] <= max_tokens:
+            current.append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
+@dataclass(frozen=True)
+class Embedded:
+    """Embeddings of rows in their input order: ``vectors`` (n, D) float32, ``loss`` (n,), ``n_tokens`` (n,)."""
+
+    vectors: np.ndarray
+    loss: np.ndarray
+    n_tokens: np.ndarray
+
+
+def embed_rows(cached: Any, rows: Sequence[tuple[str, str, str]], config: PipelineConfig, desc: str | None) -> Embedded:
+    """Embed ``rows`` = [(name, prompt, response)] in token-budget batches (:func:`token_batches`) at the
+    configured precision; results come back in the order of ``rows`` whatever the batching."""
     model, tokenizer = cached.model, cached.tokenizer
     max_length = min(config.max_length, context_length(model))
     projector = build_projector(layout_for(model, config.projection), torch.float32, config.device)
-    pad_id = _pad_id(tokenizer)
-    step = config.batch_size
-    for start in tqdm(range(0, len(rows), step), desc=desc, unit="batch", disable=desc is None or not config.progress):
-        chunk = rows[start : start + step]
-        batch = pad_batch(_encode(tokenizer, chunk, max_length), pad_id=pad_id)
-        yield chunk, embed_batch(model, batch, projector, names=[name for name, _, _ in chunk])
+    precision = compute_precision(config.precision, config.device)
+    encoded = _encode(tokenizer, rows, max_length)
+    batches = token_batches([len(ids) for ids, _ in encoded], config.max_tokens, config.batch_size)
+    vectors = np.zeros((len(rows), projector.layout.dim), dtype=np.float32)
+    loss, n_tokens = np.zeros(len(rows)), np.zeros(len(rows), dtype=np.int64)
+    bar = tqdm(total=len(rows), desc=desc, unit="sample", disable=desc is None or not config.progress)
+    for index in batches:
+        batch = pad_batch([encoded[i] for i in index], pad_id=_pad_id(tokenizer))
+        out = embed_batch(model, batch, projector, names=[rows[i][0] for i in index], precision=precision)
+        vectors[index] = out.vectors.detach().float().cpu().numpy()
+        loss[index] = out.loss.detach().double().cpu().numpy()
+        n_tokens[index] = out.n_tokens.cpu().numpy()
+        bar.update(len(index))
+    bar.close()
+    return Embedded(vectors, loss, n_tokens)
 
 
 def embed_shard(
@@ -150,13 +187,9 @@ def embed_shard(
     texts = read_samples(store, todo)
     rows = [(f"sample {sid!r}", *texts[sid]) for sid in todo]
     checkpoint = None if plan.role == "base" else plan.path
-    parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     with model_for(base_reference, checkpoint, config.device) as cached:
-        for _, out in _embed_rows(cached, rows, config, desc=f"{plan.checkpoint_id}"):
-            parts.append((out.vectors.detach().float().cpu().numpy(), out.loss.detach().cpu().numpy(),
-                          out.n_tokens.cpu().numpy()))  # fmt: skip
-    vectors, loss, n_tokens = (np.concatenate(column) for column in zip(*parts, strict=True))
-    write_embeddings(store, plan.checkpoint_id, todo, vectors, loss, n_tokens)
+        out = embed_rows(cached, rows, config, desc=f"{plan.checkpoint_id}")
+    write_embeddings(store, plan.checkpoint_id, todo, out.vectors, out.loss, out.n_tokens)
     fault_point("embedding-written")
     return len(todo)
 
@@ -225,27 +258,18 @@ def embed_queries(
     rows = store.read("queries", ["query_id", "prompt", "response", "corrected"], where_in("query_id", todo))
     queries = sorted(rows.to_pylist(), key=lambda r: r["query_id"])
     path = None if checkpoint["role"] == "base" else checkpoint["path"]
-    with model_for(base_reference, path, config.device) as cached:
-        plain = _embed_texts(
-            cached, [(f"query {q['query_id']!r}", q["prompt"], q["response"]) for q in queries], config
-        )
-        fixed_rows = [q for q in queries if q["corrected"]]
-        fixed = _embed_texts(
-            cached, [(f"query {q['query_id']!r} (corrected)", q["prompt"], q["corrected"]) for q in fixed_rows], config
-        )
+    fixed_rows = [q for q in queries if q["corrected"]]
+    texts = [(f"query {q['query_id']!r}", q["prompt"], q["response"]) for q in queries]
+    texts += [(f"query {q['query_id']!r} (corrected)", q["prompt"], q["corrected"]) for q in fixed_rows]
+    with model_for(base_reference, path, config.device) as cached:  # one pass for both kinds
+        vectors = embed_rows(cached, texts, config, None).vectors
+    plain, fixed = vectors[: len(queries)], vectors[len(queries) :]
     index = {q["query_id"]: i for i, q in enumerate(queries)}
     if fixed_rows:
         contrast = plain[[index[q["query_id"]] for q in fixed_rows]] - fixed
         write_query_embeddings(store, cid, "contrastive", [q["query_id"] for q in fixed_rows], contrast)
     write_query_embeddings(store, cid, "plain", [q["query_id"] for q in queries], plain)
     return len(queries)
-
-
-def _embed_texts(cached: Any, rows: Sequence[tuple[str, str, str]], config: PipelineConfig) -> np.ndarray:
-    if not rows:
-        return np.zeros((0, 0), dtype=np.float32)
-    parts = [out.vectors.detach().cpu().float().numpy() for _, out in _embed_rows(cached, rows, config, None)]
-    return np.concatenate(parts)
 
 
 def check_lengths(base_reference: str, rows: Sequence[tuple[str, str, str]], config: PipelineConfig) -> int:

@@ -229,14 +229,14 @@ def model_for(base_reference: str, checkpoint: str | None, device: str = "cpu") 
     with _CACHE_LOCK:
         entry = _CACHE.get(key)
         if entry is None:
+            while len(_CACHE) >= CACHE_SIZE:  # evict before loading: at most CACHE_SIZE models in memory
+                _CACHE.popitem(last=False)
             if checkpoint is None:
                 model, tokenizer = load_base_model(base_reference)
             else:
                 model, tokenizer = load_checkpoint(base_reference, checkpoint)
             entry = CachedModel(model.to(device), tokenizer, threading.Lock())
             _CACHE[key] = entry
-            while len(_CACHE) > CACHE_SIZE:
-                _CACHE.popitem(last=False)
         _CACHE.move_to_end(key)
     with entry.lock:
         yield entry
@@ -270,6 +270,34 @@ def tiny_llama(
     model = LlamaForCausalLM(config).to(dtype)
     model.eval()
     return model
+
+
+def native_bfloat16(device: str) -> bool:
+    """Whether ``device`` multiplies bfloat16 natively: a CUDA device that supports it, or a CPU with
+    AVX512-BF16 or AMX-BF16 (read from ``/proc/cpuinfo``; False where it cannot be read)."""
+    if device.startswith("cuda"):
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def compute_precision(precision: str, device: str) -> torch.dtype | None:
+    """The autocast dtype for ``precision`` on ``device``: None (float32, no autocast) or ``torch.bfloat16``.
+
+    ``auto`` is bfloat16 where the device has native bfloat16 kernels (:func:`native_bfloat16`), float32
+    elsewhere (emulated bfloat16 is slower than float32); the choice is measured in
+    ``benchmarks/embed_throughput.py``.
+    """
+    if precision == "auto":
+        return torch.bfloat16 if native_bfloat16(device) else None
+    if precision == "bfloat16":
+        return torch.bfloat16
+    if precision == "float32":
+        return None
+    raise ValueError(f"unknown precision {precision!r}: choose auto, float32 or bfloat16")
 
 
 def context_length(model: torch.nn.Module) -> int:

@@ -173,6 +173,19 @@ def test_cuda_matches_cpu(samples):
     torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-9, atol=1e-11)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_bfloat16_stays_close_to_float32(samples):
+    model = _bigger_float32_llama().cuda()
+    projector = build_projector(layout_for(model, ProjectionSpec(k_in=8, k_out=8)), torch.float32, "cuda")
+    batch = pad_batch(samples, 0)
+    ref = embed_batch(model, batch, projector).vectors
+    got = embed_batch(model, batch, projector, precision=torch.bfloat16).vectors
+    assert got.is_cuda
+    assert got.dtype == torch.float32
+    assert float(torch.nn.functional.cosine_similarity(got, ref, dim=1).min()) > 0.99
+
+
 def test_modules_registered_in_another_order_than_they_run_are_paired_by_module(model64, samples):
     """``mlp`` registered before ``self_attn``: the hooks must pair inputs and output gradients by module."""
     for layer in model64.model.layers:
@@ -201,3 +214,48 @@ def test_a_module_that_runs_twice_or_never_is_an_error(samples):
     unused.model.layers[0].extra = torch.nn.Linear(24, 24, dtype=torch.float64)  # tracked, never called
     with pytest.raises(LayoutMismatchError, match=r"layers\.0\.extra ran 0 times"):
         embed(unused, samples)
+
+
+def _bigger_float32_llama() -> torch.nn.Module:
+    from tasks.models import tiny_llama as llama
+
+    return llama(61, hidden=64, layers=2, heads=4, seed=2, max_positions=64, intermediate=128, dtype=torch.float32)
+
+
+def test_bfloat16_autocast_stays_close_to_float32_and_accumulates_in_float32(samples):
+    model = _bigger_float32_llama()
+    projector = build_projector(layout_for(model, ProjectionSpec(k_in=8, k_out=8)), torch.float32)
+    batch = pad_batch(samples, 0)
+    ref = embed_batch(model, batch, projector).vectors
+    got = embed_batch(model, batch, projector, precision=torch.bfloat16)
+    assert got.vectors.dtype == torch.float32
+    assert got.loss.dtype == torch.float32
+    assert not torch.equal(got.vectors, ref)  # the forward really ran in bfloat16
+    cosine = torch.nn.functional.cosine_similarity(got.vectors, ref, dim=1)
+    assert float(cosine.min()) > 0.99
+    rel = (got.vectors - ref).norm(dim=1) / ref.norm(dim=1)
+    assert float(rel.max()) < 0.1  # bfloat16 has 8 mantissa bits: errors of a few 2^-8 per op
+    assert [p.dtype for p in model.parameters()] == [torch.float32] * len(list(model.parameters()))
+
+
+def test_backward_stops_at_the_first_tracked_layer(model64, samples):
+    """Tracking layer 1 only: layer 0 runs without autograd, and the vectors are still the exact gradients."""
+    spec = ProjectionSpec(identity=True, include=(r"layers\.1\.",))
+    seen = []
+    handle = model64.model.layers[0].register_forward_hook(lambda _m, _a, out: seen.append(out[0].requires_grad))
+    got, layout = embed(model64, samples, spec=spec)
+    handle.remove()
+    assert seen == [False]
+    names = [s.name for s in layout.slots]
+    assert names
+    assert all(".layers.1." in n for n in names)
+    torch.testing.assert_close(got, reference_gradients(model64, samples, names), rtol=1e-9, atol=1e-12)
+
+
+def test_output_head_sees_response_positions_only(model64, samples):
+    rows = []
+    handle = model64.lm_head.register_forward_hook(lambda _m, args, _out: rows.append(tuple(args[0].shape)))
+    embed(model64, samples)
+    handle.remove()
+    n_response = sum(sum(label != -100 for label in labels[1:]) for _, labels in samples)
+    assert rows == [(n_response, 24)]

@@ -17,9 +17,17 @@ from storage.store import LineageStore
 from storage.vectors import read_embeddings, read_query_embeddings
 from tasks.checkpoints import discover_checkpoints
 from tasks.config import ScoringConfig
-from tasks.indexing import embed_queries, embed_shard, finish_checkpoint, indexed_checkpoints, plan_checkpoint
+from tasks.indexing import (
+    embed_queries,
+    embed_rows,
+    embed_shard,
+    finish_checkpoint,
+    indexed_checkpoints,
+    plan_checkpoint,
+    token_batches,
+)
 from tasks.lineage import refresh_lineage
-from tasks.models import load_base_model
+from tasks.models import compute_precision, load_base_model
 from tasks.tokenize import SequenceTooLongError, encode_pair
 from tests.tasks.helpers import CONFIG, copy_run, write_queries
 
@@ -54,7 +62,8 @@ def test_stored_embeddings_equal_direct_kernel_embeddings(small_world, tmp_path)
     rows = {r["id"]: r for r in map(json.loads, Path(small_world.train_file).read_text().splitlines())}
     for sid, vector in zip(stored.sample_ids[:6], stored.vectors[:6], strict=True):
         pair = encode_pair(tokenizer, rows[sid]["prompt"], rows[sid]["response"], 64)
-        expected = embed_batch(model, pad_batch([pair], pad_id=0), projector).vectors[0].numpy()
+        precision = compute_precision(CONFIG.precision, "cpu")
+        expected = embed_batch(model, pad_batch([pair], pad_id=0), projector, precision=precision).vectors[0].numpy()
         scale = np.abs(expected).max()
         np.testing.assert_allclose(vector.astype(np.float32), expected, rtol=0, atol=2e-3 * scale)
     tokens = store.read("samples", ["sample_id", "n_tokens"]).to_pylist()
@@ -185,3 +194,61 @@ def test_a_checkpoint_equal_to_the_base_model_debiases_to_zero_in_sql(small_worl
     assert got["s"] > 0  # the scores themselves are not zero ...
     assert got["db"] == 0.0  # ... but base == fine-tuned cancels them exactly
     assert got["dda"] == 0.0
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_token_batches_cover_every_row_once_within_the_budget(seed):
+    rng = np.random.default_rng(seed)
+    lengths = [int(x) for x in rng.integers(1, 90, size=57)]
+    lengths[3] = 200  # longer than the budget: a batch of its own
+    batches = token_batches(lengths, max_tokens=128, max_samples=6)
+    assert sorted(i for b in batches for i in b) == list(range(57))
+    for b in batches:
+        padded = len(b) * max(lengths[i] for i in b)
+        assert padded <= 128 or len(b) == 1
+        assert len(b) <= 6
+    assert [3] in batches
+    firsts = [lengths[b[0]] for b in batches]
+    assert firsts == sorted(firsts, reverse=True)  # longest first: peak memory shows at once
+    assert token_batches(lengths, 128, 6) == batches
+
+
+def test_embeddings_do_not_depend_on_the_token_budget_or_row_order(small_world):
+    from tasks.models import model_for
+
+    lines = Path(small_world.train_file).read_text().splitlines()[:24]
+    rows = [(r["id"], r["prompt"], r["response"]) for r in map(json.loads, lines)]
+    shuffled = rows[::-1]
+    one = dataclasses.replace(CONFIG, precision="float32", max_tokens=8, batch_size=64)  # one row per batch
+    many = dataclasses.replace(CONFIG, precision="float32", max_tokens=4096, batch_size=64)
+    with model_for(small_world.base_model, None) as cached:
+        a = embed_rows(cached, rows, one, None)
+        b = embed_rows(cached, shuffled, many, None)
+    np.testing.assert_allclose(a.vectors, b.vectors[::-1], rtol=1e-4, atol=1e-5 * np.abs(a.vectors).max())
+    np.testing.assert_allclose(a.loss, b.loss[::-1], rtol=1e-5)
+    assert list(a.n_tokens) == list(b.n_tokens[::-1])
+
+
+def test_query_kinds_are_embedded_in_one_model_load_per_state(small_world, tmp_path, monkeypatch):
+    import tasks.indexing as indexing
+    import tasks.models as models
+
+    store = index(tmp_path, small_world, small_world.run_dir, steps=1)
+    models._CACHE.clear()
+    loads, passes = [], []
+    for name in ("load_base_model", "load_checkpoint"):
+        real_load = getattr(models, name)
+        monkeypatch.setattr(models, name, lambda *a, _f=real_load, _n=name, **k: loads.append(_n) or _f(*a, **k))
+    real_embed = indexing.embed_rows
+    monkeypatch.setattr(indexing, "embed_rows", lambda c, rows, *a: passes.append(len(rows)) or real_embed(c, rows, *a))
+    queries = write_queries(tmp_path / "q.jsonl", n=3)  # q0 and q2 have a correction: both kinds
+    attribute(tmp_path, small_world, queries)
+    states = indexed_checkpoints(tmp_path)
+    assert len(states) == 2
+    assert loads == ["load_base_model", "load_checkpoint"]
+    assert passes == [5, 5]  # one pass per state: 3 responses + 2 corrections
+    for ckpt in states:
+        kinds = store.read("query_embeddings", ["query_id", "kind"], f"checkpoint_id = '{ckpt['checkpoint_id']}'")
+        assert sorted(zip(kinds["kind"].to_pylist(), kinds["query_id"].to_pylist(), strict=True)) == [
+            ("contrastive", "q0"), ("contrastive", "q2"), ("plain", "q0"), ("plain", "q1"), ("plain", "q2")
+        ]  # fmt: skip
