@@ -60,9 +60,18 @@ def model_layout(base_reference: str, config: PipelineConfig) -> EmbeddingLayout
 
 
 def open_store(data_dir: str | Path, base_reference: str, config: PipelineConfig) -> LineageStore:
-    """The store of ``data_dir`` opened for writing with the base model's projection fingerprint and dim."""
-    layout = model_layout(base_reference, config)
-    return LineageStore.open(Path(data_dir) / "store", layout.fingerprint, layout.dim, layout_record(layout))
+    """The store of ``data_dir`` opened for writing with the base model's projection fingerprint and dim.
+
+    A store that records its layout gives it without loading a model (a wrong projection is refused by
+    fingerprint, a model that does not fit the layout by the embedder); a new store asks the base model.
+    """
+    root = Path(data_dir) / "store"
+    existing = LineageStore.open(root)
+    if existing.meta is not None and existing.meta.layout:
+        layout = stored_layout(existing, config.projection)
+    else:
+        layout = model_layout(base_reference, config)
+    return LineageStore.open(root, layout.fingerprint, layout.dim, layout_record(layout))
 
 
 def plan_checkpoint(

@@ -210,7 +210,7 @@ class CachedModel:
 
 _CACHE: OrderedDict[tuple[str, ...], CachedModel] = OrderedDict()
 _CACHE_LOCK = threading.Lock()
-CACHE_SIZE = 2
+CACHE_SIZE = 1  # one model state in memory: indexing and attribution visit each state once, in order
 
 
 def _stamp(path: str) -> str:
