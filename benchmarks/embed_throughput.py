@@ -158,7 +158,17 @@ def main() -> None:
     )
     parser.add_argument("--world-child", nargs=2, metavar=("PRECISION", "BATCHING"), help=argparse.SUPPRESS)
     parser.add_argument("--max-tokens", type=int, default=512, help="token budget of a batch (--world)")
+    parser.add_argument("--memory-sweep", action="store_true", help="peak RSS per token budget (bfloat16)")
+    parser.add_argument("--memory-child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.memory_sweep or args.memory_child:
+        from benchmarks import embed_world
+
+        if args.memory_child:
+            print(json.dumps(embed_world.memory_child(args.memory_child)))
+        else:
+            embed_world.memory_sweep(Path(args.json) if args.json else None)
+        return
     if args.world or args.world_child:
         from benchmarks import embed_world
 

@@ -212,3 +212,45 @@ def run(out: Path | None, max_tokens: int) -> None:
 def _spearman(a: np.ndarray, b: np.ndarray) -> float:
     ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
     return float(np.corrcoef(ra, rb)[0, 1])
+
+
+BUDGETS = (256, 512, 1024, 2048)
+
+
+def memory_child(max_tokens: int) -> dict[str, Any]:
+    """Peak RSS of embedding every sample at bfloat16 with budget ``max_tokens``, above the loaded model.
+
+    The model is loaded from an exported Hugging Face folder, as ``dda index`` loads it.
+    """
+    from tasks.config import PipelineConfig
+    from tasks.indexing import embed_rows
+    from tasks.models import CachedModel, export_smollm2, load_base_model
+
+    model, tokenizer = load_base_model(str(export_smollm2(WORK / "base-model")))
+    config = PipelineConfig(precision="bfloat16", max_tokens=max_tokens, batch_size=4096)
+    loaded = _rss_mib()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    embed_rows(CachedModel(model, tokenizer, threading.Lock()), world_rows(), config, None)
+    return {"max_tokens": max_tokens, "model_loaded_rss_mib": loaded, "peak_rss_mib": _peak_mib(),
+            "peak_above_model_mib": _peak_mib() - loaded}  # fmt: skip
+
+
+def memory_sweep(out: Path | None) -> None:
+    """:func:`memory_child` per budget of :data:`BUDGETS`, each in a fresh process; MiB per 1 000 tokens."""
+    rows = []
+    for budget in BUDGETS:
+        cmd = [sys.executable, "-m", "benchmarks.embed_throughput", "--memory-child", str(budget)]
+        text = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+        rows.append(json.loads(text))
+        print(f"  budget {budget:5d}: peak {rows[-1]['peak_rss_mib']:.0f} MiB (+{rows[-1]['peak_above_model_mib']:.0f} "
+              "above the loaded model)", flush=True)  # fmt: skip
+    slope = np.polyfit([r["max_tokens"] for r in rows], [r["peak_above_model_mib"] for r in rows], 1)[0] * 1000
+    print(f"  ≈ {slope:.0f} MiB per 1 000 tokens of budget", flush=True)
+    if out is not None:
+        out.write_text(json.dumps({"precision": "bfloat16", "mib_per_1000_tokens": slope, "budgets": rows}, indent=2))
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        return int(next(x for x in f if x.startswith("VmRSS:")).split()[1]) / 1024
