@@ -198,6 +198,7 @@ def embed_batch(
     acc = accumulation_dtype(model)
     ids, mask, labels = (t.to(device) for t in (batch.input_ids, batch.attention_mask, batch.labels))
     where, rows, targets = _response_positions(labels)
+    n_tokens = where.sum(dim=1)
     # Slot j of the layout is module j: inputs and outputs are kept by slot, never by execution order
     # (a model may run its modules in another order than it registers them).
     inputs: dict[int, torch.Tensor] = {}
@@ -228,7 +229,7 @@ def embed_batch(
                 logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False).logits
             if head is None:
                 logits = logits[:, :-1][where]
-            loss = _response_loss(logits, rows, targets, where.sum(dim=1), layout.spec.loss_reduction, acc)
+            loss = _response_loss(logits, rows, targets, n_tokens, layout.spec.loss_reduction, acc)
             _check_finite(loss, names)
             _check_fired_once(modules, fired)
             order = range(len(modules))
@@ -238,7 +239,7 @@ def embed_batch(
             h.remove()
     vectors = _assemble(projector, [inputs[j] for j in order], [outputs[j] for j in order], deltas, acc)
     _check_finite(vectors.sum(dim=1), names, what="gradient")
-    return EmbeddingBatch(vectors, loss.detach(), where.sum(dim=1))
+    return EmbeddingBatch(vectors, loss.detach(), n_tokens)
 
 
 def _untracked_head(model: nn.Module, modules: Sequence[tuple[str, nn.Module, int, int]]) -> nn.Module | None:
