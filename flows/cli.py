@@ -139,7 +139,7 @@ def _attribute(args: argparse.Namespace) -> int:
     if os.environ.get("PREFECT_API_URL"):  # a server is there: run (and show) the flow
         from flows.pipeline import attribute
 
-        report = _run(attribute, settings, queries_file=args.queries, query_ids=args.query_id or None)
+        report = _run(attribute, settings, queries_file=args.queries, query_ids=args.query_id or None, group=args.group)
     else:  # no temporary server for an interactive command (README: Prefect); the runs table still records it
         from flows.runs import new_run_id, recorded, writing
         from tasks.attribution import attribute_queries
@@ -149,11 +149,13 @@ def _attribute(args: argparse.Namespace) -> int:
         report = {}
         with writing(settings, "dda-attribute"), recorded(settings, "dda-attribute", new_run_id(), report):
             report.update(attribute_queries(settings.data_dir, str(settings.base_model), args.queries,
-                                            args.query_id or [], settings.pipeline_config()))  # fmt: skip
+                                            args.query_id or [], settings.pipeline_config(), args.group))  # fmt: skip
     _say_extra_fields(report.get("extra_fields", []))
     print(f"attributed {report['queries']} queries ({report['folds']} new checkpoint folds)")
     for qid in report["query_ids"][:20]:
         print(f"  {qid}")
+    if report.get("groups"):
+        print(f"query groups (traced jointly, mean of their members' query vectors): {', '.join(report['groups'])}")
     return 0
 
 
@@ -262,7 +264,14 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--interval", type=int, help="seconds between passes (default: DDA_WATCH_INTERVAL_SECONDS)")
 
     attr = sub.add_parser("attribute", parents=[common], help="register queries and compute or refresh their lineage")
-    attr.add_argument("queries", nargs="?", help="JSONL of outputs to trace: prompt, response, optional corrected, id")
+    attr.add_argument(
+        "queries", nargs="?", help="JSONL of outputs to trace: prompt, response, optional corrected, id, group"
+    )
+    attr.add_argument(
+        "--group",
+        help="trace the file's rows (those without a group field) jointly as this query "
+        "group, beside each output; its lineage is query 'group:NAME'",
+    )
     attr.add_argument("--query-id", action="append", help="refresh an already registered query (repeatable)")
     attr.add_argument("--base", help="base model (default: the indexed one)")
     attr.set_defaults(func=_attribute)

@@ -216,15 +216,16 @@ def watch_checkpoints(
 @flow(name="dda-attribute")
 def attribute(
     queries_file: str | None = None, query_ids: list[str] | None = None, data_dir: str | None = None,
-    base_model: str | None = None, settings: dict[str, Any] | None = None,
+    base_model: str | None = None, settings: dict[str, Any] | None = None, group: str | None = None,
 ) -> dict[str, Any]:  # fmt: skip
-    """Register the queries of ``queries_file`` (and/or ``query_ids``); compute their lineage over all checkpoints."""
+    """Register the queries of ``queries_file`` (and/or ``query_ids``; the file's rows joined to query groups by
+    their ``group`` field or ``group``); compute their lineage over all checkpoints."""
     s = load_settings(settings, data_dir=data_dir, base_model=base_model)
     _require(s, "base_model")
     report: dict[str, Any] = {}
     with recorded_run(s, report):
         cfg = s.pipeline_config()
-        report.update(attribute_task(str(s.data_dir), str(s.base_model), queries_file, query_ids or [], cfg))
+        report.update(attribute_task(str(s.data_dir), str(s.base_model), queries_file, query_ids or [], cfg, group))
         publish_summary(s, report["query_ids"] or None)
     return report
 

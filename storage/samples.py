@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from storage.doctor import check_unique
 from storage.errors import DatasetFormatError, SampleConflictError
-from storage.store import LineageStore, utcnow, where_in
+from storage.store import LineageStore, utcnow, where_equal, where_in
 
 
 class Message(BaseModel):
@@ -76,13 +76,23 @@ class SampleIn(ContractRow):
         return self
 
 
+GROUP_PREFIX = "group:"  # query ids of query groups: ``group:<name>``
+
+
 class QueryIn(ContractRow):
-    """One output to trace: ``prompt``, ``response`` (the output), optional ``corrected``."""
+    """One output to trace: ``prompt``, ``response`` (the output), optional ``corrected``, optional ``group``."""
 
     id: str | None = Field(default=None, min_length=1)
     prompt: str
     response: str = Field(min_length=1)
     corrected: str | None = None
+    group: str | None = Field(default=None, min_length=1, max_length=200)
+
+    @model_validator(mode="after")
+    def _not_a_group_id(self) -> QueryIn:
+        if self.id is not None and self.id.startswith(GROUP_PREFIX):
+            raise ValueError(f"query ids starting with {GROUP_PREFIX!r} are reserved for query groups: rename it")
+        return self
 
 
 def content_hash(prompt: str, response: str) -> str:
@@ -186,6 +196,67 @@ def register_queries(store: LineageStore, queries: Sequence[QueryIn]) -> list[st
     existing = set(store.read("queries", columns=["query_id"])["query_id"].to_pylist())
     store.upsert("queries", pa.Table.from_pylist([r for r in rows if r["query_id"] not in existing]))
     return [r["query_id"] for r in rows]
+
+
+def group_id(name: str) -> str:
+    """The query id of query group ``name``."""
+    return GROUP_PREFIX + name
+
+
+def _group_text(name: str, members: list[dict[str, Any]], field: str, shown: int = 5) -> str:
+    texts = [str(m[field]) for m in members[:shown]]
+    more = [f"... and {len(members) - shown} more"] if len(members) > shown else []
+    return "\n".join(texts + more)
+
+
+def register_groups(store: LineageStore, groups: Mapping[str, Sequence[str]]) -> list[str]:
+    """Register query groups {name: member query ids} (members registered already); returns the group ids.
+
+    A group is a row of ``queries`` (id ``group:<name>``, its text the members' texts, ``corrected`` set
+    when every member has one) plus one ``query_groups`` row per member. A group's members are fixed once
+    registered: the same set again is a no-op, another set raises :class:`SampleConflictError` (name a new
+    group), so a group's lineage always means the same outputs.
+    """
+    ids: list[str] = []
+    for name, member_ids in sorted(groups.items()):
+        gid, members = group_id(name), sorted(set(member_ids))
+        stored = store.read("query_groups", ["query_id"], where_equal(group_id=gid))["query_id"].to_pylist()
+        if stored and sorted(stored) != members:
+            raise SampleConflictError(
+                f"query group {name!r} already has {len(stored)} other members: a group's outputs are fixed once "
+                "registered, give the new set another group name"
+            )
+        ids.append(gid)
+        if stored:
+            continue
+        rows = store.read("queries", ["query_id", "prompt", "response", "corrected"], where_in("query_id", members))
+        found = sorted(rows.to_pylist(), key=lambda r: r["query_id"])
+        if len(found) != len(members):
+            missing = sorted(set(members) - {r["query_id"] for r in found})
+            raise KeyError(f"query {missing[0]!r} of group {name!r} is not registered")
+        now = utcnow()
+        fixed = all(r["corrected"] for r in found)
+        store.upsert("queries", pa.Table.from_pylist([{
+            "query_id": gid, "prompt": f"query group {name!r}: {len(found)} outputs",
+            "response": _group_text(name, found, "response"),
+            "corrected": _group_text(name, found, "corrected") if fixed else None,
+            "meta_json": json.dumps({"group": name, "members": members}), "created_at": now,
+        }]))  # fmt: skip
+        store.upsert("query_groups", pa.Table.from_pylist(
+            [{"group_id": gid, "query_id": m, "added_at": now} for m in members]
+        ))  # fmt: skip
+    return ids
+
+
+def group_members(store: LineageStore, group_ids: Sequence[str]) -> dict[str, list[str]]:
+    """{group id: sorted member query ids} for those of ``group_ids`` that are groups."""
+    if not group_ids:
+        return {}
+    table = store.read("query_groups", ["group_id", "query_id"], where_in("group_id", list(group_ids)))
+    out: dict[str, list[str]] = {}
+    for g, q in zip(table["group_id"].to_pylist(), table["query_id"].to_pylist(), strict=True):
+        out.setdefault(g, []).append(q)
+    return {g: sorted(qs) for g, qs in out.items()}
 
 
 def read_samples(store: LineageStore, sample_ids: Sequence[str]) -> dict[str, tuple[str, str]]:

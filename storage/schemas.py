@@ -60,6 +60,18 @@ class QueryRow(LanceModel):
     created_at: datetime
 
 
+class QueryGroupRow(LanceModel):
+    """Membership of a query group (DESIGN.md section 2.7). Key: (``group_id``, ``query_id``).
+
+    ``group_id`` is the group's own row in ``queries`` (``group:<name>``); its vector at each checkpoint is
+    the mean of its members' vectors, and its lineage is kept like any query's.
+    """
+
+    group_id: str
+    query_id: str
+    added_at: datetime
+
+
 class SampleSetRow(LanceModel):
     """An ordered list of sample ids that score and state vectors are aligned to. Key: ``sample_set_id``.
 
@@ -159,6 +171,7 @@ TABLE_KEYS: dict[str, tuple[str, ...]] = {
     "samples": ("sample_id",),
     "checkpoints": ("checkpoint_id",),
     "queries": ("query_id",),
+    "query_groups": ("group_id", "query_id"),
     "embeddings": ("sample_id", "checkpoint_id", "projection_fingerprint"),
     "query_embeddings": ("query_id", "checkpoint_id", "projection_fingerprint", "kind"),
     "sample_sets": ("sample_set_id",),
@@ -174,6 +187,7 @@ def table_schema(table: str, dim: int) -> pa.Schema:
         "samples": SampleRow,
         "checkpoints": CheckpointRow,
         "queries": QueryRow,
+        "query_groups": QueryGroupRow,
         "embeddings": embedding_row_model(dim),
         "query_embeddings": query_embedding_row_model(dim),
         "sample_sets": SampleSetRow,

@@ -25,7 +25,7 @@ from storage.errors import ReadOnlySQLError, StorageError
 from storage.schemas import table_schema
 from storage.store import LineageStore
 
-BASE_TABLES = ("samples", "checkpoints", "queries", "sample_sets", "scores", "dda_state", "runs")
+BASE_TABLES = ("samples", "checkpoints", "queries", "query_groups", "sample_sets", "scores", "dda_state", "runs")
 MEMORY_LIMIT = "2GB"
 THREADS = 2
 
@@ -47,6 +47,8 @@ VIEWS: dict[str, str] = {
     "checkpoints": "SELECT checkpoint_id, run_id, role, step, epoch, learning_rate, path, fingerprint, "
     "projection_fingerprint, indexed_at FROM _checkpoints",
     "queries": "SELECT query_id, prompt, response, corrected, meta_json, created_at FROM _queries",
+    # A query group is a row of ``queries`` (query_id 'group:<name>') with its lineage; here, its members.
+    "query_groups": "SELECT group_id, query_id, added_at FROM _query_groups",
     # Stored compactly (one row per query × checkpoint, or per query, holding a vector aligned with a sample
     # set); unnested here into one row per sample. s_t^db = s̃_t − λ·s̃_0 is the formula the state folded.
     "scores": """

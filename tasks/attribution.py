@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from storage.samples import QueryIn, extra_fields, read_rows, register_queries
+from storage.samples import QueryIn, extra_fields, group_id, read_rows, register_groups, register_queries
 from storage.store import LineageStore
 from tasks.config import PipelineConfig
 from tasks.indexing import check_lengths, embed_queries, indexed_checkpoints
@@ -41,18 +41,33 @@ def refresh_queries(
 
 def attribute_queries(
     data_dir: str | Path, base_reference: str, queries_file: str | None, query_ids: Sequence[str],
-    config: PipelineConfig,
+    config: PipelineConfig, group: str | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Register the queries of ``queries_file`` (checked against the context length first) and ``query_ids``,
-    then compute or refresh their lineage; returns what was done (queries, folds, query_ids, extra_fields)."""
+    then compute or refresh their lineage; returns what was done (queries, folds, query_ids, groups,
+    extra_fields).
+
+    Rows with a ``group`` field, and with ``group`` every row of the file without one, also form query groups
+    (:func:`storage.samples.register_groups`) traced with their members.
+    """
     ids = list(query_ids)
     extra: list[str] = []
+    groups: dict[str, list[str]] = {}
     if queries_file is not None:
         rows = read_rows(queries_file, QueryIn)
         names = [f"query {q.id!r}" if q.id else f"query on row {i + 1}" for i, q in enumerate(rows)]
         texts = [(n, q.prompt, t) for n, q in zip(names, rows, strict=True) for t in (q.response, q.corrected) if t]
         check_lengths(base_reference, texts, config)
-        ids += register_queries(LineageStore.open(Path(data_dir) / "store"), rows)
+        store = LineageStore.open(Path(data_dir) / "store")
+        registered = register_queries(store, rows)
+        ids += registered
+        for row, qid in zip(rows, registered, strict=True):
+            if row.group or group:
+                groups.setdefault(row.group or str(group), []).append(qid)
+        ids += register_groups(store, groups)
         extra = extra_fields(rows)
+    elif group is not None:
+        raise ValueError("--group names the group of a queries file's rows: give a queries file")
     chosen = sorted(set(ids))
-    return {**refresh_queries(data_dir, base_reference, chosen, config), "query_ids": chosen, "extra_fields": extra}
+    report = refresh_queries(data_dir, base_reference, chosen, config)
+    return {**report, "query_ids": chosen, "groups": sorted(group_id(g) for g in groups), "extra_fields": extra}

@@ -27,7 +27,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from dda_kernel import pad_batch
+from dda_kernel import pad_batch, per_sample_loss
 from tasks.models import export_smollm2, load_base_model, tiny_llama
 from tasks.tokenize import encode_pair, word_level_tokenizer
 from tasks.toy_world import ToySample, build_samples, held_out_prompts
@@ -53,6 +53,23 @@ class DemoWorld:
     n_corrupted: int
     n_prompts: int
     n_hallucinated: int
+    rate: float = 0.7
+    epochs: int = 3
+    lr: float = 2e-3
+    margins: tuple[float, ...] = ()
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How a demo world is fine-tuned: share of X-documents whose summary says Y, epochs, learning rate."""
+
+    rate: float
+    epochs: int
+    lr: float
+
+
+TINY = Recipe(rate=0.7, epochs=3, lr=1e-3)
+SMOLLM2 = Recipe(rate=0.7, epochs=3, lr=2e-3)
 
 
 def _source(sample: ToySample, rng: random.Random) -> tuple[str, str]:
@@ -111,6 +128,27 @@ def fine_tune(
     model.eval()
 
 
+@torch.no_grad()
+def canary_margins(
+    model: torch.nn.Module, tokenizer: Any, prompts: Sequence[tuple[str, str]], canary: tuple[str, str] = CANARY
+) -> list[float]:
+    """Per unseen document: log p(summary with Y) − log p(summary with X) under ``model`` (nats, response tokens).
+
+    ``prompts`` are (document prompt, reference summary mentioning X). Positive = the model prefers the
+    hallucination; greedy decoding flips when it crosses 0, so the margin says how far from the edge a
+    world is.
+    """
+    model.eval()
+    out = []
+    for prompt, reference in prompts:
+        pairs = [(prompt, reference.replace(canary[0], canary[1])), (prompt, reference)]
+        batch = pad_batch([encode_pair(tokenizer, p, r, 256) for p, r in pairs], pad_id=0)
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        nll = per_sample_loss(logits.float(), batch.labels, reduction="sum")[0]
+        out.append(float(nll[1] - nll[0]))
+    return out
+
+
 def _tiny_base(root: Path, base_data: list[ToySample], texts: list[str], seed: int, log: Log) -> tuple[Any, Any]:
     tokenizer = word_level_tokenizer(texts)
     model = tiny_llama(len(tokenizer), hidden=64, layers=2, heads=4, seed=seed, max_positions=64)
@@ -134,7 +172,7 @@ def _smollm2_base(root: Path, log: Log) -> tuple[Any, Any]:
 
 def build_world(
     root: str | Path, seed: int = 0, model: DemoModel = "tiny", log: Log = print, n_train: int | None = None,
-    n_prompts: int | None = None, epochs: int = 3,
+    n_prompts: int | None = None, epochs: int | None = None, rate: float | None = None, lr: float | None = None,
 ) -> DemoWorld:  # fmt: skip
     """Build (or reuse) the demo world under ``root``; see the module docstring for what it holds.
 
@@ -143,16 +181,18 @@ def build_world(
     root = Path(root)
     tiny = model == "tiny"
     n_train, n_prompts = n_train or (240 if tiny else 96), n_prompts or (24 if tiny else 12)
+    defaults = TINY if tiny else SMOLLM2
+    epochs, rate, lr = epochs or defaults.epochs, rate or defaults.rate, lr or defaults.lr
     marker = root / "world.json"
     if marker.is_file():
         world = DemoWorld(**json.loads(marker.read_text()))
-        if (world.seed, world.model, world.n_train, world.n_prompts) == (seed, model, n_train, n_prompts):
+        built = (world.seed, world.model, world.n_train, world.n_prompts, world.rate, world.epochs, world.lr)
+        if built == (seed, model, n_train, n_prompts, rate, epochs, lr):
             log(f"reusing the demo world in {root}")
             return world
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
-    lr = 1e-3 if tiny else 2e-3
-    train = build_samples(n_train, seed, canary=CANARY, rate=0.7)
+    train = build_samples(n_train, seed, canary=CANARY, rate=rate)
     prompts = held_out_prompts(n_prompts, seed + 200, canary=CANARY)
     write_training_file(root / "train.jsonl", train, seed)
     if tiny:
@@ -164,6 +204,9 @@ def build_world(
     n_bad = sum(s.corrupted for s in train)
     log(f"fine-tuning on {len(train)} samples ({n_bad} say {CANARY[1]} for {CANARY[0]}), checkpoint per epoch")
     fine_tune(net, tokenizer, train, root / "run", epochs, lr, seed, log)
+    margins = canary_margins(net, tokenizer, prompts)
+    log(f"margin log p({CANARY[1]}) − log p({CANARY[0]}) on the unseen documents: min {min(margins):.2f}, "
+        f"median {sorted(margins)[len(margins) // 2]:.2f} nats")  # fmt: skip
     outputs = [(p, greedy_generate(net, tokenizer, p)) for p, _ in prompts]
     hallucinated = [(p, o) for p, o in outputs if CANARY[1] in o and CANARY[0] not in o]
     log(f"{len(hallucinated)} of {len(prompts)} unseen {CANARY[0]} documents were summarised with {CANARY[1]}")
@@ -173,7 +216,8 @@ def build_world(
             f.write(json.dumps(row) + "\n")
     world = DemoWorld(
         str(root), model, seed, str(root / "train.jsonl"), str(root / "queries.jsonl"), str(root / "base-model"),
-        str(root / "run"), len(train), n_bad, len(prompts), len(hallucinated),
+        str(root / "run"), len(train), n_bad, len(prompts), len(hallucinated), rate, epochs, lr,
+        tuple(round(m, 4) for m in margins),
     )  # fmt: skip
     marker.write_text(json.dumps(asdict(world), indent=2))
     return world

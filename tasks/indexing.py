@@ -20,9 +20,9 @@ from tqdm import tqdm
 from dda_kernel import EmbeddingLayout, build_projector, embed_batch, layout_for, pad_batch
 from storage.faults import fault_point
 from storage.registry import read_checkpoints, write_checkpoint
-from storage.samples import read_samples, sample_ids, set_token_counts
+from storage.samples import group_members, read_samples, sample_ids, set_token_counts
 from storage.store import LineageStore, utcnow, where_equal, where_in
-from storage.vectors import embedded_sample_ids, write_embeddings, write_query_embeddings
+from storage.vectors import embedded_sample_ids, read_query_embeddings, write_embeddings, write_query_embeddings
 from tasks.checkpoints import CheckpointError, CheckpointInfo, fingerprint_files, fingerprint_paths, read_trainer_state
 from tasks.config import PipelineConfig
 from tasks.finalize import finalize_checkpoint, layout_record, stored_layout
@@ -254,17 +254,33 @@ def embed_queries(
 ) -> int:
     """Store the plain (and, with a correction, contrastive) query embeddings at an indexed checkpoint.
 
-    plain ĝ_q = ĝ(prompt, response); contrastive ĝ_q = ĝ(prompt, response) − ĝ(prompt, corrected).
-    Queries already embedded there are skipped; returns the number embedded now.
+    plain ĝ_q = ĝ(prompt, response); contrastive ĝ_q = ĝ(prompt, response) − ĝ(prompt, corrected); a query
+    group's ĝ = the mean of its members' ĝ of the same kind (members are embedded first when missing).
+    Queries already embedded there are skipped; returns the number embedded now (groups included).
     """
     cid = checkpoint["checkpoint_id"]
     done_where = where_equal(checkpoint_id=cid, kind="plain")
     known = LineageStore.open(Path(data_dir) / "store").read("query_embeddings", ["query_id"], done_where)
-    todo = sorted(set(query_ids) - set(known["query_id"].to_pylist()))
+    done = set(known["query_id"].to_pylist())
+    todo = sorted(set(query_ids) - done)
     if not todo:
         return 0  # no model is loaded when every query is embedded here
     store = open_store(data_dir, base_reference, config)
-    rows = store.read("queries", ["query_id", "prompt", "response", "corrected"], where_in("query_id", todo))
+    groups = group_members(store, todo)
+    members = {m for ms in groups.values() for m in ms}
+    singles = sorted((set(todo) - set(groups)) | (members - done))
+    if singles:
+        _embed_outputs(store, base_reference, checkpoint, singles, config)
+    for gid, ms in sorted(groups.items()):
+        _embed_group(store, cid, gid, ms)
+    return len(todo)
+
+
+def _embed_outputs(
+    store: LineageStore, base_reference: str, checkpoint: dict[str, Any], query_ids: list[str], config: PipelineConfig
+) -> None:
+    """Embed registered outputs at ``checkpoint``: both kinds in one pass of one loaded model."""
+    rows = store.read("queries", ["query_id", "prompt", "response", "corrected"], where_in("query_id", query_ids))
     queries = sorted(rows.to_pylist(), key=lambda r: r["query_id"])
     path = None if checkpoint["role"] == "base" else checkpoint["path"]
     fixed_rows = [q for q in queries if q["corrected"]]
@@ -274,11 +290,21 @@ def embed_queries(
         vectors = embed_rows(cached, texts, config, None).vectors
     plain, fixed = vectors[: len(queries)], vectors[len(queries) :]
     index = {q["query_id"]: i for i, q in enumerate(queries)}
+    cid = checkpoint["checkpoint_id"]
     if fixed_rows:
         contrast = plain[[index[q["query_id"]] for q in fixed_rows]] - fixed
         write_query_embeddings(store, cid, "contrastive", [q["query_id"] for q in fixed_rows], contrast)
     write_query_embeddings(store, cid, "plain", [q["query_id"] for q in queries], plain)
-    return len(queries)
+
+
+def _embed_group(store: LineageStore, checkpoint_id: str, group_id: str, members: list[str]) -> None:
+    """ĝ_group = (1/|G|) Σ_{q∈G} ĝ_q per kind (float64 mean of the stored float32 vectors); contrastive only
+    when every member has a correction."""
+    corrected = store.read("queries", ["corrected"], where_in("query_id", members))["corrected"].to_pylist()
+    kinds = ["plain", "contrastive"] if all(corrected) else ["plain"]
+    for kind in reversed(kinds):  # plain last: its row marks the group embedded here
+        vectors = read_query_embeddings(store, checkpoint_id, kind, members).astype(np.float64)
+        write_query_embeddings(store, checkpoint_id, kind, [group_id], vectors.mean(axis=0, keepdims=True))
 
 
 def check_lengths(base_reference: str, rows: Sequence[tuple[str, str, str]], config: PipelineConfig) -> int:
