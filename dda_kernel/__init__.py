@@ -65,10 +65,16 @@ if TYPE_CHECKING:
         embed_batch as embed_batch,
     )
     from dda_kernel.gradients import (
+        finetune_delta_weights as finetune_delta_weights,
+    )
+    from dda_kernel.gradients import (
         pad_batch as pad_batch,
     )
     from dda_kernel.gradients import (
         per_sample_loss as per_sample_loss,
+    )
+    from dda_kernel.gradients import (
+        response_log_probs as response_log_probs,
     )
     from dda_kernel.modules import (
         layout_for as layout_for,
@@ -131,6 +137,9 @@ if TYPE_CHECKING:
         debias as debias,
     )
     from dda_kernel.scoring import (
+        difference_norms as difference_norms,
+    )
+    from dda_kernel.scoring import (
         normalise_scores as normalise_scores,
     )
     from dda_kernel.scoring import (
@@ -169,7 +178,9 @@ _WHERE: dict[str, str] = {
     "dda_update": "dda_kernel.dda",
     "dda_value": "dda_kernel.dda",
     "debias": "dda_kernel.scoring",
+    "difference_norms": "dda_kernel.scoring",
     "embed_batch": "dda_kernel.gradients",
+    "finetune_delta_weights": "dda_kernel.gradients",
     "fit_preconditioner": "dda_kernel.precondition",
     "gaussian_matrix": "dda_kernel.projection",
     "layout_for": "dda_kernel.modules",
@@ -181,6 +192,7 @@ _WHERE: dict[str, str] = {
     "pairwise_scores": "dda_kernel.scoring",
     "per_sample_loss": "dda_kernel.gradients",
     "project_gradient": "dda_kernel.projection",
+    "response_log_probs": "dda_kernel.gradients",
     "row_norms": "dda_kernel.scoring",
     "stable_fingerprint": "dda_kernel.fingerprint",
     "tracked_modules": "dda_kernel.modules",

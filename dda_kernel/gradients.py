@@ -146,15 +146,51 @@ def _response_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 
 def _response_loss(
     logits: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor, n_tokens: torch.Tensor, reduction: LossReduction,
-    dtype: torch.dtype,
+    dtype: torch.dtype, reference_log_probs: torch.Tensor | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """Per-sample loss from the logits of response positions only: logits (R, V) → loss (B,) in ``dtype``.
 
-    loss_i = Σ_{r: rows[r] = i} nll_r (÷ n_tokens_i for ``"mean"``); the log-softmax runs in ``dtype``.
+    loss_i = Σ_{r: rows[r] = i} w_r nll_r (÷ n_tokens_i for ``"mean"``); the log-softmax runs in ``dtype``.
+    w_r = 1, or with ``reference_log_probs`` (R,) :func:`finetune_delta_weights` of the detached log-probs.
     """
     nll = nn.functional.cross_entropy(logits.to(dtype), targets, reduction="none")
+    if reference_log_probs is not None:
+        ref = reference_log_probs.to(nll.device, dtype)
+        nll = nll * finetune_delta_weights(-nll.detach(), ref, rows, n_tokens.shape[0])
     total = torch.zeros(n_tokens.shape[0], dtype=dtype, device=nll.device).index_add(0, rows, nll)
     return total / n_tokens.clamp(min=1).to(dtype) if reduction == "mean" else total
+
+
+def finetune_delta_weights(
+    log_probs: torch.Tensor, reference_log_probs: torch.Tensor, rows: torch.Tensor, n_samples: int
+) -> torch.Tensor:
+    """Query-side debias weights of response tokens (DESIGN.md section 2, step 5), shape (R,).
+
+    δ_r = max(0, log p_θt(y_r) − log p_θ0(y_r)) (``log_probs`` minus ``reference_log_probs``, both (R,));
+    w_r = δ_r · n_i / Σ_{r' ∈ i} δ_{r'} for the sample i = ``rows[r]``: mean 1 over its response tokens, so
+    uniform weights give the plain loss. A sample whose tokens fine-tuning raised none keeps w_r = 1.
+    """
+    delta = (log_probs - reference_log_probs).clamp(min=0)
+    zeros = torch.zeros(n_samples, dtype=delta.dtype, device=delta.device)
+    total = zeros.index_add(0, rows, delta)
+    count = torch.zeros_like(zeros).index_add(0, rows, torch.ones_like(delta))
+    raised = total[rows] > 0
+    return torch.where(raised, delta * count[rows] / total[rows].clamp(min=torch.finfo(delta.dtype).tiny), 1.0)
+
+
+@torch.no_grad()
+def response_log_probs(model: nn.Module, batch: TokenBatch, precision: torch.dtype | None = None) -> torch.Tensor:
+    """log p(y_r) of every response token of ``batch`` (R,) in the accumulation dtype (:func:`accumulation_dtype`),
+    in row-major order (sample, then position): the order :func:`embed_batch` takes ``reference_log_probs`` in."""
+    device = next(model.parameters()).device
+    ids, mask, labels = (t.to(device) for t in (batch.input_ids, batch.attention_mask, batch.labels))
+    where, _, targets = _response_positions(labels)
+    position_ids = (mask.cumsum(dim=-1) - 1).clamp(min=0)
+    with _frozen_eval(model), _autocast(device, precision):
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False).logits
+    picked = logits[:, :-1][where].to(accumulation_dtype(model)).log_softmax(dim=-1)
+    chosen: torch.Tensor = picked.gather(1, targets[:, None])[:, 0]
+    return chosen
 
 
 def _autocast(device: torch.device, precision: torch.dtype | None) -> contextlib.AbstractContextManager[Any]:
@@ -170,8 +206,13 @@ def embed_batch(
     projector: Projector,
     names: Sequence[str] | None = None,
     precision: torch.dtype | None = None,
+    reference_log_probs: torch.Tensor | None = None,
 ) -> EmbeddingBatch:
     """Projected per-sample gradients of the response loss for every sample of ``batch``.
+
+    ``reference_log_probs`` (R,) — log p_θ0 of the response tokens (:func:`response_log_probs` of the base
+    model) — weights the loss's tokens by :func:`finetune_delta_weights` (the query-side debias); the returned
+    ``loss`` is then the weighted one.
 
     model: a causal LM taking ``input_ids``, ``attention_mask``, ``position_ids`` and returning
     ``.logits``. Position ids are derived from the mask, so left and right padding give the same result.
@@ -229,7 +270,7 @@ def embed_batch(
                 logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False).logits
             if head is None:
                 logits = logits[:, :-1][where]
-            loss = _response_loss(logits, rows, targets, n_tokens, layout.spec.loss_reduction, acc)
+            loss = _response_loss(logits, rows, targets, n_tokens, layout.spec.loss_reduction, acc, reference_log_probs)
             _check_finite(loss, names)
             _check_fired_once(modules, fired)
             order = range(len(modules))

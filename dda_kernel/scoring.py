@@ -42,6 +42,17 @@ def row_norms(vectors: torch.Tensor) -> torch.Tensor:
     return norms
 
 
+def difference_norms(a: torch.Tensor, b: torch.Tensor, beta: float, chunk_size: int = 4096) -> torch.Tensor:
+    """‖a_i − β b_i‖ per row, in float64, one chunk of rows at a time: a, b (n, D) (e.g. memory-mapped float16)
+    → (n,). The sample norms of the training-side delta ĝ_i(θ_t) − β ĝ_i(θ_0) for cosine normalisation."""
+    out = torch.empty(a.shape[0], dtype=torch.float64)
+    for start in range(0, a.shape[0], chunk_size):
+        end = start + chunk_size
+        diff = a[start:end].to(torch.float64) - beta * b[start:end].to(torch.float64)
+        out[start:end] = torch.linalg.vector_norm(diff, dim=1)
+    return out
+
+
 def normalise_scores(
     scores: torch.Tensor,
     kind: Normalisation,

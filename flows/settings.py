@@ -43,6 +43,10 @@ class ScoringSettings(BaseModel):
     query_kind: Literal["auto", "plain", "contrastive"] = Field(
         "auto", description="auto: contrastive when a corrected response is given, else plain"
     )
+    query_weighting: Literal["uniform", "finetune_delta"] = Field(
+        "uniform", description="query-side debias: finetune_delta weights query tokens by max(0, log p_θt − log p_θ0)"
+    )
+    train_debias: float = Field(0.0, ge=0, le=10, description="β in ĝ_qᵀ F⁻¹ [ĝ_i(θ_t) − β·ĝ_i(θ_0)] (0: off)")
 
 
 class IndexSettings(BaseModel):
@@ -96,8 +100,9 @@ class DDASettings(BaseSettings):
         p, s, i = self.projection, self.scoring, self.indexing
         spec = ProjectionSpec(p.k_in, p.k_out, p.seed, False, tuple(p.include), tuple(p.exclude), p.loss_reduction)
         scoring = ScoringConfig(
-            s.preconditioner, s.damping, s.normalisation, s.debias_coefficient, s.weighting, s.standardise, s.query_kind
-        )
+            s.preconditioner, s.damping, s.normalisation, s.debias_coefficient, s.weighting, s.standardise,
+            s.query_kind, s.query_weighting, s.train_debias,
+        )  # fmt: skip
         return PipelineConfig(
             spec, scoring, i.batch_size, i.shard_size, i.max_length, i.device, i.settle_seconds, i.progress,
             i.max_tokens, i.precision,

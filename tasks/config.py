@@ -5,12 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from dda_kernel.fingerprint import stable_fingerprint
+from dda_kernel.fingerprint import OMIT_DEFAULT, stable_fingerprint
 from dda_kernel.spec import CheckpointWeighting, Normalisation, ProjectionSpec
 
 Preconditioning = Literal["identity", "fisher"]
 Precision = Literal["auto", "float32", "bfloat16"]
 QueryKind = Literal["auto", "plain", "contrastive"]
+QueryWeighting = Literal["uniform", "finetune_delta"]
+_NEW = {OMIT_DEFAULT: True}  # options added after stores were scored: their default keeps old fingerprints
 
 
 @dataclass(frozen=True)
@@ -21,6 +23,11 @@ class ScoringConfig:
     ``normalisation`` s̃ before debias; ``debias_coefficient`` λ in s̃_t − λ s̃_0; ``weighting`` w_t;
     ``standardise`` z-scores s_t^db per checkpoint before averaging. ``query_kind`` ``auto`` uses the
     contrastive query when a corrected response is known and the plain query otherwise.
+
+    Two further debias forms (DESIGN.md section 2, step 5): ``query_weighting`` ``finetune_delta`` weights each
+    response token of the query loss at checkpoint t by w = max(0, log p_θt(y) − log p_θ0(y)) (normalised to
+    mean 1 per response; uniform at the base model), so that what the base model already predicted stops
+    dominating ĝ_q; ``train_debias`` β scores s_t = ĝ_q(θ_t)ᵀ F_t⁻¹ [ĝ_i(θ_t) − β ĝ_i(θ_0)].
     """
 
     preconditioner: Preconditioning = "fisher"
@@ -30,6 +37,8 @@ class ScoringConfig:
     weighting: CheckpointWeighting = "uniform"
     standardise: bool = False
     query_kind: QueryKind = "auto"
+    query_weighting: QueryWeighting = field(default="uniform", metadata=_NEW)
+    train_debias: float = field(default=0.0, metadata=_NEW)
 
 
 @dataclass(frozen=True)

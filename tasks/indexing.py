@@ -17,7 +17,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from dda_kernel import EmbeddingLayout, build_projector, embed_batch, layout_for, pad_batch
+from dda_kernel import (
+    IGNORE_INDEX,
+    EmbeddingLayout,
+    build_projector,
+    embed_batch,
+    layout_for,
+    pad_batch,
+    response_log_probs,
+)
 from storage.faults import fault_point
 from storage.registry import read_checkpoints, write_checkpoint
 from storage.samples import group_members, read_samples, sample_ids, set_token_counts
@@ -155,9 +163,15 @@ class Embedded:
     n_tokens: np.ndarray
 
 
-def embed_rows(cached: Any, rows: Sequence[tuple[str, str, str]], config: PipelineConfig, desc: str | None) -> Embedded:
+def embed_rows(
+    cached: Any, rows: Sequence[tuple[str, str, str]], config: PipelineConfig, desc: str | None,
+    references: Sequence[torch.Tensor] | None = None,
+) -> Embedded:  # fmt: skip
     """Embed ``rows`` = [(name, prompt, response)] in token-budget batches (:func:`token_batches`) at the
-    configured precision; results come back in the order of ``rows`` whatever the batching."""
+    configured precision; results come back in the order of ``rows`` whatever the batching.
+
+    ``references``: per row, log p_θ0 of its response tokens (:func:`base_log_probs`): the loss's tokens are
+    then weighted by the query-side debias (:func:`dda_kernel.finetune_delta_weights`)."""
     model, tokenizer = cached.model, cached.tokenizer
     max_length = min(config.max_length, context_length(model))
     projector = build_projector(layout_for(model, config.projection), torch.float32, config.device)
@@ -169,13 +183,54 @@ def embed_rows(cached: Any, rows: Sequence[tuple[str, str, str]], config: Pipeli
     bar = tqdm(total=len(rows), desc=desc, unit="sample", disable=desc is None or not config.progress)
     for index in batches:
         batch = pad_batch([encoded[i] for i in index], pad_id=_pad_id(tokenizer))
-        out = embed_batch(model, batch, projector, names=[rows[i][0] for i in index], precision=precision)
+        ref = torch.cat([references[i] for i in index]) if references is not None else None
+        names = [rows[i][0] for i in index]
+        out = embed_batch(model, batch, projector, names=names, precision=precision, reference_log_probs=ref)
         vectors[index] = out.vectors.detach().float().cpu().numpy()
         loss[index] = out.loss.detach().double().cpu().numpy()
         n_tokens[index] = out.n_tokens.cpu().numpy()
         bar.update(len(index))
     bar.close()
     return Embedded(vectors, loss, n_tokens)
+
+
+_BASE_LOG_PROBS: dict[tuple[str, str, str], torch.Tensor] = {}  # (base, prompt, response) → log p_θ0 of its tokens
+_BASE_LOG_PROBS_MAX = 100_000
+
+
+def base_log_probs(
+    base_reference: str, rows: Sequence[tuple[str, str, str]], config: PipelineConfig
+) -> list[torch.Tensor]:
+    """log p_θ0(y_t) of each row's response tokens, (n_i,) per row of ``rows`` = [(name, prompt, response)].
+
+    Computed once per process and text (a forward pass of the base model, which is loaded only when a row
+    is new), so every checkpoint of one attribution reuses them.
+    """
+    keys = [(base_reference, p, r) for _, p, r in rows]
+    new = sorted({i for i, k in enumerate(keys) if k not in _BASE_LOG_PROBS}, key=lambda i: keys[i])
+    if new:
+        if len(_BASE_LOG_PROBS) + len(new) > _BASE_LOG_PROBS_MAX:
+            _BASE_LOG_PROBS.clear()
+        with model_for(base_reference, None, config.device) as cached:
+            max_length = min(config.max_length, context_length(cached.model))
+            encoded = _encode(cached.tokenizer, [rows[i] for i in new], max_length)
+            precision = compute_precision(config.precision, config.device)
+            for index in token_batches([len(ids) for ids, _ in encoded], config.max_tokens, config.batch_size):
+                batch = pad_batch([encoded[j] for j in index], pad_id=_pad_id(cached.tokenizer))
+                flat = response_log_probs(cached.model, batch, precision).cpu()
+                counts = (batch.labels[:, 1:] != IGNORE_INDEX).sum(dim=1).tolist()
+                for j, part in zip(index, torch.split(flat, counts), strict=True):
+                    _BASE_LOG_PROBS[keys[new[j]]] = part
+    return [_BASE_LOG_PROBS[k] for k in keys]
+
+
+def stored_query_kind(kind: str, config: PipelineConfig, checkpoint_id: str) -> str:
+    """The ``query_embeddings.kind`` that holds ``kind`` ('plain' or 'contrastive') for this configuration:
+    with the ``finetune_delta`` query weighting, ``<kind>:delta`` at a fine-tuned checkpoint (at the base model
+    the weights are uniform, so the plain vectors serve)."""
+    if config.scoring.query_weighting == "finetune_delta" and checkpoint_id != BASE_ID:
+        return f"{kind}:delta"
+    return kind
 
 
 def embed_shard(
@@ -259,7 +314,7 @@ def embed_queries(
     Queries already embedded there are skipped; returns the number embedded now (groups included).
     """
     cid = checkpoint["checkpoint_id"]
-    done_where = where_equal(checkpoint_id=cid, kind="plain")
+    done_where = where_equal(checkpoint_id=cid, kind=stored_query_kind("plain", config, cid))
     known = LineageStore.open(Path(data_dir) / "store").read("query_embeddings", ["query_id"], done_where)
     done = set(known["query_id"].to_pylist())
     todo = sorted(set(query_ids) - done)
@@ -272,7 +327,7 @@ def embed_queries(
     if singles:
         _embed_outputs(store, base_reference, checkpoint, singles, config)
     for gid, ms in sorted(groups.items()):
-        _embed_group(store, cid, gid, ms)
+        _embed_group(store, cid, gid, ms, config)
     return len(todo)
 
 
@@ -286,25 +341,31 @@ def _embed_outputs(
     fixed_rows = [q for q in queries if q["corrected"]]
     texts = [(f"query {q['query_id']!r}", q["prompt"], q["response"]) for q in queries]
     texts += [(f"query {q['query_id']!r} (corrected)", q["prompt"], q["corrected"]) for q in fixed_rows]
+    cid = checkpoint["checkpoint_id"]
+    weighted = stored_query_kind("plain", config, cid) != "plain"
+    references = base_log_probs(base_reference, texts, config) if weighted else None
     with model_for(base_reference, path, config.device) as cached:  # one pass for both kinds
-        vectors = embed_rows(cached, texts, config, None).vectors
+        vectors = embed_rows(cached, texts, config, None, references).vectors
     plain, fixed = vectors[: len(queries)], vectors[len(queries) :]
     index = {q["query_id"]: i for i, q in enumerate(queries)}
-    cid = checkpoint["checkpoint_id"]
     if fixed_rows:
         contrast = plain[[index[q["query_id"]] for q in fixed_rows]] - fixed
-        write_query_embeddings(store, cid, "contrastive", [q["query_id"] for q in fixed_rows], contrast)
-    write_query_embeddings(store, cid, "plain", [q["query_id"] for q in queries], plain)
+        kind = stored_query_kind("contrastive", config, cid)
+        write_query_embeddings(store, cid, kind, [q["query_id"] for q in fixed_rows], contrast)
+    write_query_embeddings(store, cid, stored_query_kind("plain", config, cid), [q["query_id"] for q in queries], plain)
 
 
-def _embed_group(store: LineageStore, checkpoint_id: str, group_id: str, members: list[str]) -> None:
+def _embed_group(
+    store: LineageStore, checkpoint_id: str, group_id: str, members: list[str], config: PipelineConfig
+) -> None:
     """ĝ_group = (1/|G|) Σ_{q∈G} ĝ_q per kind (float64 mean of the stored float32 vectors); contrastive only
     when every member has a correction."""
     corrected = store.read("queries", ["corrected"], where_in("query_id", members))["corrected"].to_pylist()
     kinds = ["plain", "contrastive"] if all(corrected) else ["plain"]
     for kind in reversed(kinds):  # plain last: its row marks the group embedded here
-        vectors = read_query_embeddings(store, checkpoint_id, kind, members).astype(np.float64)
-        write_query_embeddings(store, checkpoint_id, kind, [group_id], vectors.mean(axis=0, keepdims=True))
+        name = stored_query_kind(kind, config, checkpoint_id)
+        vectors = read_query_embeddings(store, checkpoint_id, name, members).astype(np.float64)
+        write_query_embeddings(store, checkpoint_id, name, [group_id], vectors.mean(axis=0, keepdims=True))
 
 
 def check_lengths(base_reference: str, rows: Sequence[tuple[str, str, str]], config: PipelineConfig) -> int:

@@ -29,6 +29,7 @@ from dda_kernel import (
     checkpoint_weights,
     dda_update,
     debias,
+    difference_norms,
     fit_preconditioner,
     normalise_scores,
     pairwise_scores,
@@ -52,6 +53,7 @@ from storage.vectors import read_query_embeddings
 from tasks.checkpoints import CheckpointError
 from tasks.config import PipelineConfig
 from tasks.finalize import covariance_of, open_checkpoint, stored_layout
+from tasks.indexing import stored_query_kind
 
 
 def _preconditioner(fin: Finalized, layout: EmbeddingLayout, config: PipelineConfig) -> Preconditioner | None:
@@ -63,13 +65,26 @@ def _preconditioner(fin: Finalized, layout: EmbeddingLayout, config: PipelineCon
 
 def _scores(
     store: LineageStore, fin: Finalized, kind: str, query_ids: list[str], layout: EmbeddingLayout,
-    config: PipelineConfig,
+    config: PipelineConfig, base: Finalized | None = None,
 ) -> torch.Tensor:  # fmt: skip
-    """s̃ (m, n) float64: preconditioned inner products of the queries with every sample, normalised."""
-    q = torch.from_numpy(read_query_embeddings(store, fin.meta.checkpoint_id, kind, query_ids))
-    pre = _preconditioner(fin, layout, config)
-    s = pairwise_scores(apply_preconditioner(pre, layout, q), torch.from_numpy(fin.vectors))
-    return normalise_scores(s, config.scoring.normalisation, row_norms(q), torch.from_numpy(fin.grad_norms))
+    """s̃ (m, n) float64: preconditioned inner products of the queries with every sample, normalised.
+
+    With ``base`` (the training-side delta, β = ``train_debias``): s = ĝ_qᵀ F_t⁻¹ [ĝ_i(θ_t) − β ĝ_i(θ_0)], by
+    linearity two products with the same preconditioned queries; cosine uses ‖ĝ_i(θ_t) − β ĝ_i(θ_0)‖.
+    """
+    stored_kind = stored_query_kind(kind, config, fin.meta.checkpoint_id)
+    q = torch.from_numpy(read_query_embeddings(store, fin.meta.checkpoint_id, stored_kind, query_ids))
+    pq = apply_preconditioner(_preconditioner(fin, layout, config), layout, q)
+    vectors = torch.from_numpy(fin.vectors)
+    s = pairwise_scores(pq, vectors)
+    norms = torch.from_numpy(fin.grad_norms)
+    beta = config.scoring.train_debias
+    if base is not None and beta:
+        base_vectors = torch.from_numpy(base.vectors)
+        s = s - beta * pairwise_scores(pq, base_vectors)
+        if config.scoring.normalisation == "cosine":
+            norms = difference_norms(vectors, base_vectors, beta)
+    return normalise_scores(s, config.scoring.normalisation, row_norms(q), norms)
 
 
 def query_kinds(store: LineageStore, query_ids: Sequence[str], config: PipelineConfig) -> dict[str, str]:
@@ -142,7 +157,7 @@ def refresh_lineage(data_dir: str | Path, base_reference: str, query_ids: Sequen
             qs = [q for q in need if kinds[q] == kind]
             if not qs:
                 continue
-            s_t = _scores(store, at, kind, qs, layout, config)
+            s_t = _scores(store, at, kind, qs, layout, config, base)
             s_db = debias(s_t, torch.from_numpy(base_scores.matrix(qs)), config.scoring.debias_coefficient)
             blocks.append(ScoreBlock(cid, qs, s_t.numpy(), weights[cid]))
             for i, q in enumerate(qs):

@@ -17,10 +17,12 @@ from dda_kernel import (
     build_projector,
     contrastive_query,
     embed_batch,
+    finetune_delta_weights,
     layout_for,
     linear_modules,
     pad_batch,
     project_gradient,
+    response_log_probs,
 )
 from tests.conftest import tiny_llama
 
@@ -259,3 +261,47 @@ def test_output_head_sees_response_positions_only(model64, samples):
     handle.remove()
     n_response = sum(sum(label != -100 for label in labels[1:]) for _, labels in samples)
     assert rows == [(n_response, 24)]
+
+
+def test_finetune_delta_weights_by_hand():
+    log_probs = torch.tensor([-1.0, -2.0, -0.5, -3.0, -1.0], dtype=torch.float64)
+    reference = torch.tensor([-1.5, -1.0, -2.0, -2.0, -0.5], dtype=torch.float64)
+    rows = torch.tensor([0, 0, 0, 1, 1])
+    # sample 0: δ = (0.5, 0, 1.5), mean-1 weights 3·δ/2; sample 1: fine-tuning raised no token, so w = 1.
+    want = torch.tensor([0.75, 0.0, 2.25, 1.0, 1.0], dtype=torch.float64)
+    torch.testing.assert_close(finetune_delta_weights(log_probs, reference, rows, 2), want)
+
+
+def test_query_side_debias_equals_the_token_weighted_backward(model64, samples):
+    """ĝ with reference log-probs of another model = the exact gradient of Σ_t w_t nll_t / n, with w_t computed
+    here per token from the two models' log-probabilities (float64, single-sample loops)."""
+    base = tiny_llama(seed=7)
+    layout = layout_for(model64, EXACT)
+    names = [s.name for s in layout.slots]
+    batch = pad_batch(samples, pad_id=0, side="left")
+    got = embed_batch(
+        model64, batch, build_projector(layout, dtype=torch.float64),
+        reference_log_probs=response_log_probs(base, batch),
+    ).vectors  # fmt: skip
+    weights = {n: m.weight for n, m, _, _ in linear_modules(model64)}
+    for p in model64.parameters():
+        p.requires_grad_(True)
+    rows = []
+    for ids, labels in samples:
+        targets = torch.tensor(labels[1:])
+        keep = targets != -100
+
+        def token_log_probs(net, ids=ids, targets=targets, keep=keep):
+            logp = torch.log_softmax(net(input_ids=torch.tensor([ids])).logits[0][:-1][keep], dim=-1)
+            return logp.gather(1, targets[keep][:, None])[:, 0]
+
+        with torch.no_grad():
+            delta = (token_log_probs(model64) - token_log_probs(base)).clamp(min=0)
+        w = delta * len(delta) / delta.sum() if delta.sum() > 0 else torch.ones_like(delta)
+        model64.zero_grad()
+        (-(w * token_log_probs(model64)).mean()).backward()
+        rows.append(torch.cat([weights[n].grad.flatten() for n in names]))
+    want = torch.stack(rows)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+    plain = embed(model64, samples)[0]
+    assert (got - plain).abs().max() > 1e-3 * plain.abs().max()  # the weighting changed the vectors

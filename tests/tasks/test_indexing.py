@@ -84,13 +84,23 @@ def _reference_dda(store, queries, config, layout):
     """S = mean_t (s̃_t − λ s̃_0) from the stored vectors, in numpy float64 (independent of tasks.lineage)."""
     ckpts = [r["checkpoint_id"] for r in sorted(store.read("checkpoints").to_pylist(), key=lambda r: r["step"])]
     kinds = {q["id"]: "contrastive" if q["corrected"] else "plain" for q in queries}
+    beta = config.scoring.train_debias
+    base = read_embeddings(store, "base")
+    g0 = base.vectors[base.order].astype(np.float64)
 
     def scores(cid):
         m = read_embeddings(store, cid)
         g = m.vectors[m.order].astype(np.float64)
+        sample_norms = m.grad_norms[m.order]  # ‖ĝ_i‖ as stored (from float32)
+        delta = cid != "base" and config.scoring.query_weighting == "finetune_delta"
+        if cid != "base" and beta:
+            g_scored = g - beta * g0
+            sample_norms = np.linalg.norm(g_scored, axis=1)
+        else:
+            g_scored = g
         out = []
         for qid, kind in kinds.items():
-            q = read_query_embeddings(store, cid, kind, [qid])[0].astype(np.float64)
+            q = read_query_embeddings(store, cid, kind + (":delta" if delta else ""), [qid])[0].astype(np.float64)
             pq = q.copy()
             if config.scoring.preconditioner == "fisher":
                 for slot in layout.slots:
@@ -98,9 +108,9 @@ def _reference_dda(store, queries, config, layout):
                     f = g[:, sl].T @ g[:, sl] / len(g)
                     f += config.scoring.damping * np.trace(f) / f.shape[0] * np.eye(f.shape[0])
                     pq[sl] = np.linalg.solve(f, q[sl])
-            s = g @ pq
+            s = g_scored @ pq
             if config.scoring.normalisation == "cosine":
-                s = s / (np.linalg.norm(q) * m.grad_norms[m.order])  # ‖ĝ_i‖ as stored (from float32)
+                s = s / (np.linalg.norm(q) * sample_norms)
             elif config.scoring.normalisation == "zscore":
                 s = (s - s.mean()) / s.std()
             out.append(s)
@@ -116,8 +126,11 @@ def _reference_dda(store, queries, config, layout):
     [
         ScoringConfig(preconditioner="identity", normalisation="cosine", debias_coefficient=1.0),
         ScoringConfig(preconditioner="fisher", normalisation="zscore", debias_coefficient=0.5),
+        ScoringConfig(
+            preconditioner="fisher", normalisation="cosine", train_debias=0.5, query_weighting="finetune_delta"
+        ),
     ],
-    ids=["cosine-identity", "zscore-fisher"],
+    ids=["cosine-identity", "zscore-fisher", "cosine-fisher-train-delta-query-weights"],
 )
 def test_incremental_lineage_equals_a_numpy_reference(small_world, tmp_path, scoring):
     config = dataclasses.replace(CONFIG, scoring=scoring)
@@ -252,3 +265,32 @@ def test_query_kinds_are_embedded_in_one_model_load_per_state(small_world, tmp_p
         assert sorted(zip(kinds["kind"].to_pylist(), kinds["query_id"].to_pylist(), strict=True)) == [
             ("contrastive", "q0"), ("contrastive", "q2"), ("plain", "q0"), ("plain", "q1"), ("plain", "q2")
         ]  # fmt: skip
+
+
+def test_query_side_debias_vectors_are_the_kernel_with_base_log_probs(small_world, tmp_path):
+    """finetune_delta: at a checkpoint, ĝ_q = embed_batch(θ_t, reference_log_probs = log p_θ0); at the base, plain."""
+    from dda_kernel import response_log_probs
+    from tasks.models import model_for
+
+    config = dataclasses.replace(CONFIG, scoring=ScoringConfig(query_weighting="finetune_delta"))
+    run = copy_run(small_world, tmp_path / "run", steps=1)
+    store = index(tmp_path, small_world, run, config)
+    queries_file = write_queries(tmp_path / "queries.jsonl", n=2)
+    ids, _ = attribute(tmp_path, small_world, queries_file, config)
+    rows = [json.loads(line) for line in queries_file.read_text().splitlines()]
+    base, tokenizer = load_base_model(small_world.base_model)
+    batch = pad_batch([encode_pair(tokenizer, r["prompt"], r["response"], 64) for r in rows], pad_id=0)
+    precision = compute_precision(config.precision, "cpu")
+    reference = response_log_probs(base, batch, precision)
+    ckpt = indexed_checkpoints(tmp_path)[1]
+    with model_for(small_world.base_model, ckpt["path"], "cpu") as cached:
+        projector = build_projector(layout_for(cached.model, config.projection))
+        want = embed_batch(cached.model, batch, projector, precision=precision, reference_log_probs=reference).vectors
+        plain = embed_batch(cached.model, batch, projector, precision=precision).vectors
+    got = read_query_embeddings(store, ckpt["checkpoint_id"], "plain:delta", ids)
+    scale = want.abs().max().item()
+    np.testing.assert_allclose(got, want.numpy(), rtol=0, atol=1e-3 * scale)
+    assert np.abs(got - plain.numpy()).max() > 1e-2 * scale  # the weighting changed the vectors
+    with model_for(small_world.base_model, None, "cpu") as cached:
+        at_base = embed_batch(cached.model, batch, projector, precision=precision).vectors.numpy()
+    np.testing.assert_allclose(read_query_embeddings(store, "base", "plain", ids), at_base, rtol=0, atol=1e-3 * scale)
