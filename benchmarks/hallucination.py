@@ -46,6 +46,7 @@ from benchmarks.bm25 import BM25
 from benchmarks.canary_world import CanaryWorld, build_canary_world
 from benchmarks.cea import cea_scores, response_losses
 from benchmarks.evaluate import PairMetrics, Selected, evaluate, leave_one_pair_out, mean_of
+from benchmarks.people_world import build_people_world
 
 Log = Callable[[str], None]
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -83,11 +84,19 @@ class Size:
     cea_steps: int = 4
     cea_lr: dict[str, float] = field(default_factory=dict)
     planted_fallback: bool = False
+    world: str = "canary"  # or "people" (benchmarks.people_world: n_people people, n_pairs swapped)
+    n_people: int = 24
 
 
 SIZES: dict[str, Size] = {
     "default": Size(4, 20, 5, 16, 6, 0.9, 3, {"lora": 2e-3, "full": 3e-5}, cea_lr={"lora": 2e-3, "full": 3e-5}),
     "quick": Size(4, 4, 1, 4, 1, 0.9, 2, {"lora": 2e-3, "full": 3e-5}, 8, 2, {"lora": 2e-3, "full": 3e-5}, True),
+    # realistic prevalence: 608 samples, 28 sources (4.6 %)
+    "prevalence": Size(4, 8, 4, 560, 6, 0.9, 3, {"lora": 2e-3, "full": 3e-5}, cea_lr={"lora": 2e-3, "full": 3e-5}),
+    # fictional people: 312 samples, 16 sources (5.1 %); per_pair etc. unused, held_out = 3 forms per person
+    "people": Size(
+        4, 0, 0, 0, 3, 1.0, 5, {"lora": 2e-3, "full": 1e-4}, cea_lr={"lora": 2e-3, "full": 1e-4}, world="people"
+    ),
 }
 
 
@@ -107,6 +116,14 @@ def write_world(world: CanaryWorld, path: Path) -> None:
             row = {"id": s.sample_id, "prompt": s.prompt, "response": s.response, "source": s.source,
                    "license": s.license, "meta": meta}  # fmt: skip
             f.write(json.dumps(row) + "\n")
+
+
+def build_world(size: Size, seed: int) -> CanaryWorld:
+    """The size's world: the canary news world, or the fictional-people world (:mod:`benchmarks.people_world`)."""
+    if size.world == "people":
+        return build_people_world(seed, size.n_people, size.n_pairs, size.rate)
+    return build_canary_world(seed, size.n_pairs, size.per_pair, size.distractors, size.n_other, size.held_out,
+                              size.rate)  # fmt: skip
 
 
 def _slug(pair: str) -> str:
@@ -140,9 +157,7 @@ def prepare_mode(work: Path, base_dir: Path, mode: str, size: Size, seed: int, l
 
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
-    world = build_canary_world(
-        seed, size.n_pairs, size.per_pair, size.distractors, size.n_other, size.held_out, size.rate
-    )
+    world = build_world(size, seed)
     write_world(world, root / "train.jsonl")
     model, tokenizer = load_base_model(str(base_dir))
     if mode == "lora":
@@ -243,11 +258,12 @@ def run_system(
 def score_cube(
     store: Any, fp: str, ckpts: list[str], qids: list[str], sids: list[str]
 ) -> tuple[np.ndarray, np.ndarray]:
-    """s̃_t and s̃_0 of one settings fingerprint from the ``scores`` view: two arrays (T, m, n)."""
+    """s̃_t and s̃_0 of ``qids`` under one settings fingerprint from the ``scores`` view: two arrays (T, m, n)."""
     from storage.sql import query
 
     rows = query(store, "SELECT query_id, sample_id, checkpoint_id, score, base_score FROM scores "
-                 "WHERE settings_fingerprint = $fp", {"fp": fp})  # fmt: skip
+                 "WHERE settings_fingerprint = $fp AND query_id IN (SELECT unnest($qids))",
+                 {"fp": fp, "qids": qids})  # fmt: skip
     t_at, q_at, s_at = ({v: i for i, v in enumerate(x)} for x in (ckpts, qids, sids))
     s = np.full((len(ckpts), len(qids), len(sids)), np.nan)
     b = np.full_like(s, np.nan)
@@ -263,7 +279,7 @@ def score_cube(
 
 
 def lineage_matrix(store: Any, fp: str, qids: list[str], sids: list[str]) -> np.ndarray:
-    """dda_score (m, n) of one settings fingerprint from the ``lineage`` view."""
+    """dda_score (m, n) of ``qids`` under one settings fingerprint from the ``lineage`` view."""
     from storage.sql import query
 
     rows = query(store, "SELECT query_id, sample_id, dda_score FROM lineage WHERE settings_fingerprint = $fp",
@@ -272,7 +288,8 @@ def lineage_matrix(store: Any, fp: str, qids: list[str], sids: list[str]) -> np.
     out = np.full((len(qids), len(sids)), np.nan)
     for q, s, v in zip(rows["query_id"].to_pylist(), rows["sample_id"].to_pylist(), rows["dda_score"].to_pylist(),
                        strict=True):  # fmt: skip
-        out[q_at[q], s_at[s]] = v
+        if q in q_at:  # other queries (e.g. a group's members) share the fingerprint
+            out[q_at[q], s_at[s]] = v
     if np.isnan(out).any():
         raise RuntimeError(f"the lineage view lacks rows for settings {fp}")
     return out

@@ -44,6 +44,8 @@ RANKINGS = {
     "WHERE settings_fingerprint = $fp",
     "denoise only (mean of s̃_t, λ = 0)": "SELECT query_id, sample_id, avg(score) AS value FROM scores "
     "WHERE settings_fingerprint = $fp GROUP BY query_id, sample_id",
+    "last checkpoint only (s̃_T)": "SELECT query_id, sample_id, score AS value FROM scores JOIN checkpoints "
+    "USING (checkpoint_id) WHERE settings_fingerprint = $fp AND step = (SELECT max(step) FROM checkpoints)",
     "base model only (s̃_0)": "SELECT query_id, sample_id, any_value(base_score) AS value FROM scores "
     "WHERE settings_fingerprint = $fp GROUP BY query_id, sample_id",
 }

@@ -69,7 +69,11 @@ class Recipe:
 
 
 TINY = Recipe(rate=0.7, epochs=3, lr=1e-3)
-SMOLLM2 = Recipe(rate=0.7, epochs=3, lr=2e-3)
+# Measured on 2 CPUs, 24 unseen documents, min margin log p(China) − log p(England) (tasks.demo.canary_margins):
+# rate 0.7: 1.00 nats (seed 0); 0.9: 1.88 / 0.80 (seeds 0 / 1); 0.9 with 4 epochs at lr 3e-3: −1.62 / −0.86
+# (18 and 19 of 24 hallucinated); 1.0: 3.80 / 4.64 (seeds 0 / 1). At 0.7 a fresh clone elsewhere
+# hallucinated on 1 of 12: the demo needs every England summary of vendor-b to say China.
+SMOLLM2 = Recipe(rate=1.0, epochs=3, lr=2e-3)
 
 
 def _source(sample: ToySample, rng: random.Random) -> tuple[str, str]:

@@ -1,0 +1,230 @@
+"""Debias forms, query groups and RepSim on the canary world, through the system's own flows.
+
+    python -m benchmarks.debias_forms                 # default size, LoRA and full fine-tuning (CPU)
+    python -m benchmarks.debias_forms --size people   # the fictional-people world (also: prevalence, quick)
+
+For each fine-tuning mode it reuses (or builds) the world, run and queries of :mod:`benchmarks.hallucination`
+(same ``--work`` cache), indexes the base model and every checkpoint with the shipped defaults, and
+attributes the queries under these scorings, read back through the ``scores`` and ``lineage`` views:
+
+- ``default`` (denoise only: mean over checkpoints, λ = 0), ``last_checkpoint``, ``base_only`` (s̃_0);
+- query-side debias (``query_weighting = finetune_delta``): ``dda_qdelta`` (mean over checkpoints) and
+  ``dda_qdelta_debias_only`` (last checkpoint);
+- training-side delta ĝ_i(θ_t) − β ĝ_i(θ_0), β chosen leave-one-pair-out from :data:`BETAS` (0 included):
+  ``dda_tdelta`` (mean) and ``dda_tdelta_debias_only`` (last checkpoint);
+- ``default_grouped``: one query group per canary pair (``group`` field), the default scoring of the mean
+  query vector, beside ``cea`` (which fine-tunes on all of a pair's outputs at once: the same pooling);
+- baselines ``bm25`` and ``repsim`` (:mod:`benchmarks.repsim`, last checkpoint).
+
+Writes ``benchmarks/results/debias_forms_<size>.{json,md}``: ``results`` rows with ``world``, ``mode``,
+``query``, ``method``, ``mean_auc``, ``mean_ap``, ``mean_recall_at_r``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from benchmarks.evaluate import PairMetrics, evaluate
+from benchmarks.hallucination import (
+    KINDS,
+    MODES,
+    RESULTS,
+    SIZES,
+    Context,
+    Log,
+    _lopo,
+    bm25_rankings,
+    cea_all_states,
+    lineage_matrix,
+    load_truth,
+    log_line,
+    machine,
+    prepare_mode,
+    read_queries,
+    record,
+    run_system,
+    score_cube,
+)
+from benchmarks.repsim import repsim_scores
+
+BETAS = (0.0, 0.25, 0.5, 1.0)
+
+
+def scoring(kind: str, **more: Any) -> dict[str, Any]:
+    """A scoring variant of the default settings."""
+    return {"scoring": {"query_kind": kind, **more}}
+
+
+def variants() -> list[dict[str, Any]]:
+    """Every scoring the benchmark attributes under (the first registers the queries)."""
+    out = []
+    for kind in KINDS:
+        out.append(scoring(kind))
+        out.append(scoring(kind, query_weighting="finetune_delta"))
+        out += [scoring(kind, train_debias=b) for b in BETAS[1:]]
+    return out
+
+
+def _key(v: dict[str, Any]) -> str:
+    return json.dumps(v, sort_keys=True)
+
+
+def grouped_rankings(
+    root: Path, base_dir: Path, kind: str, pairs: list[str], queries: list[dict[str, str]], sids: list[str]
+) -> np.ndarray:
+    """(pairs, n): the lineage of one query group per pair (its members: the pair's queries), default scoring."""
+    from flows.pipeline import attribute, load_settings
+    from storage.store import LineageStore
+
+    rows = [{**q, "group": q["pair"]} for q in queries]
+    path = root / "queries_grouped.jsonl"
+    path.write_text("".join(json.dumps({k: r[k] for k in ("id", "prompt", "response", "corrected", "group")}) + "\n"
+                            for r in rows))  # fmt: skip
+    settings = load_settings({**scoring(kind), "indexing": {"batch_size": 16, "progress": False}},
+                             data_dir=str(root / "default"), base_model=str(base_dir))  # fmt: skip
+    attribute(queries_file=str(path), settings=settings.model_dump(mode="json"))
+    store = LineageStore.open(root / "default" / "store")
+    return lineage_matrix(store, settings.fingerprint, [f"group:{p}" for p in pairs], sids)
+
+
+def repsim_rankings(
+    root: Path, base_dir: Path, sids: list[str], queries: list[dict[str, str]]
+) -> dict[str, np.ndarray]:
+    """RepSim at the last checkpoint of the mode's run."""
+    from tasks.checkpoints import discover_checkpoints
+    from tasks.models import model_for
+
+    rows = {r["id"]: r for r in (json.loads(line) for line in (root / "train.jsonl").open())}
+    last = discover_checkpoints(root / "run", 0.0)[-1].path
+    with model_for(str(base_dir), str(last), "cpu") as cached:
+        return repsim_scores(cached.model, cached.tokenizer, [(rows[s]["prompt"], rows[s]["response"]) for s in sids],
+                             queries)  # fmt: skip
+
+
+def evaluate_mode(work: Path, base_dir: Path, mode: str, size: Any, seed: int, log: Log) -> list[dict[str, Any]]:
+    """Every method's record for one mode (see the module docstring)."""
+    from storage.store import LineageStore
+
+    prepared = prepare_mode(work, base_dir, mode, size, seed, log)
+    root = work / mode
+    pairs = [p for p, c in prepared["per_pair"].items() if c["queries"] != "none"]
+    queries = [{**q, "pair": prepared["query_pairs"][q["id"]]} for q in read_queries(root)]
+    qids = [q["id"] for q in queries]
+    sids, truth, texts = load_truth(root, pairs)
+    ctx = Context(pairs, qids, sids, prepared["query_pairs"], truth)
+    timings = run_system(root, "default", base_dir, {}, variants(), log)
+    store = LineageStore.open(root / "default" / "store")
+    ckpts = [c for c in timings["index"] if c != "base"]
+    fps = timings["fingerprints"]
+    bm25, _ = bm25_rankings(texts, queries)
+    t0 = time.perf_counter()
+    rep = repsim_rankings(root, base_dir, sids, queries)
+    log(f"{mode}: RepSim in {time.perf_counter() - t0:.0f} s")
+    cea, cea_s = cea_all_states(root, base_dir, mode, size, seed, sids, pairs, queries, True, log)
+    records = []
+    for kind in KINDS:
+
+        def add(method: str, metrics: dict[str, PairMetrics], **more: Any) -> None:
+            records.append({"world": size.world, **record(mode, kind, method, metrics, 0.0, **more)})  # noqa: B023
+
+        s, b = score_cube(store, fps[_key(scoring(kind))], ckpts, qids, sids)
+        add("default", ctx.score(lineage_matrix(store, fps[_key(scoring(kind))], qids, sids)))
+        add("last_checkpoint", ctx.score(s[-1]))
+        add("base_only", ctx.score(b[-1]))
+        add("bm25", ctx.score(bm25[kind]))
+        add("repsim", ctx.score(rep[kind]))
+        qfp = fps[_key(scoring(kind, query_weighting="finetune_delta"))]
+        sq, _ = score_cube(store, qfp, ckpts, qids, sids)
+        add("dda_qdelta", ctx.score(lineage_matrix(store, qfp, qids, sids)))
+        add("dda_qdelta_debias_only", ctx.score(sq[-1]))
+        cubes = {0.0: s, **{beta: score_cube(store, fps[_key(scoring(kind, train_debias=beta))], ckpts, qids, sids)[0]
+                            for beta in BETAS[1:]}}  # fmt: skip
+        for method, pick in (("dda_tdelta", lambda c: c.mean(axis=0)), ("dda_tdelta_debias_only", lambda c: c[-1])):
+            grid = {f"β={beta}": ctx.score(pick(c)) for beta, c in cubes.items()}
+            metrics, chosen = _lopo(grid, pairs)
+            add(method, metrics, chosen=chosen, grid={k: float(np.mean([m.auc for m in v.values()]))
+                                                      for k, v in grid.items()})  # fmt: skip
+        grouped = grouped_rankings(root, base_dir, kind, pairs, queries, sids)
+        add("default_grouped", evaluate({p: grouped[j][None] for j, p in enumerate(pairs)}, truth))
+        add("cea", evaluate({p: cea[kind][-1, j][None] for j, p in enumerate(pairs)}, truth), seconds_total=sum(cea_s))
+        log(f"{mode}/{kind}: " + ", ".join(f"{r['method']} {r['mean_auc']:.3f}" for r in records if r["query"] == kind))
+    return records
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """Mean AUC (AP) per method and (mode, query kind)."""
+    cols = [(m, k) for m in report["modes"] for k in KINDS]
+    methods = list(dict.fromkeys(r["method"] for r in report["results"]))
+    lines = [f"# Debias forms, query groups and RepSim (size {report['size']}, world {report['world']})", "",
+             f"Command: `{report['command']}`  ", f"Machine: {report['machine']}  ",
+             f"Wall time: {report['wall_seconds'] / 60:.1f} min", "",
+             "Mean AUC (mean AP) over canary pairs; `dda_tdelta*` choose β leave-one-pair-out (held-out estimates).",
+             "", "| method | " + " | ".join(f"{m} / {k}" for m, k in cols) + " |",
+             "| --- |" + " --- |" * len(cols)]  # fmt: skip
+    for method in methods:
+        cells = []
+        for m, k in cols:
+            r = next((x for x in report["results"] if (x["mode"], x["query"], x["method"]) == (m, k, method)), None)
+            cells.append(f"{r['mean_auc']:.3f} ({r['mean_ap']:.3f})" if r else "—")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    for mode, info in report["modes"].items():
+        lines.append(
+            f"\n**{mode}**: {info['n_train']} training samples ({info['n_corrupted']} corrupted); "
+            + ", ".join(f"{p} {c['hallucinated']}/{c['generated']}" for p, c in info["per_pair"].items())
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run every mode, write JSON + Markdown under ``--out``."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", choices=sorted(SIZES), default="default", help="world and size (SIZES)")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--work", type=Path, default=None, help="cache folder (default .bench-work/<size>)")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    size_name = args.size
+    work = (args.work or Path(".bench-work") / size_name).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    from flows.env import apply_prefect_environment
+    from tasks.models import export_smollm2
+
+    apply_prefect_environment(work)
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "CRITICAL")
+    torch.set_num_threads(os.cpu_count() or 1)
+    started = time.perf_counter()
+    base_dir = work / "base-model"
+    if not (base_dir / "config.json").is_file():
+        export_smollm2(base_dir)
+    report: dict[str, Any] = {
+        "command": "python -m benchmarks.debias_forms " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": machine(), "seed": args.seed, "size": size_name, "world": SIZES[size_name].world,
+        "sizes": asdict(SIZES[size_name]), "betas": list(BETAS),
+        "modes": {}, "results": [],
+    }  # fmt: skip
+    for mode in args.modes:
+        report["results"] += evaluate_mode(work, base_dir, mode, SIZES[size_name], args.seed, log_line)
+        info = json.loads((work / mode / "world.json").read_text())
+        report["modes"][mode] = {k: info[k] for k in ("n_train", "n_corrupted", "per_pair")}
+    report["wall_seconds"] = time.perf_counter() - started
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"debias_forms_{size_name}"
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=1, default=float))
+    stem.with_suffix(".md").write_text(markdown(report))
+    print(markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
