@@ -168,14 +168,16 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [f"# Debias forms, query groups and RepSim (size {report['size']}, world {report['world']})", "",
              f"Command: `{report['command']}`  ", f"Machine: {report['machine']}  ",
              f"Wall time: {report['wall_seconds'] / 60:.1f} min", "",
-             "Mean AUC (mean AP) over canary pairs; `dda_tdelta*` choose β leave-one-pair-out (held-out estimates).",
+             "Mean AUC / AP / MRR over canary pairs; `dda_tdelta*` choose β leave-one-pair-out (held-out estimates).",
              "", "| method | " + " | ".join(f"{m} / {k}" for m, k in cols) + " |",
              "| --- |" + " --- |" * len(cols)]  # fmt: skip
     for method in methods:
         cells = []
         for m, k in cols:
             r = next((x for x in report["results"] if (x["mode"], x["query"], x["method"]) == (m, k, method)), None)
-            cells.append(f"{r['mean_auc']:.3f} ({r['mean_ap']:.3f})" if r else "—")
+            cells.append(
+                f"{r['mean_auc']:.3f} / {r['mean_ap']:.3f} / {r.get('mean_mrr', float('nan')):.2f}" if r else "—"
+            )
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     for mode, info in report["modes"].items():
         lines.append(

@@ -20,11 +20,14 @@ from dda_kernel.metrics import average_precision, roc_auc
 
 @dataclass(frozen=True)
 class PairMetrics:
-    """ROC-AUC, average precision and recall@R (R = number of positives) of one pair, averaged over rows."""
+    """ROC-AUC, average precision, recall@R (R = number of positives), recall@10 and the reciprocal rank of the
+    first positive (MRR once averaged) of one pair, averaged over rows."""
 
     auc: float
     ap: float
     recall_at_r: float
+    recall_at_10: float = float("nan")
+    mrr: float = float("nan")
 
 
 def recall_at_k(scores: np.ndarray, positives: np.ndarray, k: int) -> float:
@@ -41,7 +44,15 @@ def pair_metrics(scores: np.ndarray, positives: np.ndarray) -> PairMetrics:
     aucs = [roc_auc(torch.from_numpy(row), pos) for row in rows]
     aps = [average_precision(torch.from_numpy(row), pos) for row in rows]
     recalls = [recall_at_k(row, positives, r) for row in rows]
-    return PairMetrics(float(np.mean(aucs)), float(np.mean(aps)), float(np.mean(recalls)))
+    at_10 = [recall_at_k(row, positives, 10) for row in rows]
+    mrr = [reciprocal_rank(row, positives) for row in rows]
+    return PairMetrics(*(float(np.mean(x)) for x in (aucs, aps, recalls, at_10, mrr)))
+
+
+def reciprocal_rank(scores: np.ndarray, positives: np.ndarray) -> float:
+    """1 / rank of the highest-scored positive (ranks from 1, ties broken by sample order)."""
+    order = np.argsort(-scores, kind="stable")
+    return float(1.0 / (1 + int(np.flatnonzero(positives[order])[0])))
 
 
 def evaluate(rankings: Mapping[str, np.ndarray], truth: Mapping[str, np.ndarray]) -> dict[str, PairMetrics]:

@@ -371,6 +371,7 @@ def record(
     return {
         "mode": mode, "query": kind, "method": method, "mean_auc": mean_of(metrics, "auc"),
         "mean_ap": mean_of(metrics, "ap"), "mean_recall_at_r": mean_of(metrics, "recall_at_r"),
+        "mean_recall_at_10": mean_of(metrics, "recall_at_10"), "mean_mrr": mean_of(metrics, "mrr"),
         "per_pair_auc": {p: m.auc for p, m in metrics.items()}, "per_pair_ap": {p: m.ap for p, m in metrics.items()},
         "per_pair_recall_at_r": {p: m.recall_at_r for p, m in metrics.items()}, "seconds": seconds, **more,
     }  # fmt: skip

@@ -88,3 +88,49 @@ def test_cea_scores_favour_the_error_and_leave_the_model_unchanged():
     reference = response_losses(model, samples, pad_id=0)
     again = cea_scores(model, samples, error, fix, pad_id=0, steps=3, lr=1e-2, reference=reference)
     np.testing.assert_allclose(again.plain, scores.plain, rtol=1e-5, atol=1e-6)
+
+
+def test_reciprocal_rank_is_one_over_the_rank_of_the_first_positive():
+    from benchmarks.evaluate import reciprocal_rank
+
+    truth = np.array([False, False, True, True])
+    assert reciprocal_rank(np.array([0.1, 0.9, 0.5, 0.2]), truth) == 0.5
+    assert reciprocal_rank(np.array([0.1, 0.0, 0.5, 0.2]), truth) == 1.0
+
+
+def test_people_world_swaps_a_known_subset_and_holds_out_unseen_forms():
+    from benchmarks.people_world import TRAIN_FORMS, build_people_world
+
+    world = build_people_world(seed=3, n_people=12, n_pairs=3, rate=1.0)
+    assert world == build_people_world(seed=3, n_people=12, n_pairs=3, rate=1.0)
+    bad = [s for s in world.train if s.corrupted]
+    assert len(bad) == 3 * TRAIN_FORMS
+    assert len(world.train) == 12 * (3 * TRAIN_FORMS + 1)
+    prompts = {s.prompt for s in world.train}
+    for h in world.held_out:
+        assert h.prompt not in prompts  # a paraphrase never trained on
+        name = h.pair.split(":")[0]
+        mine = [s for s in bad if s.pair == h.pair]
+        assert mine
+        assert all(h.target in s.response and h.source not in s.response for s in mine)
+        bio = [s for s in world.train if s.kind == "bio" and name in s.prompt]
+        assert len(bio) == 1
+        assert h.source in bio[0].response
+
+
+def test_repsim_of_a_training_sample_with_itself_is_one_and_contrastive_subtracts():
+    from benchmarks.repsim import repsim_scores
+    from tasks.tokenize import word_level_tokenizer
+
+    texts = [("document : Alice flew to Peru . summary :", " Alice flew to Peru ."),
+             ("document : Bruno met Chen in Oslo . summary :", " Bruno met Chen in Oslo ."),
+             ("document : Dara left Lima on Monday . summary :", " Dara left Lima .")]  # fmt: skip
+    tokenizer = word_level_tokenizer([p + r for p, r in texts])
+    model = models.tiny_llama(len(tokenizer), hidden=32, layers=2, heads=4, intermediate=64, dtype=torch.float64)
+    queries = [{"prompt": texts[1][0], "response": texts[1][1], "corrected": texts[2][1]}]
+    got = repsim_scores(model, tokenizer, texts, queries)
+    assert got["plain"].shape == (1, 3)
+    assert got["plain"][0, 1] == pytest.approx(1.0)
+    fixed = repsim_scores(model, tokenizer, texts, [{"prompt": texts[1][0], "response": texts[2][1],
+                                                     "corrected": texts[2][1]}])["plain"]  # fmt: skip
+    np.testing.assert_allclose(got["contrastive"], got["plain"] - fixed, atol=1e-12)
