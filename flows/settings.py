@@ -43,8 +43,10 @@ class ScoringSettings(BaseModel):
     query_kind: Literal["auto", "plain", "contrastive"] = Field(
         "auto", description="auto: contrastive when a corrected response is given, else plain"
     )
-    query_weighting: Literal["uniform", "finetune_delta"] = Field(
-        "uniform", description="query-side debias: finetune_delta weights query tokens by max(0, log p_θt − log p_θ0)"
+    query_weighting: Literal["uniform", "finetune_delta", "finetune_delta_plain"] = Field(
+        "uniform",
+        description="query-side debias: finetune_delta weights query tokens by max(0, log p_θt − log p_θ0); "
+        "finetune_delta_plain for plain queries only",
     )
     train_debias: float = Field(0.0, ge=0, le=10, description="β in ĝ_qᵀ F⁻¹ [ĝ_i(θ_t) − β·ĝ_i(θ_0)] (0: off)")
 

@@ -11,7 +11,7 @@ from dda_kernel.spec import CheckpointWeighting, Normalisation, ProjectionSpec
 Preconditioning = Literal["identity", "fisher"]
 Precision = Literal["auto", "float32", "bfloat16"]
 QueryKind = Literal["auto", "plain", "contrastive"]
-QueryWeighting = Literal["uniform", "finetune_delta"]
+QueryWeighting = Literal["uniform", "finetune_delta", "finetune_delta_plain"]
 _NEW = {OMIT_DEFAULT: True}  # options added after stores were scored: their default keeps old fingerprints
 
 
@@ -27,7 +27,8 @@ class ScoringConfig:
     Two further debias forms (DESIGN.md section 2, step 5): ``query_weighting`` ``finetune_delta`` weights each
     response token of the query loss at checkpoint t by w = max(0, log p_θt(y) − log p_θ0(y)) (normalised to
     mean 1 per response; uniform at the base model), so that what the base model already predicted stops
-    dominating ĝ_q; ``train_debias`` β scores s_t = ĝ_q(θ_t)ᵀ F_t⁻¹ [ĝ_i(θ_t) − β ĝ_i(θ_0)].
+    dominating ĝ_q (``finetune_delta_plain``: plain queries only; contrastive ones keep uniform weights);
+    ``train_debias`` β scores s_t = ĝ_q(θ_t)ᵀ F_t⁻¹ [ĝ_i(θ_t) − β ĝ_i(θ_0)].
     """
 
     preconditioner: Preconditioning = "fisher"

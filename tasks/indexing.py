@@ -224,13 +224,17 @@ def base_log_probs(
     return [_BASE_LOG_PROBS[k] for k in keys]
 
 
+DELTA = ":delta"  # suffix of query vectors embedded with the query-side debias token weights
+
+
 def stored_query_kind(kind: str, config: PipelineConfig, checkpoint_id: str) -> str:
     """The ``query_embeddings.kind`` that holds ``kind`` ('plain' or 'contrastive') for this configuration:
-    with the ``finetune_delta`` query weighting, ``<kind>:delta`` at a fine-tuned checkpoint (at the base model
-    the weights are uniform, so the plain vectors serve)."""
-    if config.scoring.query_weighting == "finetune_delta" and checkpoint_id != BASE_ID:
-        return f"{kind}:delta"
-    return kind
+    ``<kind>:delta`` at a fine-tuned checkpoint when the query weighting applies to the kind
+    (``finetune_delta``: both kinds; ``finetune_delta_plain``: plain queries only); at the base model the
+    weights are uniform, so the uniform vectors serve."""
+    weighting = config.scoring.query_weighting
+    applies = weighting == "finetune_delta" or (weighting == "finetune_delta_plain" and kind == "plain")
+    return f"{kind}{DELTA}" if applies and checkpoint_id != BASE_ID else kind
 
 
 def embed_shard(
@@ -334,25 +338,33 @@ def embed_queries(
 def _embed_outputs(
     store: LineageStore, base_reference: str, checkpoint: dict[str, Any], query_ids: list[str], config: PipelineConfig
 ) -> None:
-    """Embed registered outputs at ``checkpoint``: both kinds in one pass of one loaded model."""
+    """Embed registered outputs at ``checkpoint`` with one loaded model: both kinds in one pass when they share
+    a token weighting (:func:`stored_query_kind`), else one pass per weighting."""
     rows = store.read("queries", ["query_id", "prompt", "response", "corrected"], where_in("query_id", query_ids))
     queries = sorted(rows.to_pylist(), key=lambda r: r["query_id"])
     path = None if checkpoint["role"] == "base" else checkpoint["path"]
     fixed_rows = [q for q in queries if q["corrected"]]
-    texts = [(f"query {q['query_id']!r}", q["prompt"], q["response"]) for q in queries]
-    texts += [(f"query {q['query_id']!r} (corrected)", q["prompt"], q["corrected"]) for q in fixed_rows]
+    plain_texts = [(f"query {q['query_id']!r}", q["prompt"], q["response"]) for q in queries]
+    fixed_texts = [(f"query {q['query_id']!r} (corrected)", q["prompt"], q["corrected"]) for q in fixed_rows]
     cid = checkpoint["checkpoint_id"]
-    weighted = stored_query_kind("plain", config, cid) != "plain"
-    references = base_log_probs(base_reference, texts, config) if weighted else None
-    with model_for(base_reference, path, config.device) as cached:  # one pass for both kinds
-        vectors = embed_rows(cached, texts, config, None, references).vectors
-    plain, fixed = vectors[: len(queries)], vectors[len(queries) :]
+    plain_kind, contrast_kind = (stored_query_kind(k, config, cid) for k in ("plain", "contrastive"))
+    plain_w, contrast_w = plain_kind.endswith(DELTA), contrast_kind.endswith(DELTA)
+    weightings = {plain_w} | ({contrast_w} if fixed_rows else set())
+    refs = base_log_probs(base_reference, plain_texts + fixed_texts, config) if True in weightings else None
+    out: dict[bool, np.ndarray] = {}
+    with model_for(base_reference, path, config.device) as cached:
+        for weighted in sorted(weightings):
+            with_fixed = bool(fixed_rows) and contrast_w == weighted
+            texts = plain_texts + (fixed_texts if with_fixed else [])
+            chosen = refs[: len(texts)] if weighted and refs is not None else None  # refs: plain texts first
+            out[weighted] = embed_rows(cached, texts, config, None, chosen).vectors
     index = {q["query_id"]: i for i, q in enumerate(queries)}
     if fixed_rows:
+        both = out[contrast_w]
+        plain, fixed = both[: len(queries)], both[len(queries) :]
         contrast = plain[[index[q["query_id"]] for q in fixed_rows]] - fixed
-        kind = stored_query_kind("contrastive", config, cid)
-        write_query_embeddings(store, cid, kind, [q["query_id"] for q in fixed_rows], contrast)
-    write_query_embeddings(store, cid, stored_query_kind("plain", config, cid), [q["query_id"] for q in queries], plain)
+        write_query_embeddings(store, cid, contrast_kind, [q["query_id"] for q in fixed_rows], contrast)
+    write_query_embeddings(store, cid, plain_kind, [q["query_id"] for q in queries], out[plain_w][: len(queries)])
 
 
 def _embed_group(

@@ -92,7 +92,7 @@ def _reference_dda(store, queries, config, layout):
         m = read_embeddings(store, cid)
         g = m.vectors[m.order].astype(np.float64)
         sample_norms = m.grad_norms[m.order]  # ‖ĝ_i‖ as stored (from float32)
-        delta = cid != "base" and config.scoring.query_weighting == "finetune_delta"
+        weighting = config.scoring.query_weighting
         if cid != "base" and beta:
             g_scored = g - beta * g0
             sample_norms = np.linalg.norm(g_scored, axis=1)
@@ -100,6 +100,8 @@ def _reference_dda(store, queries, config, layout):
             g_scored = g
         out = []
         for qid, kind in kinds.items():
+            delta = cid != "base" and (weighting == "finetune_delta" or (weighting == "finetune_delta_plain"
+                                                                           and kind == "plain"))  # fmt: skip
             q = read_query_embeddings(store, cid, kind + (":delta" if delta else ""), [qid])[0].astype(np.float64)
             pq = q.copy()
             if config.scoring.preconditioner == "fisher":
@@ -129,8 +131,9 @@ def _reference_dda(store, queries, config, layout):
         ScoringConfig(
             preconditioner="fisher", normalisation="cosine", train_debias=0.5, query_weighting="finetune_delta"
         ),
+        ScoringConfig(query_weighting="finetune_delta_plain"),
     ],
-    ids=["cosine-identity", "zscore-fisher", "cosine-fisher-train-delta-query-weights"],
+    ids=["cosine-identity", "zscore-fisher", "cosine-fisher-train-delta-query-weights", "zscore-plain-query-weights"],
 )
 def test_incremental_lineage_equals_a_numpy_reference(small_world, tmp_path, scoring):
     config = dataclasses.replace(CONFIG, scoring=scoring)
