@@ -297,3 +297,32 @@ def test_query_side_debias_vectors_are_the_kernel_with_base_log_probs(small_worl
     with model_for(small_world.base_model, None, "cpu") as cached:
         at_base = embed_batch(cached.model, batch, projector, precision=precision).vectors.numpy()
     np.testing.assert_allclose(read_query_embeddings(store, "base", "plain", ids), at_base, rtol=0, atol=1e-3 * scale)
+
+
+def test_plain_only_query_weighting_keeps_contrastive_queries_uniform(small_world, tmp_path):
+    """finetune_delta_plain: plain ĝ_q weighted, contrastive ĝ(response) − ĝ(corrected) with uniform weights."""
+    from dda_kernel import response_log_probs
+    from tasks.models import model_for
+
+    config = dataclasses.replace(CONFIG, scoring=ScoringConfig(query_weighting="finetune_delta_plain"))
+    store = index(tmp_path, small_world, copy_run(small_world, tmp_path / "run", steps=1), config)
+    queries_file = write_queries(tmp_path / "queries.jsonl", n=1)  # q0: with a correction
+    attribute(tmp_path, small_world, queries_file, config)
+    row = json.loads(queries_file.read_text().splitlines()[0])
+    base, tokenizer = load_base_model(small_world.base_model)
+    precision = compute_precision(config.precision, "cpu")
+    pairs = [encode_pair(tokenizer, row["prompt"], t, 64) for t in (row["response"], row["corrected"])]
+    ckpt = indexed_checkpoints(tmp_path)[1]
+    with model_for(small_world.base_model, ckpt["path"], "cpu") as cached:
+        projector = build_projector(layout_for(cached.model, config.projection))
+        uniform = [embed_batch(cached.model, pad_batch([p], pad_id=0), projector, precision=precision).vectors[0]
+                   for p in pairs]  # fmt: skip
+        ref = response_log_probs(base, pad_batch(pairs[:1], pad_id=0), precision)
+        weighted = embed_batch(cached.model, pad_batch(pairs[:1], pad_id=0), projector, precision=precision,
+                               reference_log_probs=ref).vectors[0]  # fmt: skip
+    scale = float(uniform[0].abs().max())
+    cid = ckpt["checkpoint_id"]
+    got_contrast = read_query_embeddings(store, cid, "contrastive", ["q0"])[0]
+    np.testing.assert_allclose(got_contrast, (uniform[0] - uniform[1]).numpy(), rtol=0, atol=2e-3 * scale)
+    np.testing.assert_allclose(read_query_embeddings(store, cid, "plain:delta", ["q0"])[0], weighted.numpy(), rtol=0,
+                               atol=2e-3 * scale)  # fmt: skip
