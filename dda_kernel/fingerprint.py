@@ -8,23 +8,24 @@ import hashlib
 import json
 from typing import Any
 
-# Field metadata key: leave the field out while it holds its default, so that adding an option keeps the
-# fingerprints (and with them the stored lineage) of every configuration that does not use it.
-OMIT_DEFAULT = "fingerprint_omit_default"
+# Field metadata key: leave the field out while it holds the value given (the behaviour from before the option
+# existed), so that adding an option keeps the fingerprints, and with them the stored lineage, of every
+# configuration that does not use it — also after the option's default changes.
+OMIT_IF = "fingerprint_omit_if"
 
 
 def canonical(obj: Any) -> Any:
     """Return a JSON-serialisable, order-stable form of ``obj``.
 
-    Dataclasses become ``{"__type__": name, field: value}`` (a field marked :data:`OMIT_DEFAULT` is left out
-    at its default), tuples and lists become lists, sets and
+    Dataclasses become ``{"__type__": name, field: value}`` (a field marked :data:`OMIT_IF` is left out
+    while it holds that value), tuples and lists become lists, sets and
     frozensets become sorted lists, floats keep their exact ``repr`` (so 0.1 and 0.1000001 differ).
     """
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         fields = {
             f.name: canonical(getattr(obj, f.name))
             for f in dataclasses.fields(obj)
-            if not (f.metadata.get(OMIT_DEFAULT) and getattr(obj, f.name) == f.default)
+            if not (OMIT_IF in f.metadata and getattr(obj, f.name) == f.metadata[OMIT_IF])
         }
         return {"__type__": type(obj).__name__, **fields}
     if isinstance(obj, enum.Enum):

@@ -5,14 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from dda_kernel.fingerprint import OMIT_DEFAULT, stable_fingerprint
+from dda_kernel.fingerprint import OMIT_IF, stable_fingerprint
 from dda_kernel.spec import CheckpointWeighting, Normalisation, ProjectionSpec
 
 Preconditioning = Literal["identity", "fisher"]
 Precision = Literal["auto", "float32", "bfloat16"]
 QueryKind = Literal["auto", "plain", "contrastive"]
 QueryWeighting = Literal["uniform", "finetune_delta", "finetune_delta_plain"]
-_NEW = {OMIT_DEFAULT: True}  # options added after stores were scored: their default keeps old fingerprints
+# Options added after stores were scored: at their old behaviour they leave the fingerprint as it was.
 
 
 @dataclass(frozen=True)
@@ -38,8 +38,8 @@ class ScoringConfig:
     weighting: CheckpointWeighting = "uniform"
     standardise: bool = False
     query_kind: QueryKind = "auto"
-    query_weighting: QueryWeighting = field(default="uniform", metadata=_NEW)
-    train_debias: float = field(default=0.0, metadata=_NEW)
+    query_weighting: QueryWeighting = field(default="uniform", metadata={OMIT_IF: "uniform"})
+    train_debias: float = field(default=0.0, metadata={OMIT_IF: 0.0})
 
 
 @dataclass(frozen=True)

@@ -70,3 +70,16 @@ def test_the_settings_defaults_are_the_kernel_and_task_defaults(tmp_path):
     config = load_settings(data_dir=str(tmp_path)).pipeline_config()
     assert config.projection == PipelineConfig().projection
     assert config.scoring == PipelineConfig().scoring
+
+
+def test_options_added_later_leave_old_fingerprints_unchanged_at_their_old_behaviour():
+    from dda_kernel.fingerprint import canonical
+    from tasks.config import ScoringConfig
+
+    old = canonical(ScoringConfig(query_weighting="uniform", train_debias=0.0))
+    assert "query_weighting" not in old
+    assert "train_debias" not in old
+    new = canonical(ScoringConfig(query_weighting="finetune_delta", train_debias=0.5))
+    assert new["query_weighting"] == "finetune_delta"
+    assert new["train_debias"] == {"__float__": "0.5"}
+    assert ScoringConfig(train_debias=0.5) != ScoringConfig()
