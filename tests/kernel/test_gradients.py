@@ -172,7 +172,9 @@ def test_cuda_matches_cpu(samples):
     projector = build_projector(layout, torch.float64)  # CPU matrices: moved to the model's device on use
     gpu = embed_batch(model, pad_batch(samples, 0), projector).vectors
     assert gpu.is_cuda
-    torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-9, atol=1e-11)
+    # float64 throughout, but transformers builds the rotary cos/sin tables in float32 on each device, and CPU and
+    # CUDA round them differently: measured on an H100, max |diff| 1.4e-7 against max |ĝ| of order 1.
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-5, atol=1e-6 * float(cpu.abs().max()))
 
 
 @pytest.mark.gpu
