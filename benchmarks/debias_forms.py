@@ -111,7 +111,9 @@ def repsim_rankings(
                              queries)  # fmt: skip
 
 
-def evaluate_mode(work: Path, base_dir: Path, mode: str, size: Any, seed: int, log: Log) -> list[dict[str, Any]]:
+def evaluate_mode(
+    work: Path, base_dir: Path, mode: str, size: Any, seed: int, log: Log, with_cea: bool = True
+) -> list[dict[str, Any]]:
     """Every method's record for one mode (see the module docstring)."""
     from storage.store import LineageStore
 
@@ -130,7 +132,9 @@ def evaluate_mode(work: Path, base_dir: Path, mode: str, size: Any, seed: int, l
     t0 = time.perf_counter()
     rep = repsim_rankings(root, base_dir, sids, queries)
     log(f"{mode}: RepSim in {time.perf_counter() - t0:.0f} s")
-    cea, cea_s = cea_all_states(root, base_dir, mode, size, seed, sids, pairs, queries, True, log)
+    cea, cea_s = (
+        cea_all_states(root, base_dir, mode, size, seed, sids, pairs, queries, True, log) if with_cea else ({}, [])
+    )
     records = []
     for kind in KINDS:
 
@@ -156,7 +160,10 @@ def evaluate_mode(work: Path, base_dir: Path, mode: str, size: Any, seed: int, l
                                                       for k, v in grid.items()})  # fmt: skip
         grouped = grouped_rankings(root, base_dir, kind, pairs, queries, sids)
         add("default_grouped", evaluate({p: grouped[j][None] for j, p in enumerate(pairs)}, truth))
-        add("cea", evaluate({p: cea[kind][-1, j][None] for j, p in enumerate(pairs)}, truth), seconds_total=sum(cea_s))
+        if with_cea:
+            add(
+                "cea", evaluate({p: cea[kind][-1, j][None] for j, p in enumerate(pairs)}, truth), cea_seconds=sum(cea_s)
+            )
         log(f"{mode}/{kind}: " + ", ".join(f"{r['method']} {r['mean_auc']:.3f}" for r in records if r["query"] == kind))
     return records
 
@@ -195,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", type=Path, default=None, help="cache folder (default .bench-work/<size>)")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--no-cea", action="store_true", help="skip CEA (its loss sweeps dominate at large sizes)")
     args = parser.parse_args(argv)
     size_name = args.size
     work = (args.work or Path(".bench-work") / size_name).resolve()
@@ -216,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         "modes": {}, "results": [],
     }  # fmt: skip
     for mode in args.modes:
-        report["results"] += evaluate_mode(work, base_dir, mode, SIZES[size_name], args.seed, log_line)
+        report["results"] += evaluate_mode(work, base_dir, mode, SIZES[size_name], args.seed, log_line, not args.no_cea)
         info = json.loads((work / mode / "world.json").read_text())
         report["modes"][mode] = {k: info[k] for k in ("n_train", "n_corrupted", "per_pair")}
     report["wall_seconds"] = time.perf_counter() - started
