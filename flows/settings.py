@@ -44,7 +44,7 @@ class ScoringSettings(BaseModel):
         "auto", description="auto: contrastive when a corrected response is given, else plain"
     )
     query_weighting: Literal["uniform", "finetune_delta", "finetune_delta_plain"] = Field(
-        "uniform",
+        "finetune_delta_plain",
         description="query-side debias: finetune_delta weights query tokens by max(0, log p_θt − log p_θ0); "
         "finetune_delta_plain for plain queries only",
     )

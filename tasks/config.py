@@ -38,7 +38,7 @@ class ScoringConfig:
     weighting: CheckpointWeighting = "uniform"
     standardise: bool = False
     query_kind: QueryKind = "auto"
-    query_weighting: QueryWeighting = field(default="uniform", metadata={OMIT_IF: "uniform"})
+    query_weighting: QueryWeighting = field(default="finetune_delta_plain", metadata={OMIT_IF: "uniform"})
     train_debias: float = field(default=0.0, metadata={OMIT_IF: 0.0})
 
 

@@ -358,6 +358,8 @@ def _embed_outputs(
             texts = plain_texts + (fixed_texts if with_fixed else [])
             chosen = refs[: len(texts)] if weighted and refs is not None else None  # refs: plain texts first
             out[weighted] = embed_rows(cached, texts, config, None, chosen).vectors
+    if cid == BASE_ID and config.scoring.query_weighting != "uniform":  # θ_0 is still loaded: keep its log-probs
+        base_log_probs(base_reference, plain_texts + fixed_texts, config)  # for every later checkpoint
     index = {q["query_id"]: i for i, q in enumerate(queries)}
     if fixed_rows:
         both = out[contrast_w]

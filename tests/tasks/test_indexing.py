@@ -261,12 +261,15 @@ def test_query_kinds_are_embedded_in_one_model_load_per_state(small_world, tmp_p
     attribute(tmp_path, small_world, queries)
     states = indexed_checkpoints(tmp_path)
     assert len(states) == 2
-    assert loads == ["load_base_model", "load_checkpoint"]
-    assert passes == [5, 5]  # one pass per state: 3 responses + 2 corrections
+    assert loads == ["load_base_model", "load_checkpoint"]  # θ_0's log-probs are kept from the base pass
+    # base: one pass, 3 responses + 2 corrections; checkpoint: the same with uniform weights (contrastive) and
+    # the 3 responses with the query-side debias weights (plain queries, the default finetune_delta_plain)
+    assert passes == [5, 5, 3]
     for ckpt in states:
         kinds = store.read("query_embeddings", ["query_id", "kind"], f"checkpoint_id = '{ckpt['checkpoint_id']}'")
+        plain = "plain" if ckpt["role"] == "base" else "plain:delta"
         assert sorted(zip(kinds["kind"].to_pylist(), kinds["query_id"].to_pylist(), strict=True)) == [
-            ("contrastive", "q0"), ("contrastive", "q2"), ("plain", "q0"), ("plain", "q1"), ("plain", "q2")
+            ("contrastive", "q0"), ("contrastive", "q2"), (plain, "q0"), (plain, "q1"), (plain, "q2")
         ]  # fmt: skip
 
 
