@@ -7,7 +7,9 @@ For each fine-tuning mode it reuses (or builds) the world, run and queries of :m
 (same ``--work`` cache), indexes the base model and every checkpoint with the shipped defaults, and
 attributes the queries under these scorings, read back through the ``scores`` and ``lineage`` views:
 
-- ``default`` (denoise only: mean over checkpoints, λ = 0), ``last_checkpoint``, ``base_only`` (s̃_0);
+- ``default`` (the shipped settings), ``dda_denoise_only`` (mean over checkpoints, λ = 0, uniform query
+  token weights: the default before the query-side debias), ``last_checkpoint`` and ``base_only`` (s̃_T, s̃_0
+  with uniform weights);
 - query-side debias (``query_weighting = finetune_delta``): ``dda_qdelta`` (mean over checkpoints) and
   ``dda_qdelta_debias_only`` (last checkpoint);
 - training-side delta ĝ_i(θ_t) − β ĝ_i(θ_0), β chosen leave-one-pair-out from :data:`BETAS` (0 included):
@@ -69,9 +71,10 @@ def variants() -> list[dict[str, Any]]:
     """Every scoring the benchmark attributes under (the first registers the queries)."""
     out = []
     for kind in KINDS:
+        out.append(scoring(kind, query_weighting="uniform"))
         out.append(scoring(kind))
         out.append(scoring(kind, query_weighting="finetune_delta"))
-        out += [scoring(kind, train_debias=b) for b in BETAS[1:]]
+        out += [scoring(kind, query_weighting="uniform", train_debias=b) for b in BETAS[1:]]
     return out
 
 
@@ -141,8 +144,10 @@ def evaluate_mode(
         def add(method: str, metrics: dict[str, PairMetrics], **more: Any) -> None:
             records.append({"world": size.world, **record(mode, kind, method, metrics, 0.0, **more)})  # noqa: B023
 
-        s, b = score_cube(store, fps[_key(scoring(kind))], ckpts, qids, sids)
+        uniform = fps[_key(scoring(kind, query_weighting="uniform"))]
+        s, b = score_cube(store, uniform, ckpts, qids, sids)
         add("default", ctx.score(lineage_matrix(store, fps[_key(scoring(kind))], qids, sids)))
+        add("dda_denoise_only", ctx.score(lineage_matrix(store, uniform, qids, sids)))
         add("last_checkpoint", ctx.score(s[-1]))
         add("base_only", ctx.score(b[-1]))
         add("bm25", ctx.score(bm25[kind]))
@@ -151,8 +156,10 @@ def evaluate_mode(
         sq, _ = score_cube(store, qfp, ckpts, qids, sids)
         add("dda_qdelta", ctx.score(lineage_matrix(store, qfp, qids, sids)))
         add("dda_qdelta_debias_only", ctx.score(sq[-1]))
-        cubes = {0.0: s, **{beta: score_cube(store, fps[_key(scoring(kind, train_debias=beta))], ckpts, qids, sids)[0]
-                            for beta in BETAS[1:]}}  # fmt: skip
+        cubes = {0.0: s, **{
+            beta: score_cube(store, fps[_key(scoring(kind, query_weighting="uniform", train_debias=beta))], ckpts,
+                             qids, sids)[0]
+            for beta in BETAS[1:]}}  # fmt: skip
         for method, pick in (("dda_tdelta", lambda c: c.mean(axis=0)), ("dda_tdelta_debias_only", lambda c: c[-1])):
             grid = {f"β={beta}": ctx.score(pick(c)) for beta, c in cubes.items()}
             metrics, chosen = _lopo(grid, pairs)
