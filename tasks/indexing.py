@@ -318,9 +318,7 @@ def embed_queries(
     Queries already embedded there are skipped; returns the number embedded now (groups included).
     """
     cid = checkpoint["checkpoint_id"]
-    done_where = where_equal(checkpoint_id=cid, kind=stored_query_kind("plain", config, cid))
-    known = LineageStore.open(Path(data_dir) / "store").read("query_embeddings", ["query_id"], done_where)
-    done = set(known["query_id"].to_pylist())
+    done = _embedded_queries(LineageStore.open(Path(data_dir) / "store"), cid, query_ids, config)
     todo = sorted(set(query_ids) - done)
     if not todo:
         return 0  # no model is loaded when every query is embedded here
@@ -333,6 +331,25 @@ def embed_queries(
     for gid, ms in sorted(groups.items()):
         _embed_group(store, cid, gid, ms, config)
     return len(todo)
+
+
+def _embedded_queries(
+    store: LineageStore, checkpoint_id: str, query_ids: Sequence[str], config: PipelineConfig
+) -> set[str]:
+    """Those of ``query_ids`` whose vectors this configuration reads at the checkpoint are all stored: the plain
+    kind, and the contrastive kind where the query has a correction (other weightings store other kinds)."""
+    kinds = {k: stored_query_kind(k, config, checkpoint_id) for k in ("plain", "contrastive")}
+    where = f"{where_equal(checkpoint_id=checkpoint_id)} AND {where_in('kind', sorted(set(kinds.values())))}"
+    table = store.read("query_embeddings", ["query_id", "kind"], where)
+    have: dict[str, set[str]] = {}
+    for q, k in zip(table["query_id"].to_pylist(), table["kind"].to_pylist(), strict=True):
+        have.setdefault(k, set()).add(q)
+    plain = have.get(kinds["plain"], set()) & set(query_ids)
+    if not plain:
+        return set()
+    rows = store.read("queries", ["query_id", "corrected"], where_in("query_id", sorted(plain))).to_pylist()
+    corrected = {r["query_id"] for r in rows if r["corrected"]}
+    return {q for q in plain if q not in corrected or q in have.get(kinds["contrastive"], set())}
 
 
 def _embed_outputs(

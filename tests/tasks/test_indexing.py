@@ -329,3 +329,17 @@ def test_plain_only_query_weighting_keeps_contrastive_queries_uniform(small_worl
     np.testing.assert_allclose(got_contrast, (uniform[0] - uniform[1]).numpy(), rtol=0, atol=2e-3 * scale)
     np.testing.assert_allclose(read_query_embeddings(store, cid, "plain:delta", ["q0"])[0], weighted.numpy(), rtol=0,
                                atol=2e-3 * scale)  # fmt: skip
+
+
+def test_switching_query_weighting_embeds_the_kinds_the_new_setting_reads(small_world, tmp_path):
+    """Plain-only weighting stores plain:delta + contrastive; finetune_delta then needs contrastive:delta too."""
+    first = dataclasses.replace(CONFIG, scoring=ScoringConfig(query_weighting="finetune_delta_plain"))
+    then = dataclasses.replace(CONFIG, scoring=ScoringConfig(query_weighting="finetune_delta"))
+    store = index(tmp_path, small_world, copy_run(small_world, tmp_path / "run", steps=1), first)
+    queries_file = write_queries(tmp_path / "queries.jsonl", n=2)  # q0 corrected, q1 plain
+    attribute(tmp_path, small_world, queries_file, first)
+    ids, folds = attribute(tmp_path, small_world, queries_file, then)
+    assert folds == 2
+    cid = indexed_checkpoints(tmp_path)[1]["checkpoint_id"]
+    kinds = store.read("query_embeddings", ["query_id", "kind"], f"checkpoint_id = '{cid}'").to_pylist()
+    assert ("q0", "contrastive:delta") in {(r["query_id"], r["kind"]) for r in kinds}
