@@ -338,7 +338,7 @@ def test_switching_query_weighting_embeds_the_kinds_the_new_setting_reads(small_
     store = index(tmp_path, small_world, copy_run(small_world, tmp_path / "run", steps=1), first)
     queries_file = write_queries(tmp_path / "queries.jsonl", n=2)  # q0 corrected, q1 plain
     attribute(tmp_path, small_world, queries_file, first)
-    ids, folds = attribute(tmp_path, small_world, queries_file, then)
+    _, folds = attribute(tmp_path, small_world, queries_file, then)
     assert folds == 2
     cid = indexed_checkpoints(tmp_path)[1]["checkpoint_id"]
     kinds = store.read("query_embeddings", ["query_id", "kind"], f"checkpoint_id = '{cid}'").to_pylist()
