@@ -135,6 +135,7 @@ def evaluate_mode(
     t0 = time.perf_counter()
     rep = repsim_rankings(root, base_dir, sids, queries)
     log(f"{mode}: RepSim in {time.perf_counter() - t0:.0f} s")
+    with_cea = with_cea or (root / "cea.npz").is_file()  # --no-cea still reports CEA scores already computed
     cea, cea_s = (
         cea_all_states(root, base_dir, mode, size, seed, sids, pairs, queries, True, log) if with_cea else ({}, [])
     )
@@ -209,7 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", type=Path, default=None, help="cache folder (default .bench-work/<size>)")
     parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--no-cea", action="store_true", help="skip CEA (its loss sweeps dominate at large sizes)")
+    parser.add_argument(
+        "--no-cea", action="store_true", help="skip CEA where it is not cached (its loss sweeps dominate)"
+    )
     args = parser.parse_args(argv)
     size_name = args.size
     work = (args.work or Path(".bench-work") / size_name).resolve()
