@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from dataclasses import asdict
@@ -34,7 +33,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from benchmarks.evaluate import PairMetrics, evaluate
 from benchmarks.hallucination import (
@@ -52,6 +50,7 @@ from benchmarks.hallucination import (
     log_line,
     machine,
     prepare_mode,
+    prepare_work,
     read_queries,
     record,
     run_system,
@@ -215,18 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     size_name = args.size
-    work = (args.work or Path(".bench-work") / size_name).resolve()
-    work.mkdir(parents=True, exist_ok=True)
-    from flows.env import apply_prefect_environment
-    from tasks.models import export_smollm2
-
-    apply_prefect_environment(work)
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "CRITICAL")
-    torch.set_num_threads(os.cpu_count() or 1)
+    work, base_dir = prepare_work(size_name, args.work)
     started = time.perf_counter()
-    base_dir = work / "base-model"
-    if not (base_dir / "config.json").is_file():
-        export_smollm2(base_dir)
     report: dict[str, Any] = {
         "command": "python -m benchmarks.debias_forms " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": machine(), "seed": args.seed, "size": size_name, "world": SIZES[size_name].world,

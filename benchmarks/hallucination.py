@@ -827,6 +827,24 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} CPUs, torch {torch.__version__}, {platform.system()}"
 
 
+def prepare_work(size_name: str, work: Path | None, verbose: bool = False) -> tuple[Path, Path]:
+    """The cache folder (default ``.bench-work/<size>``) with Prefect's home in it, all CPU threads, and the
+    SmolLM2 base model exported there once: (work folder, base model folder)."""
+    from flows.env import apply_prefect_environment
+    from tasks.models import export_smollm2
+
+    folder = (work or Path(".bench-work") / size_name).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    apply_prefect_environment(folder)
+    if not verbose:
+        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "CRITICAL")
+    torch.set_num_threads(os.cpu_count() or 1)
+    base_dir = folder / "base-model"
+    if not (base_dir / "config.json").is_file():
+        export_smollm2(base_dir)
+    return folder, base_dir
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: build, run every method, write JSON + Markdown + PNG under ``--out``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -840,20 +858,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     size_name = "quick" if args.quick else "default"
     size = SIZES[size_name]
-    work = (args.work or Path(".bench-work") / size_name).resolve()
-    work.mkdir(parents=True, exist_ok=True)
-    from flows.env import apply_prefect_environment
-
-    apply_prefect_environment(work)
-    if not args.verbose:
-        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "CRITICAL")
-    torch.set_num_threads(os.cpu_count() or 1)
+    work, base_dir = prepare_work(size_name, args.work, args.verbose)
     started = time.perf_counter()
-    from tasks.models import export_smollm2
-
-    base_dir = work / "base-model"
-    if not (base_dir / "config.json").is_file():
-        export_smollm2(base_dir)
     report: dict[str, Any] = {
         "command": "python -m benchmarks.hallucination " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": machine(), "seed": args.seed, "size": size_name, "sizes": asdict(size),
