@@ -40,18 +40,16 @@ from benchmarks.hallucination import (
     MODES,
     RESULTS,
     SIZES,
-    Context,
     Log,
-    _lopo,
     bm25_rankings,
     cea_all_states,
     lineage_matrix,
-    load_truth,
     log_line,
+    lopo,
     machine,
+    mode_context,
     prepare_mode,
     prepare_work,
-    read_queries,
     record,
     run_system,
     score_cube,
@@ -121,11 +119,8 @@ def evaluate_mode(
 
     prepared = prepare_mode(work, base_dir, mode, size, seed, log)
     root = work / mode
-    pairs = [p for p, c in prepared["per_pair"].items() if c["queries"] != "none"]
-    queries = [{**q, "pair": prepared["query_pairs"][q["id"]]} for q in read_queries(root)]
-    qids = [q["id"] for q in queries]
-    sids, truth, texts = load_truth(root, pairs)
-    ctx = Context(pairs, qids, sids, prepared["query_pairs"], truth)
+    ctx, queries, texts = mode_context(root, prepared)
+    pairs, qids, sids, truth = ctx.pairs, ctx.qids, ctx.sids, ctx.truth
     timings = run_system(root, "default", base_dir, {}, variants(), log)
     store = LineageStore.open(root / "default" / "store")
     ckpts = [c for c in timings["index"] if c != "base"]
@@ -162,7 +157,7 @@ def evaluate_mode(
             for beta in BETAS[1:]}}  # fmt: skip
         for method, pick in (("dda_tdelta", lambda c: c.mean(axis=0)), ("dda_tdelta_debias_only", lambda c: c[-1])):
             grid = {f"β={beta}": ctx.score(pick(c)) for beta, c in cubes.items()}
-            metrics, chosen = _lopo(grid, pairs)
+            metrics, chosen = lopo(grid, pairs)
             add(method, metrics, chosen=chosen, grid={k: float(np.mean([m.auc for m in v.values()]))
                                                       for k, v in grid.items()})  # fmt: skip
         grouped = grouped_rankings(root, base_dir, kind, pairs, queries, sids)
