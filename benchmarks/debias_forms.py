@@ -14,6 +14,8 @@ attributes the queries under these scorings, read back through the ``scores`` an
   ``dda_qdelta_debias_only`` (last checkpoint);
 - training-side delta ĝ_i(θ_t) − β ĝ_i(θ_0), β chosen leave-one-pair-out from :data:`BETAS` (0 included):
   ``dda_tdelta`` (mean) and ``dda_tdelta_debias_only`` (last checkpoint);
+- the Fisher preconditioner's relative damping ε ∈ :data:`DAMPINGS` under the default scoring:
+  ``dda_damping`` (ε chosen leave-one-pair-out; its ``grid`` holds every ε's mean AUC);
 - ``default_grouped``: one query group per canary pair (``group`` field), the default scoring of the mean
   query vector, beside ``cea`` (which fine-tunes on all of a pair's outputs at once: the same pooling);
 - baselines ``bm25`` and ``repsim`` (:mod:`benchmarks.repsim`, last checkpoint).
@@ -57,6 +59,7 @@ from benchmarks.hallucination import (
 from benchmarks.repsim import repsim_scores
 
 BETAS = (0.0, 0.25, 0.5, 1.0)
+DAMPINGS = (0.1, 0.3, 1.0, 3.0)  # relative damping ε of the Fisher preconditioner
 
 
 def scoring(kind: str, **more: Any) -> dict[str, Any]:
@@ -72,11 +75,17 @@ def variants() -> list[dict[str, Any]]:
         out.append(scoring(kind))
         out.append(scoring(kind, query_weighting="finetune_delta"))
         out += [scoring(kind, query_weighting="uniform", train_debias=b) for b in BETAS[1:]]
+        out += [scoring(kind, damping=d) for d in DAMPINGS]
     return out
 
 
 def _key(v: dict[str, Any]) -> str:
     return json.dumps(v, sort_keys=True)
+
+
+def grid_means(grid: dict[str, dict[str, PairMetrics]]) -> dict[str, float]:
+    """Mean AUC over pairs of every candidate of a leave-one-pair-out grid."""
+    return {k: float(np.mean([m.auc for m in v.values()])) for k, v in grid.items()}
 
 
 def grouped_rankings(
@@ -158,8 +167,11 @@ def evaluate_mode(
         for method, pick in (("dda_tdelta", lambda c: c.mean(axis=0)), ("dda_tdelta_debias_only", lambda c: c[-1])):
             grid = {f"β={beta}": ctx.score(pick(c)) for beta, c in cubes.items()}
             metrics, chosen = lopo(grid, pairs)
-            add(method, metrics, chosen=chosen, grid={k: float(np.mean([m.auc for m in v.values()]))
-                                                      for k, v in grid.items()})  # fmt: skip
+            add(method, metrics, chosen=chosen, grid=grid_means(grid))
+        damped = {f"ε={d}": ctx.score(lineage_matrix(store, fps[_key(scoring(kind, damping=d))], qids, sids))
+                  for d in DAMPINGS}  # fmt: skip
+        metrics, chosen = lopo(damped, pairs)
+        add("dda_damping", metrics, chosen=chosen, grid=grid_means(damped))
         grouped = grouped_rankings(root, base_dir, kind, pairs, queries, sids)
         add("default_grouped", evaluate({p: grouped[j][None] for j, p in enumerate(pairs)}, truth))
         if with_cea:
@@ -196,6 +208,37 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def choose_damping(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """ε chosen across every (world, mode, query kind) cell of ``dda_damping`` rows: the ε of the best mean AUC
+    over cells, and per cell the held-out estimate — that cell's AUC under the ε best on the other cells."""
+    cells = {f"{r['world']}/{r['mode']}/{r['query']}": r["grid"] for r in results if r["method"] == "dda_damping"}
+    names = list(next(iter(cells.values())))
+
+    def best(keep: list[str]) -> str:
+        return max(names, key=lambda e: (float(np.mean([cells[c][e] for c in keep])), -names.index(e)))
+
+    held_out = {}
+    for cell in cells:
+        chosen = best([c for c in cells if c != cell])
+        held_out[cell] = {"chosen": chosen, "auc": cells[cell][chosen]}
+    means = {e: float(np.mean([g[e] for g in cells.values()])) for e in names}
+    return {"chosen": best(list(cells)), "mean_auc": means, "cells": cells, "held_out": held_out}
+
+
+def damping_markdown(choice: dict[str, Any]) -> str:
+    """The damping grid per cell, the mean, and the leave-one-cell-out estimate."""
+    names = list(choice["mean_auc"])
+    lines = ["| cell | " + " | ".join(names) + " | held out (ε chosen on the other cells) |",
+             "| --- |" + " --- |" * (len(names) + 1)]  # fmt: skip
+    for cell, grid in choice["cells"].items():
+        h = choice["held_out"][cell]
+        lines.append(
+            f"| {cell} | " + " | ".join(f"{grid[e]:.3f}" for e in names) + f" | {h['auc']:.3f} ({h['chosen']}) |"
+        )
+    lines.append("| **mean** | " + " | ".join(f"{choice['mean_auc'][e]:.3f}" for e in names) + " | |")
+    return "\n".join(lines) + f"\n\nChosen on every cell: {choice['chosen']}.\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run every mode, write JSON + Markdown under ``--out``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -207,7 +250,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--no-cea", action="store_true", help="skip CEA where it is not cached (its loss sweeps dominate)"
     )
+    parser.add_argument(
+        "--choose-damping",
+        action="store_true",
+        help="choose ε across the committed results (no run); writes damping.md",
+    )
     args = parser.parse_args(argv)
+    if args.choose_damping:
+        rows = [r for f in sorted(args.out.glob("debias_forms_*.json")) for r in json.loads(f.read_text())["results"]]
+        choice = choose_damping(rows)
+        (args.out / "damping.json").write_text(json.dumps(choice, indent=1))
+        (args.out / "damping.md").write_text(damping_markdown(choice))
+        print(damping_markdown(choice))
+        return 0
     size_name = args.size
     work, base_dir = prepare_work(size_name, args.work)
     started = time.perf_counter()

@@ -134,3 +134,23 @@ def test_repsim_of_a_training_sample_with_itself_is_one_and_contrastive_subtract
     fixed = repsim_scores(model, tokenizer, texts, [{"prompt": texts[1][0], "response": texts[2][1],
                                                      "corrected": texts[2][1]}])["plain"]  # fmt: skip
     np.testing.assert_allclose(got["contrastive"], got["plain"] - fixed, atol=1e-12)
+
+
+def test_damping_is_chosen_across_cells_and_each_cell_is_estimated_held_out():
+    from benchmarks.debias_forms import choose_damping
+
+    def row(world, kind, grid):
+        return {"world": world, "mode": "lora", "query": kind, "method": "dda_damping", "grid": grid}
+
+    rows = [row("canary", "plain", {"ε=0.1": 0.80, "ε=1.0": 0.90}),
+            row("canary", "contrastive", {"ε=0.1": 0.96, "ε=1.0": 0.97}),
+            row("people", "plain", {"ε=0.1": 1.00, "ε=1.0": 0.70}),
+            {"world": "people", "mode": "lora", "query": "plain", "method": "default", "grid": {}}]  # fmt: skip
+    got = choose_damping(rows)
+    # means: ε=0.1 (0.80 + 0.96 + 1.00) / 3 = 0.92 > ε=1.0 (0.90 + 0.97 + 0.70) / 3 = 0.857
+    assert got["chosen"] == "ε=0.1"
+    assert got["mean_auc"]["ε=1.0"] == pytest.approx(2.57 / 3)
+    # held out: without canary/plain, ε=0.1 (0.98) beats ε=1.0 (0.835), so canary/plain is scored at ε=0.1
+    assert got["held_out"]["canary/lora/plain"] == {"chosen": "ε=0.1", "auc": 0.80}
+    # without people/plain, ε=1.0 (0.935) beats ε=0.1 (0.88)
+    assert got["held_out"]["people/lora/plain"] == {"chosen": "ε=1.0", "auc": 0.70}
