@@ -209,9 +209,10 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def choose_damping(results: list[dict[str, Any]]) -> dict[str, Any]:
-    """ε chosen across every (world, mode, query kind) cell of ``dda_damping`` rows: the ε of the best mean AUC
+    """ε chosen across every (size or world, mode, query kind) cell of ``dda_damping`` rows: the ε of the best mean AUC
     over cells, and per cell the held-out estimate — that cell's AUC under the ε best on the other cells."""
-    cells = {f"{r['world']}/{r['mode']}/{r['query']}": r["grid"] for r in results if r["method"] == "dda_damping"}
+    cells = {f"{r.get('size', r['world'])}/{r['mode']}/{r['query']}": r["grid"] for r in results
+             if r["method"] == "dda_damping"}  # fmt: skip
     names = list(next(iter(cells.values())))
 
     def best(keep: list[str]) -> str:
@@ -257,7 +258,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     if args.choose_damping:
-        rows = [r for f in sorted(args.out.glob("debias_forms_*.json")) for r in json.loads(f.read_text())["results"]]
+        reports = [json.loads(f.read_text()) for f in sorted(args.out.glob("debias_forms_*.json"))]
+        label = {"default": "canary"}  # the size's name in the cells (the others name their world or size)
+        rows = [{**r, "size": label.get(rep["size"], rep["size"])} for rep in reports for r in rep["results"]]
         choice = choose_damping(rows)
         (args.out / "damping.json").write_text(json.dumps(choice, indent=1))
         (args.out / "damping.md").write_text(damping_markdown(choice))
