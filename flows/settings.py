@@ -35,7 +35,7 @@ class ScoringSettings(BaseModel):
     """How influence, debias and denoise are computed (DESIGN.md section 2, steps 4-6)."""
 
     preconditioner: Literal["identity", "fisher"] = Field("fisher", description="F in ĝ_qᵀ F⁻¹ ĝ_i")
-    damping: float = Field(0.1, gt=0, le=100, description="relative damping ε of the Fisher preconditioner")
+    damping: float = Field(0.3, gt=0, le=100, description="relative damping ε of the Fisher preconditioner")
     normalisation: Literal["none", "zscore", "cosine"] = Field("zscore", description="score normalisation s̃")
     debias_coefficient: float = Field(0.0, ge=0, le=10, description="λ in s̃_t − λ·s̃_0 (0 turns debias off)")
     weighting: Literal["uniform", "lr"] = Field("uniform", description="checkpoint weights w_t of the denoise mean")

@@ -32,7 +32,7 @@ class ScoringConfig:
     """
 
     preconditioner: Preconditioning = "fisher"
-    damping: float = 0.1
+    damping: float = 0.3
     normalisation: Normalisation = "zscore"
     debias_coefficient: float = 0.0
     weighting: CheckpointWeighting = "uniform"
