@@ -10,6 +10,8 @@ attributes the queries under these scorings, read back through the ``scores`` an
 - ``default`` (the shipped settings), ``dda_denoise_only`` (mean over checkpoints, λ = 0, uniform query
   token weights: the default before the query-side debias), ``last_checkpoint`` and ``base_only`` (s̃_T, s̃_0
   with uniform weights);
+- score-space debias mean_t (s̃_t − λ s̃_0), uniform weights, λ chosen leave-one-pair-out from
+  :data:`~benchmarks.hallucination.methods.LAMBDAS` (0 included): ``dda_score_debias``;
 - query-side debias (``query_weighting = finetune_delta``): ``dda_qdelta`` (mean over checkpoints) and
   ``dda_qdelta_debias_only`` (last checkpoint);
 - training-side delta ĝ_i(θ_t) − β ĝ_i(θ_0), β chosen leave-one-pair-out from :data:`BETAS` (0 included):
@@ -39,6 +41,7 @@ import numpy as np
 from benchmarks.evaluate import PairMetrics, evaluate
 from benchmarks.hallucination import (
     KINDS,
+    LAMBDAS,
     MODES,
     RESULTS,
     SIZES,
@@ -55,6 +58,7 @@ from benchmarks.hallucination import (
     record,
     run_system,
     score_cube,
+    study_rankings,
 )
 from benchmarks.repsim import repsim_scores
 
@@ -154,6 +158,9 @@ def evaluate_mode(
         add("dda_denoise_only", ctx.score(lineage_matrix(store, uniform, qids, sids)))
         add("last_checkpoint", ctx.score(s[-1]))
         add("base_only", ctx.score(b[-1]))
+        lams = {f"λ={lam}": ctx.score(study_rankings(s, b, lam, "mean")) for lam in LAMBDAS}
+        metrics, chosen = lopo(lams, pairs)
+        add("dda_score_debias", metrics, chosen=chosen, grid=grid_means(lams))
         add("bm25", ctx.score(bm25[kind]))
         add("repsim", ctx.score(rep[kind]))
         qfp = fps[_key(scoring(kind, query_weighting="finetune_delta"))]

@@ -44,6 +44,7 @@ from benchmarks.hallucination.methods import (
     bm25_rankings,
     cea_all_states,
     slice_columns,
+    study_rankings,
     study_spec,
 )
 from benchmarks.hallucination.report import METHODS, markdown
@@ -85,5 +86,6 @@ __all__ = [
     "run_system",
     "score_cube",
     "slice_columns",
+    "study_rankings",
     "study_spec",
 ]
