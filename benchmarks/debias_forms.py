@@ -142,9 +142,12 @@ def evaluate_mode(
     t0 = time.perf_counter()
     rep = repsim_rankings(root, base_dir, sids, queries)
     log(f"{mode}: RepSim in {time.perf_counter() - t0:.0f} s")
-    with_cea = with_cea or (root / "cea.npz").is_file()  # --no-cea still reports CEA scores already computed
+    cached = any((root / f).is_file() for f in ("cea.npz", "cea_last.npz"))
+    with_cea = with_cea or cached  # --no-cea still reports CEA scores already computed
     cea, cea_s = (
-        cea_all_states(root, base_dir, mode, size, seed, sids, pairs, queries, True, log) if with_cea else ({}, [])
+        cea_all_states(root, base_dir, mode, size, seed, sids, pairs, queries, True, log, last_only=True)
+        if with_cea
+        else ({}, [])
     )
     records = []
     for kind in KINDS:

@@ -155,23 +155,29 @@ def _encode(tokenizer: Any, rows: list[tuple[str, str]]) -> list[tuple[list[int]
 
 def cea_all_states(
     root: Path, base_dir: Path, mode: str, size: Size, seed: int, sids: list[str], pairs: list[str],
-    queries: list[dict[str, str]], bf16: bool, log: Log,
+    queries: list[dict[str, str]], bf16: bool, log: Log, last_only: bool = False,
 ) -> tuple[dict[str, np.ndarray], list[float]]:  # fmt: skip
     """CEA scores at the base model and every checkpoint: kind → array (states, pairs, n); seconds per state.
+    ``last_only``: the last checkpoint alone (states = 1), which is what CEA is compared at.
 
-    Cached in ``cea.npz`` under the mode's folder.
+    Cached in ``cea.npz`` (``cea_last.npz``) under the mode's folder; the last state of a matching
+    ``cea.npz`` serves ``last_only``.
     """
     from tasks.checkpoints import discover_checkpoints
     from tasks.models import load_base_model
 
-    cache = root / "cea.npz"
     key = json.dumps({"steps": size.cea_steps, "lr": size.cea_lr[mode], "bf16": bf16, "pairs": pairs})
-    if cache.is_file():
-        data = np.load(cache)
-        if str(data["key"]) == key:
-            return {k: data[k] for k in KINDS}, data["seconds"].tolist()
+    full, last = root / "cea.npz", root / "cea_last.npz"
+    sources = [(full, slice(-1, None)), (last, slice(None))] if last_only else [(full, slice(None))]
+    for cache, take in sources:
+        if cache.is_file():
+            data = np.load(cache)
+            if str(data["key"]) == key:
+                return {k: data[k][take] for k in KINDS}, data["seconds"][take].tolist()
+    cache = last if last_only else full
     rows = {r["id"]: r for r in (json.loads(line) for line in (root / "train.jsonl").open())}
     states = [None, *[c.path for c in discover_checkpoints(root / "run", 0.0)]]
+    states = states[-1:] if last_only else states
     out = {k: np.zeros((len(states), len(pairs), len(sids))) for k in KINDS}
     seconds = []
     for t, path in enumerate(states):
