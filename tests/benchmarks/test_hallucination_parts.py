@@ -154,3 +154,26 @@ def test_damping_is_chosen_across_cells_and_each_cell_is_estimated_held_out():
     assert got["held_out"]["canary/lora/plain"] == {"chosen": "ε=0.1", "auc": 0.80}
     # without people/plain, ε=1.0 (0.935) beats ε=0.1 (0.88)
     assert got["held_out"]["people/lora/plain"] == {"chosen": "ε=1.0", "auc": 0.70}
+
+
+def test_cea_last_only_is_served_by_the_last_state_of_a_full_cache(tmp_path):
+    import json
+
+    from benchmarks.hallucination import SIZES, cea_all_states
+
+    size, pairs = SIZES["quick"], ["A->B"]
+    key = json.dumps({"steps": size.cea_steps, "lr": size.cea_lr["lora"], "bf16": True, "pairs": pairs})
+    states = np.arange(3 * 1 * 5, dtype=float).reshape(3, 1, 5)
+    np.savez(tmp_path / "cea.npz", key=np.array(key), seconds=np.array([1.0, 2.0, 3.0]), plain=states,
+             contrastive=-states)  # fmt: skip
+
+    def no_model(*_):
+        raise AssertionError("nothing should be computed")
+
+    args = (tmp_path, tmp_path, "lora", size, 0, ["s0"] * 5, pairs, [], True, no_model)
+    last, seconds = cea_all_states(*args, last_only=True)
+    np.testing.assert_array_equal(last["plain"], states[-1:])
+    np.testing.assert_array_equal(last["contrastive"], -states[-1:])
+    assert seconds == [3.0]
+    every, _ = cea_all_states(*args)
+    assert every["plain"].shape == (3, 1, 5)
