@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.evaluate import PairMetrics, evaluate
+from benchmarks.evaluate import PairMetrics, evaluate, mean_of
 from benchmarks.hallucination import (
     KINDS,
     LAMBDAS,
@@ -89,7 +89,7 @@ def _key(v: dict[str, Any]) -> str:
 
 def grid_means(grid: dict[str, dict[str, PairMetrics]]) -> dict[str, float]:
     """Mean AUC over pairs of every candidate of a leave-one-pair-out grid."""
-    return {k: float(np.mean([m.auc for m in v.values()])) for k, v in grid.items()}
+    return {k: mean_of(v) for k, v in grid.items()}
 
 
 def grouped_rankings(
