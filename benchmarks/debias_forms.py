@@ -250,13 +250,35 @@ def damping_markdown(choice: dict[str, Any]) -> str:
     return "\n".join(lines) + f"\n\nChosen on every cell: {choice['chosen']}.\n"
 
 
+def results_stem(size_name: str, seed: int) -> str:
+    """``debias_forms_<size>``, with ``_seed<N>`` for a replication at seed N > 0 (seed 0 keeps the old name)."""
+    return f"debias_forms_{size_name}" + (f"_seed{seed}" if seed else "")
+
+
+def seeded_work(size_name: str, seed: int) -> Path | None:
+    """The default cache folder of a replication (None: :func:`prepare_work`'s ``.bench-work/<size>`` for seed 0)."""
+    return Path(".bench-work") / f"{size_name}-seed{seed}" if seed else None
+
+
+def cell_label(report: dict[str, Any]) -> str:
+    """A results file's name in the damping cells: its world or size (``canary`` for the default size), and its
+    seed when it is a replication."""
+    name = {"default": "canary"}.get(report["size"], report["size"])
+    return name + (f"-seed{report['seed']}" if report.get("seed") else "")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run every mode, write JSON + Markdown under ``--out``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="default", help="world and size (SIZES)")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--work", type=Path, default=None, help="cache folder (default .bench-work/<size>)")
+    parser.add_argument(
+        "--work",
+        type=Path,
+        default=None,
+        help="cache folder (default .bench-work/<size>, <size>-seed<N> for seed N > 0)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument(
         "--no-cea", action="store_true", help="skip CEA where it is not cached (its loss sweeps dominate)"
@@ -269,15 +291,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.choose_damping:
         reports = [json.loads(f.read_text()) for f in sorted(args.out.glob("debias_forms_*.json"))]
-        label = {"default": "canary"}  # the size's name in the cells (the others name their world or size)
-        rows = [{**r, "size": label.get(rep["size"], rep["size"])} for rep in reports for r in rep["results"]]
+        rows = [{**r, "size": cell_label(rep)} for rep in reports for r in rep["results"]]
         choice = choose_damping(rows)
         (args.out / "damping.json").write_text(json.dumps(choice, indent=1))
         (args.out / "damping.md").write_text(damping_markdown(choice))
         print(damping_markdown(choice))
         return 0
     size_name = args.size
-    work, base_dir = prepare_work(size_name, args.work)
+    work, base_dir = prepare_work(size_name, args.work or seeded_work(size_name, args.seed))
     started = time.perf_counter()
     report: dict[str, Any] = {
         "command": "python -m benchmarks.debias_forms " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -291,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         report["modes"][mode] = {k: info[k] for k in ("n_train", "n_corrupted", "per_pair")}
     report["wall_seconds"] = time.perf_counter() - started
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"debias_forms_{size_name}"
+    stem = args.out / results_stem(size_name, args.seed)
     stem.with_suffix(".json").write_text(json.dumps(report, indent=1, default=float))
     stem.with_suffix(".md").write_text(markdown(report))
     print(markdown(report))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -154,6 +156,18 @@ def test_damping_is_chosen_across_cells_and_each_cell_is_estimated_held_out():
     assert got["held_out"]["canary/lora/plain"] == {"chosen": "ε=0.1", "auc": 0.80}
     # without people/plain, ε=1.0 (0.935) beats ε=0.1 (0.88)
     assert got["held_out"]["people/lora/plain"] == {"chosen": "ε=1.0", "auc": 0.70}
+
+
+def test_a_seed_replication_gets_its_own_results_file_cache_and_damping_cell():
+    from benchmarks.debias_forms import cell_label, results_stem, seeded_work
+
+    assert results_stem("default", 0) == "debias_forms_default"  # seed 0 keeps the committed names
+    assert seeded_work("default", 0) is None
+    assert results_stem("default", 1) == "debias_forms_default_seed1"
+    assert seeded_work("default", 1) == Path(".bench-work") / "default-seed1"
+    assert cell_label({"size": "default", "seed": 0}) == "canary"
+    assert cell_label({"size": "default", "seed": 1}) == "canary-seed1"
+    assert cell_label({"size": "people"}) == "people"
 
 
 def test_cea_last_only_is_served_by_the_last_state_of_a_full_cache(tmp_path):
