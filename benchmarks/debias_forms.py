@@ -61,6 +61,7 @@ from benchmarks.hallucination import (
     study_rankings,
 )
 from benchmarks.repsim import repsim_scores
+from tasks.config import ScoringConfig
 
 BETAS = (0.0, 0.25, 0.5, 1.0)
 DAMPINGS = (0.1, 0.3, 1.0, 3.0)  # relative damping ε of the Fisher preconditioner
@@ -218,36 +219,66 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def choose_damping(results: list[dict[str, Any]]) -> dict[str, Any]:
-    """ε chosen across every (size or world, mode, query kind) cell of ``dda_damping`` rows: the ε of the best mean AUC
-    over cells, and per cell the held-out estimate — that cell's AUC under the ε best on the other cells."""
-    cells = {f"{r.get('size', r['world'])}/{r['mode']}/{r['query']}": r["grid"] for r in results
-             if r["method"] == "dda_damping"}  # fmt: skip
-    names = list(next(iter(cells.values())))
+CHANGE_MARGIN = 0.002  # mean AUC another ε must gain over the shipped one before the default moves
+
+
+def choose_damping(results: list[dict[str, Any]], incumbent: str, margin: float = CHANGE_MARGIN) -> dict[str, Any]:
+    """ε chosen across every (size or world, mode, query kind) cell of ``dda_damping`` rows.
+
+    A cell's grid is the mean over the seeds measured for it (a replication adds evidence about its cell, not a
+    cell). ``best`` is the ε of the highest mean AUC over cells; ``chosen`` is ``best`` only when it beats the
+    ``incumbent`` (the shipped ε) by more than ``margin``, so that a default does not move on a tie (every store's
+    lineage is re-scored under a new settings fingerprint when it does). Per cell, the held-out estimate is that
+    cell's AUC under the ε the same rule chooses on the other cells."""
+    grids: dict[str, list[dict[str, float]]] = {}
+    for r in results:
+        if r["method"] == "dda_damping":
+            grids.setdefault(f"{r.get('size', r['world'])}/{r['mode']}/{r['query']}", []).append(r["grid"])
+    names = list(next(iter(grids.values()))[0])
+    cells = {c: {e: float(np.mean([g[e] for g in gs])) for e in names} for c, gs in grids.items()}
+
+    def mean(e: str, keep: list[str]) -> float:
+        return float(np.mean([cells[c][e] for c in keep]))
 
     def best(keep: list[str]) -> str:
-        return max(names, key=lambda e: (float(np.mean([cells[c][e] for c in keep])), -names.index(e)))
+        return max(names, key=lambda e: (mean(e, keep), -names.index(e)))
+
+    def choose(keep: list[str]) -> str:
+        top = best(keep)
+        return top if mean(top, keep) - mean(incumbent, keep) > margin else incumbent
 
     held_out = {}
     for cell in cells:
-        chosen = best([c for c in cells if c != cell])
+        chosen = choose([c for c in cells if c != cell])
         held_out[cell] = {"chosen": chosen, "auc": cells[cell][chosen]}
-    means = {e: float(np.mean([g[e] for g in cells.values()])) for e in names}
-    return {"chosen": best(list(cells)), "mean_auc": means, "cells": cells, "held_out": held_out}
+    means = {e: mean(e, list(cells)) for e in names}
+    seeds = {c: len(gs) for c, gs in grids.items()}
+    return {"chosen": choose(list(cells)), "best": best(list(cells)), "incumbent": incumbent, "margin": margin,
+            "mean_auc": means, "cells": cells, "seeds": seeds, "held_out": held_out}  # fmt: skip
 
 
 def damping_markdown(choice: dict[str, Any]) -> str:
-    """The damping grid per cell, the mean, and the leave-one-cell-out estimate."""
+    """The damping grid per cell (mean over its seeds), the mean, and the leave-one-cell-out estimate."""
     names = list(choice["mean_auc"])
     lines = ["| cell | " + " | ".join(names) + " | held out (ε chosen on the other cells) |",
              "| --- |" + " --- |" * (len(names) + 1)]  # fmt: skip
     for cell, grid in choice["cells"].items():
         h = choice["held_out"][cell]
+        n = choice["seeds"][cell]
+        label = f"{cell} (mean of {n} seeds)" if n > 1 else cell
         lines.append(
-            f"| {cell} | " + " | ".join(f"{grid[e]:.3f}" for e in names) + f" | {h['auc']:.3f} ({h['chosen']}) |"
+            f"| {label} | " + " | ".join(f"{grid[e]:.3f}" for e in names) + f" | {h['auc']:.3f} ({h['chosen']}) |"
         )
-    lines.append("| **mean** | " + " | ".join(f"{choice['mean_auc'][e]:.3f}" for e in names) + " | |")
-    return "\n".join(lines) + f"\n\nChosen on every cell: {choice['chosen']}.\n"
+    lines.append("| **mean** | " + " | ".join(f"{choice['mean_auc'][e]:.4f}" for e in names) + " | |")
+    best, inc, chosen = choice["best"], choice["incumbent"], choice["chosen"]
+    m = choice["mean_auc"]
+    verdict = (
+        f"Best mean: {best} ({m[best]:.4f}); the shipped {inc} ({m[inc]:.4f}) is kept: a change needs a gain of more "
+        f"than {choice['margin']}."
+        if chosen == inc and best != inc
+        else f"Chosen on every cell: {chosen} (shipped: {inc}; a change needs a gain of more than {choice['margin']})."
+    )
+    return "\n".join(lines) + f"\n\n{verdict}\n"
 
 
 def results_stem(size_name: str, seed: int) -> str:
@@ -261,10 +292,9 @@ def seeded_work(size_name: str, seed: int) -> Path | None:
 
 
 def cell_label(report: dict[str, Any]) -> str:
-    """A results file's name in the damping cells: its world or size (``canary`` for the default size), and its
-    seed when it is a replication."""
-    name = {"default": "canary"}.get(report["size"], report["size"])
-    return name + (f"-seed{report['seed']}" if report.get("seed") else "")
+    """A results file's name in the damping cells: its world or size (``canary`` for the default size); the
+    replications of one size at other seeds share it."""
+    return {"default": "canary"}.get(report["size"], report["size"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -292,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.choose_damping:
         reports = [json.loads(f.read_text()) for f in sorted(args.out.glob("debias_forms_*.json"))]
         rows = [{**r, "size": cell_label(rep)} for rep in reports for r in rep["results"]]
-        choice = choose_damping(rows)
+        choice = choose_damping(rows, incumbent=f"ε={ScoringConfig().damping}")
         (args.out / "damping.json").write_text(json.dumps(choice, indent=1))
         (args.out / "damping.md").write_text(damping_markdown(choice))
         print(damping_markdown(choice))

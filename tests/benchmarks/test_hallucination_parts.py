@@ -148,9 +148,9 @@ def test_damping_is_chosen_across_cells_and_each_cell_is_estimated_held_out():
             row("canary", "contrastive", {"ε=0.1": 0.96, "ε=1.0": 0.97}),
             row("people", "plain", {"ε=0.1": 1.00, "ε=1.0": 0.70}),
             {"world": "people", "mode": "lora", "query": "plain", "method": "default", "grid": {}}]  # fmt: skip
-    got = choose_damping(rows)
-    # means: ε=0.1 (0.80 + 0.96 + 1.00) / 3 = 0.92 > ε=1.0 (0.90 + 0.97 + 0.70) / 3 = 0.857
-    assert got["chosen"] == "ε=0.1"
+    got = choose_damping(rows, incumbent="ε=1.0")
+    # means: ε=0.1 (0.80 + 0.96 + 1.00) / 3 = 0.92 > ε=1.0 (0.90 + 0.97 + 0.70) / 3 = 0.857, by more than the margin
+    assert got["chosen"] == got["best"] == "ε=0.1"
     assert got["mean_auc"]["ε=1.0"] == pytest.approx(2.57 / 3)
     # held out: without canary/plain, ε=0.1 (0.98) beats ε=1.0 (0.835), so canary/plain is scored at ε=0.1
     assert got["held_out"]["canary/lora/plain"] == {"chosen": "ε=0.1", "auc": 0.80}
@@ -158,15 +158,32 @@ def test_damping_is_chosen_across_cells_and_each_cell_is_estimated_held_out():
     assert got["held_out"]["people/lora/plain"] == {"chosen": "ε=1.0", "auc": 0.70}
 
 
-def test_a_seed_replication_gets_its_own_results_file_cache_and_damping_cell():
+def test_damping_keeps_the_shipped_value_on_a_tie_and_averages_seeds_within_a_cell():
+    from benchmarks.debias_forms import choose_damping
+
+    def row(world, grid):
+        return {"world": world, "mode": "lora", "query": "plain", "method": "dda_damping", "grid": grid}
+
+    # canary measured at two seeds: its cell is their mean (0.90, 0.92) / 2 = 0.91 at ε=0.3, 0.913 at ε=1.0
+    rows = [row("canary", {"ε=0.3": 0.90, "ε=1.0": 0.906}), row("canary", {"ε=0.3": 0.92, "ε=1.0": 0.920}),
+            row("people", {"ε=0.3": 1.00, "ε=1.0": 1.000})]  # fmt: skip
+    got = choose_damping(rows, incumbent="ε=0.3", margin=0.002)
+    assert got["seeds"] == {"canary/lora/plain": 2, "people/lora/plain": 1}
+    assert got["cells"]["canary/lora/plain"] == pytest.approx({"ε=0.3": 0.91, "ε=1.0": 0.913})
+    # ε=1.0 is best by (0.913 + 1) / 2 − (0.91 + 1) / 2 = 0.0015 ≤ 0.002: the shipped ε=0.3 stays
+    assert got["best"] == "ε=1.0"
+    assert got["chosen"] == "ε=0.3"
+    assert choose_damping(rows, incumbent="ε=0.3", margin=0.001)["chosen"] == "ε=1.0"
+
+
+def test_a_seed_replication_gets_its_own_results_file_and_cache_and_shares_its_size_s_cells():
     from benchmarks.debias_forms import cell_label, results_stem, seeded_work
 
     assert results_stem("default", 0) == "debias_forms_default"  # seed 0 keeps the committed names
     assert seeded_work("default", 0) is None
     assert results_stem("default", 1) == "debias_forms_default_seed1"
     assert seeded_work("default", 1) == Path(".bench-work") / "default-seed1"
-    assert cell_label({"size": "default", "seed": 0}) == "canary"
-    assert cell_label({"size": "default", "seed": 1}) == "canary-seed1"
+    assert cell_label({"size": "default", "seed": 0}) == cell_label({"size": "default", "seed": 1}) == "canary"
     assert cell_label({"size": "people"}) == "people"
 
 
