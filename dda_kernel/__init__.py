@@ -10,6 +10,15 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from dda_kernel.counterfactual import (
+        apply_edit as apply_edit,
+    )
+    from dda_kernel.counterfactual import (
+        best_edit as best_edit,
+    )
+    from dda_kernel.counterfactual import (
+        edit_candidates as edit_candidates,
+    )
     from dda_kernel.dda import (
         DDAState as DDAState,
     )
@@ -166,7 +175,9 @@ _WHERE: dict[str, str] = {
     "Projector": "dda_kernel.projection",
     "StateError": "dda_kernel.errors",
     "TokenBatch": "dda_kernel.gradients",
+    "apply_edit": "dda_kernel.counterfactual",
     "apply_preconditioner": "dda_kernel.precondition",
+    "best_edit": "dda_kernel.counterfactual",
     "build_projector": "dda_kernel.projection",
     "checkpoint_weights": "dda_kernel.dda",
     "contrastive_query": "dda_kernel.gradients",
@@ -179,6 +190,7 @@ _WHERE: dict[str, str] = {
     "dda_value": "dda_kernel.dda",
     "debias": "dda_kernel.scoring",
     "difference_norms": "dda_kernel.scoring",
+    "edit_candidates": "dda_kernel.counterfactual",
     "embed_batch": "dda_kernel.gradients",
     "finetune_delta_weights": "dda_kernel.gradients",
     "fit_preconditioner": "dda_kernel.precondition",

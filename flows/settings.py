@@ -40,8 +40,10 @@ class ScoringSettings(BaseModel):
     debias_coefficient: float = Field(0.0, ge=0, le=10, description="λ in s̃_t − λ·s̃_0 (0 turns debias off)")
     weighting: Literal["uniform", "lr"] = Field("uniform", description="checkpoint weights w_t of the denoise mean")
     standardise: bool = Field(False, description="z-score s_t^db per checkpoint before averaging")
-    query_kind: Literal["auto", "plain", "contrastive"] = Field(
-        "auto", description="auto: contrastive when a corrected response is given, else plain"
+    query_kind: Literal["auto", "plain", "contrastive", "counterfactual"] = Field(
+        "auto",
+        description="auto: contrastive when a corrected response is given, else counterfactual (or plain with "
+        "counterfactual off); counterfactual: against the derived correction even where one is given",
     )
     query_weighting: Literal["uniform", "finetune_delta", "finetune_delta_plain"] = Field(
         "finetune_delta_plain",
@@ -49,6 +51,11 @@ class ScoringSettings(BaseModel):
         "finetune_delta_plain for plain queries only",
     )
     train_debias: float = Field(0.0, ge=0, le=10, description="β in ĝ_qᵀ F⁻¹ [ĝ_i(θ_t) − β·ĝ_i(θ_0)] (0: off)")
+    counterfactual: bool = Field(
+        True,
+        description="an output without a correction is traced against the single-token edit the base model and "
+        "the checkpoint find most plausible (a derived correction, per checkpoint)",
+    )
 
 
 class IndexSettings(BaseModel):
@@ -103,7 +110,7 @@ class DDASettings(BaseSettings):
         spec = ProjectionSpec(p.k_in, p.k_out, p.seed, False, tuple(p.include), tuple(p.exclude), p.loss_reduction)
         scoring = ScoringConfig(
             s.preconditioner, s.damping, s.normalisation, s.debias_coefficient, s.weighting, s.standardise,
-            s.query_kind, s.query_weighting, s.train_debias,
+            s.query_kind, s.query_weighting, s.train_debias, s.counterfactual,
         )  # fmt: skip
         return PipelineConfig(
             spec, scoring, i.batch_size, i.shard_size, i.max_length, i.device, i.settle_seconds, i.progress,

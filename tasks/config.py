@@ -10,7 +10,7 @@ from dda_kernel.spec import CheckpointWeighting, Normalisation, ProjectionSpec
 
 Preconditioning = Literal["identity", "fisher"]
 Precision = Literal["auto", "float32", "bfloat16"]
-QueryKind = Literal["auto", "plain", "contrastive"]
+QueryKind = Literal["auto", "plain", "contrastive", "counterfactual"]
 QueryWeighting = Literal["uniform", "finetune_delta", "finetune_delta_plain"]
 # Options added after stores were scored: at their old behaviour they leave the fingerprint as it was.
 
@@ -22,7 +22,10 @@ class ScoringConfig:
     ``preconditioner``: F = I, or the damped per-module Fisher of the checkpoint's training embeddings.
     ``normalisation`` s̃ before debias; ``debias_coefficient`` λ in s̃_t − λ s̃_0; ``weighting`` w_t;
     ``standardise`` z-scores s_t^db per checkpoint before averaging. ``query_kind`` ``auto`` uses the
-    contrastive query when a corrected response is known and the plain query otherwise.
+    contrastive query when a corrected response is known; otherwise, with ``counterfactual`` (the default), the
+    contrastive query against a correction derived at each checkpoint (:mod:`tasks.counterfactual`: the
+    single-token edit θ_0 and θ_t find most plausible), else the plain query. ``query_kind`` ``counterfactual``
+    uses the derived correction even where one is given.
 
     Two further debias forms (DESIGN.md section 2, step 5): ``query_weighting`` ``finetune_delta`` weights each
     response token of the query loss at checkpoint t by w = max(0, log p_θt(y) − log p_θ0(y)) (normalised to
@@ -40,6 +43,7 @@ class ScoringConfig:
     query_kind: QueryKind = "auto"
     query_weighting: QueryWeighting = field(default="finetune_delta_plain", metadata={OMIT_IF: "uniform"})
     train_debias: float = field(default=0.0, metadata={OMIT_IF: 0.0})
+    counterfactual: bool = field(default=True, metadata={OMIT_IF: False})
 
 
 @dataclass(frozen=True)

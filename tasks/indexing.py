@@ -33,6 +33,7 @@ from storage.store import LineageStore, utcnow, where_equal, where_in
 from storage.vectors import embedded_sample_ids, read_query_embeddings, write_embeddings, write_query_embeddings
 from tasks.checkpoints import CheckpointError, CheckpointInfo, fingerprint_files, fingerprint_paths, read_trainer_state
 from tasks.config import PipelineConfig
+from tasks.counterfactual import derive_corrections
 from tasks.finalize import finalize_checkpoint, layout_record, stored_layout
 from tasks.models import compute_precision, context_length, model_for
 from tasks.tokenize import encode_pair
@@ -225,15 +226,29 @@ def base_log_probs(
 
 
 DELTA = ":delta"  # suffix of query vectors embedded with the query-side debias token weights
+QUERY_KINDS = ("plain", "contrastive", "counterfactual")
+
+
+def effective_kind(corrected: bool, config: PipelineConfig) -> str:
+    """The query kind a query is scored as: ``query_kind`` when it names one, else (``auto``) 'contrastive' with a
+    correction, 'counterfactual' without one when ``scoring.counterfactual`` is on, else 'plain'."""
+    wanted = config.scoring.query_kind
+    if wanted != "auto":
+        return wanted
+    if corrected:
+        return "contrastive"
+    return "counterfactual" if config.scoring.counterfactual else "plain"
 
 
 def stored_query_kind(kind: str, config: PipelineConfig, checkpoint_id: str) -> str:
-    """The ``query_embeddings.kind`` that holds ``kind`` ('plain' or 'contrastive') for this configuration:
+    """The ``query_embeddings.kind`` that holds ``kind`` (one of :data:`QUERY_KINDS`) for this configuration:
     ``<kind>:delta`` at a fine-tuned checkpoint when the query weighting applies to the kind
-    (``finetune_delta``: both kinds; ``finetune_delta_plain``: plain queries only); at the base model the
-    weights are uniform, so the uniform vectors serve."""
+    (``finetune_delta``: plain and contrastive; ``finetune_delta_plain``: plain queries only); at the base model the
+    weights are uniform, so the uniform vectors serve. Counterfactual vectors always use uniform weights."""
     weighting = config.scoring.query_weighting
-    applies = weighting == "finetune_delta" or (weighting == "finetune_delta_plain" and kind == "plain")
+    applies = (weighting == "finetune_delta" and kind != "counterfactual") or (
+        weighting == "finetune_delta_plain" and kind == "plain"
+    )
     return f"{kind}{DELTA}" if applies and checkpoint_id != BASE_ID else kind
 
 
@@ -337,8 +352,9 @@ def _embedded_queries(
     store: LineageStore, checkpoint_id: str, query_ids: Sequence[str], config: PipelineConfig
 ) -> set[str]:
     """Those of ``query_ids`` whose vectors this configuration reads at the checkpoint are all stored: the plain
-    kind, and the contrastive kind where the query has a correction (other weightings store other kinds)."""
-    kinds = {k: stored_query_kind(k, config, checkpoint_id) for k in ("plain", "contrastive")}
+    kind, the contrastive kind where the query has a correction, and the counterfactual kind where the query is
+    scored as one (other weightings store other kinds)."""
+    kinds = {k: stored_query_kind(k, config, checkpoint_id) for k in QUERY_KINDS}
     where = f"{where_equal(checkpoint_id=checkpoint_id)} AND {where_in('kind', sorted(set(kinds.values())))}"
     table = store.read("query_embeddings", ["query_id", "kind"], where)
     have: dict[str, set[str]] = {}
@@ -348,39 +364,57 @@ def _embedded_queries(
     if not plain:
         return set()
     rows = store.read("queries", ["query_id", "corrected"], where_in("query_id", sorted(plain))).to_pylist()
-    corrected = {r["query_id"] for r in rows if r["corrected"]}
-    return {q for q in plain if q not in corrected or q in have.get(kinds["contrastive"], set())}
+    done = set()
+    for r in rows:
+        needs = {"contrastive"} if r["corrected"] else set()
+        if effective_kind(bool(r["corrected"]), config) == "counterfactual":
+            needs.add("counterfactual")
+        if all(r["query_id"] in have.get(kinds[k], set()) for k in needs):
+            done.add(r["query_id"])
+    return done
 
 
 def _embed_outputs(
     store: LineageStore, base_reference: str, checkpoint: dict[str, Any], query_ids: list[str], config: PipelineConfig
 ) -> None:
     """Embed registered outputs at ``checkpoint`` with one loaded model: both kinds in one pass when they share
-    a token weighting (:func:`stored_query_kind`), else one pass per weighting."""
+    a token weighting (:func:`stored_query_kind`), else one pass per weighting. Outputs scored as counterfactual
+    queries get their derived correction at this checkpoint first (:func:`tasks.counterfactual.derive_corrections`)
+    and ĝ(prompt, y) − ĝ(prompt, y'), uniform weights; an output with no editable token keeps ĝ(prompt, y)."""
     rows = store.read("queries", ["query_id", "prompt", "response", "corrected"], where_in("query_id", query_ids))
     queries = sorted(rows.to_pylist(), key=lambda r: r["query_id"])
     path = None if checkpoint["role"] == "base" else checkpoint["path"]
     fixed_rows = [q for q in queries if q["corrected"]]
     plain_texts = [(f"query {q['query_id']!r}", q["prompt"], q["response"]) for q in queries]
     fixed_texts = [(f"query {q['query_id']!r} (corrected)", q["prompt"], q["corrected"]) for q in fixed_rows]
+    cf_rows = [q for q in queries if effective_kind(bool(q["corrected"]), config) == "counterfactual"]
+    derived = derive_corrections(base_reference, path, [plain_texts[queries.index(q)] for q in cf_rows], config)
+    cf_texts = [(f"query {q['query_id']!r} (derived correction)", q["prompt"], d.response)
+                for q, d in zip(cf_rows, derived, strict=True) if d is not None]  # fmt: skip
     cid = checkpoint["checkpoint_id"]
     plain_kind, contrast_kind = (stored_query_kind(k, config, cid) for k in ("plain", "contrastive"))
     plain_w, contrast_w = plain_kind.endswith(DELTA), contrast_kind.endswith(DELTA)
-    weightings = {plain_w} | ({contrast_w} if fixed_rows else set())
+    weightings = {plain_w} | ({contrast_w} if fixed_rows else set()) | ({False} if cf_rows else set())
     refs = base_log_probs(base_reference, plain_texts + fixed_texts, config) if True in weightings else None
     out: dict[bool, np.ndarray] = {}
     with model_for(base_reference, path, config.device) as cached:
         for weighted in sorted(weightings):
             with_fixed = bool(fixed_rows) and contrast_w == weighted
-            texts = plain_texts + (fixed_texts if with_fixed else [])
+            texts = plain_texts + (fixed_texts if with_fixed else []) + ([] if weighted else cf_texts)
             chosen = refs[: len(texts)] if weighted and refs is not None else None  # refs: plain texts first
             out[weighted] = embed_rows(cached, texts, config, None, chosen).vectors
     if cid == BASE_ID and config.scoring.query_weighting != "uniform":  # θ_0 is still loaded: keep its log-probs
         base_log_probs(base_reference, plain_texts + fixed_texts, config)  # for every later checkpoint
     index = {q["query_id"]: i for i, q in enumerate(queries)}
+    if cf_rows:
+        uniform = out[False]
+        tail = iter(uniform[len(uniform) - len(cf_texts) :])
+        contrasts = [uniform[index[q["query_id"]]] - (next(tail) if d is not None else 0.0)
+                     for q, d in zip(cf_rows, derived, strict=True)]  # fmt: skip
+        write_query_embeddings(store, cid, "counterfactual", [q["query_id"] for q in cf_rows], np.stack(contrasts))
     if fixed_rows:
         both = out[contrast_w]
-        plain, fixed = both[: len(queries)], both[len(queries) :]
+        plain, fixed = both[: len(queries)], both[len(queries) : len(queries) + len(fixed_rows)]
         contrast = plain[[index[q["query_id"]] for q in fixed_rows]] - fixed
         write_query_embeddings(store, cid, contrast_kind, [q["query_id"] for q in fixed_rows], contrast)
     write_query_embeddings(store, cid, plain_kind, [q["query_id"] for q in queries], out[plain_w][: len(queries)])
@@ -390,13 +424,23 @@ def _embed_group(
     store: LineageStore, checkpoint_id: str, group_id: str, members: list[str], config: PipelineConfig
 ) -> None:
     """ĝ_group = (1/|G|) Σ_{q∈G} ĝ_q per kind (float64 mean of the stored float32 vectors); contrastive only
-    when every member has a correction."""
-    corrected = store.read("queries", ["corrected"], where_in("query_id", members))["corrected"].to_pylist()
-    kinds = ["plain", "contrastive"] if all(corrected) else ["plain"]
+    when every member has a correction; counterfactual when the group is scored as one, each member contributing
+    the vector it is itself scored by (its contrastive one where it has a correction)."""
+    rows = store.read("queries", ["query_id", "corrected"], where_in("query_id", members)).to_pylist()
+    corrected = {r["query_id"]: bool(r["corrected"]) for r in rows}
+    kinds = ["plain", "contrastive"] if all(corrected.values()) else ["plain"]
+    if effective_kind(all(corrected.values()), config) == "counterfactual":
+        kinds.append("counterfactual")
     for kind in reversed(kinds):  # plain last: its row marks the group embedded here
         name = stored_query_kind(kind, config, checkpoint_id)
-        vectors = read_query_embeddings(store, checkpoint_id, name, members).astype(np.float64)
-        write_query_embeddings(store, checkpoint_id, name, [group_id], vectors.mean(axis=0, keepdims=True))
+        if kind == "counterfactual":
+            own = {m: stored_query_kind(effective_kind(corrected[m], config), config, checkpoint_id) for m in members}
+            vectors = np.stack([read_query_embeddings(store, checkpoint_id, own[m], [m])[0] for m in members])
+        else:
+            vectors = read_query_embeddings(store, checkpoint_id, name, members)
+        write_query_embeddings(
+            store, checkpoint_id, name, [group_id], vectors.astype(np.float64).mean(axis=0, keepdims=True)
+        )
 
 
 def check_lengths(base_reference: str, rows: Sequence[tuple[str, str, str]], config: PipelineConfig) -> int:

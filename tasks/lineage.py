@@ -53,7 +53,7 @@ from storage.vectors import read_query_embeddings
 from tasks.checkpoints import CheckpointError
 from tasks.config import PipelineConfig
 from tasks.finalize import covariance_of, open_checkpoint, stored_layout
-from tasks.indexing import stored_query_kind
+from tasks.indexing import QUERY_KINDS, effective_kind, stored_query_kind
 
 
 def _preconditioner(fin: Finalized, layout: EmbeddingLayout, config: PipelineConfig) -> Preconditioner | None:
@@ -88,7 +88,8 @@ def _scores(
 
 
 def query_kinds(store: LineageStore, query_ids: Sequence[str], config: PipelineConfig) -> dict[str, str]:
-    """'plain' or 'contrastive' per query, from ``config.scoring.query_kind`` and whether a correction exists."""
+    """The kind each query is scored as (:func:`tasks.indexing.effective_kind`: from ``config.scoring`` and whether
+    a correction exists)."""
     rows = store.read("queries", ["query_id", "corrected"], where_in("query_id", list(query_ids))).to_pylist()
     corrected = {r["query_id"]: bool(r["corrected"]) for r in rows}
     missing = [q for q in query_ids if q not in corrected]
@@ -98,7 +99,7 @@ def query_kinds(store: LineageStore, query_ids: Sequence[str], config: PipelineC
     if wanted == "contrastive" and not all(corrected.values()):
         bad = next(q for q, c in corrected.items() if not c)
         raise CheckpointError(f"query {bad!r} has no corrected response: the contrastive query kind needs one")
-    return {q: "contrastive" if wanted != "plain" and corrected[q] else "plain" for q in query_ids}
+    return {q: effective_kind(corrected[q], config) for q in query_ids}
 
 
 def _state(stored: StoredState | None, sample_ids: list[str]) -> DDAState:
@@ -153,7 +154,7 @@ def refresh_lineage(data_dir: str | Path, base_reference: str, query_ids: Sequen
             raise CheckpointError(f"checkpoint {cid} and the base model embed different samples: re-run dda index")
         blocks = [b for b in fresh if b.query_ids]
         fresh = []
-        for kind in ("plain", "contrastive"):
+        for kind in QUERY_KINDS:
             qs = [q for q in need if kinds[q] == kind]
             if not qs:
                 continue
@@ -192,7 +193,7 @@ def _base_scores(
     fp = config.settings_fingerprint
     rows = read_base_scores(store, fp, base.meta.sample_set_id, query_ids)
     computed = [q for q in query_ids if q not in rows]
-    for kind in ("plain", "contrastive"):
+    for kind in QUERY_KINDS:
         qs = [q for q in computed if kinds[q] == kind]
         if qs:
             s_0 = _scores(store, base, kind, qs, layout, config).numpy()

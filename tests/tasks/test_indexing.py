@@ -83,7 +83,8 @@ def test_shard_size_does_not_change_embeddings(small_world, tmp_path):
 def _reference_dda(store, queries, config, layout):
     """S = mean_t (s̃_t − λ s̃_0) from the stored vectors, in numpy float64 (independent of tasks.lineage)."""
     ckpts = [r["checkpoint_id"] for r in sorted(store.read("checkpoints").to_pylist(), key=lambda r: r["step"])]
-    kinds = {q["id"]: "contrastive" if q["corrected"] else "plain" for q in queries}
+    auto = "counterfactual" if config.scoring.counterfactual else "plain"
+    kinds = {q["id"]: "contrastive" if q["corrected"] else auto for q in queries}
     beta = config.scoring.train_debias
     base = read_embeddings(store, "base")
     g0 = base.vectors[base.order].astype(np.float64)
@@ -100,8 +101,8 @@ def _reference_dda(store, queries, config, layout):
             g_scored = g
         out = []
         for qid, kind in kinds.items():
-            delta = cid != "base" and (weighting == "finetune_delta" or (weighting == "finetune_delta_plain"
-                                                                           and kind == "plain"))  # fmt: skip
+            delta = cid != "base" and ((weighting == "finetune_delta" and kind != "counterfactual")
+                                       or (weighting == "finetune_delta_plain" and kind == "plain"))  # fmt: skip
             q = read_query_embeddings(store, cid, kind + (":delta" if delta else ""), [qid])[0].astype(np.float64)
             pq = q.copy()
             if config.scoring.preconditioner == "fisher":
@@ -131,9 +132,16 @@ def _reference_dda(store, queries, config, layout):
         ScoringConfig(
             preconditioner="fisher", normalisation="cosine", train_debias=0.5, query_weighting="finetune_delta"
         ),
-        ScoringConfig(query_weighting="finetune_delta_plain"),
+        ScoringConfig(query_weighting="finetune_delta_plain", counterfactual=False),
+        ScoringConfig(),
     ],
-    ids=["cosine-identity", "zscore-fisher", "cosine-fisher-train-delta-query-weights", "zscore-plain-query-weights"],
+    ids=[
+        "cosine-identity",
+        "zscore-fisher",
+        "cosine-fisher-train-delta-query-weights",
+        "zscore-plain-query-weights",
+        "default-counterfactual",
+    ],
 )
 def test_incremental_lineage_equals_a_numpy_reference(small_world, tmp_path, scoring):
     config = dataclasses.replace(CONFIG, scoring=scoring)
@@ -249,6 +257,7 @@ def test_query_kinds_are_embedded_in_one_model_load_per_state(small_world, tmp_p
     import tasks.indexing as indexing
     import tasks.models as models
 
+    plain_kinds = dataclasses.replace(CONFIG, scoring=ScoringConfig(counterfactual=False))  # no derived corrections
     store = index(tmp_path, small_world, small_world.run_dir, steps=1)
     models._CACHE.clear()
     loads, passes = [], []
@@ -258,7 +267,7 @@ def test_query_kinds_are_embedded_in_one_model_load_per_state(small_world, tmp_p
     real_embed = indexing.embed_rows
     monkeypatch.setattr(indexing, "embed_rows", lambda c, rows, *a: passes.append(len(rows)) or real_embed(c, rows, *a))
     queries = write_queries(tmp_path / "q.jsonl", n=3)  # q0 and q2 have a correction: both kinds
-    attribute(tmp_path, small_world, queries)
+    attribute(tmp_path, small_world, queries, plain_kinds)
     states = indexed_checkpoints(tmp_path)
     assert len(states) == 2
     assert loads == ["load_base_model", "load_checkpoint"]  # θ_0's log-probs are kept from the base pass

@@ -1,0 +1,96 @@
+"""The counterfactual query: a correction derived per checkpoint for an output that has none."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+
+import numpy as np
+import torch
+
+import tasks.counterfactual as cf
+from dda_kernel import apply_edit, build_projector, embed_batch, layout_for, pad_batch
+from storage.store import LineageStore
+from storage.vectors import read_query_embeddings
+from tasks.checkpoints import discover_checkpoints
+from tasks.config import ScoringConfig
+from tasks.indexing import indexed_checkpoints
+from tasks.lineage import query_kinds
+from tasks.models import compute_precision, load_base_model, load_checkpoint, model_for
+from tasks.tokenize import encode_pair
+from tests.tasks.helpers import CONFIG, copy_run, write_queries
+from tests.tasks.test_indexing import attribute, index
+
+PROMPT = "document : Alice flew from Peru to England on Monday and met Kira there . summary :"
+RESPONSE = "Alice flew to China ."
+
+
+def _log_likelihoods(model, sequences: list[list[int]], n_prompt: int) -> torch.Tensor:
+    """Σ log p(y_r | …) over the response positions, one full forward pass per batch (no key/value cache)."""
+    with torch.no_grad():
+        x = torch.tensor(sequences)
+        logits = model(input_ids=x).logits[:, :-1].float().log_softmax(dim=-1)
+        return logits.gather(2, x[:, 1:, None])[..., 0][:, n_prompt - 1 :].sum(dim=1)
+
+
+def test_the_derived_correction_is_the_best_single_token_edit_by_brute_force(small_world, monkeypatch):
+    """With every position and token a candidate, the derived edit is the argmax over all R·(V−1) edits of
+    [log p_θ0(y') + log p_θt(y')] − [log p_θ0(y) + log p_θt(y)], each sequence scored by a plain forward pass."""
+    everything = functools.partial(cf.edit_candidates, positions=10**6, alternatives=10**6)
+    monkeypatch.setattr(cf, "edit_candidates", everything)
+    ckpt = str(discover_checkpoints(small_world.run_dir, 0.0)[-1].path)
+    got = cf.derive_corrections(small_world.base_model, ckpt, [("q", PROMPT, RESPONSE)], CONFIG)[0]
+    base, tokenizer = load_base_model(small_world.base_model)
+    tuned, _ = load_checkpoint(small_world.base_model, ckpt)
+    ids, labels = encode_pair(tokenizer, PROMPT, RESPONSE, 64)
+    n = sum(1 for x in labels if x < 0)
+    response = ids[n:]
+    edits = [(r, a) for r in range(len(response) - 1) for a in range(base.config.vocab_size) if a != response[r]]
+    sequences = [ids[:n] + apply_edit(response, e) for e in edits]
+    own = sum(_log_likelihoods(m, [ids], n) for m in (base, tuned))
+    gains = sum(_log_likelihoods(m, sequences, n) for m in (base, tuned)) - own
+    best = edits[int(torch.argmax(gains))]
+    assert got is not None
+    assert (got.position, got.replacement) == (best[0], tokenizer.decode([best[1]]))
+    assert abs(got.gain - float(gains.max())) < 1e-3
+    assert got.response == tokenizer.decode(apply_edit(response[:-1], best))
+    assert got.token == tokenizer.decode([response[best[0]]])
+
+
+def test_counterfactual_query_vectors_are_the_contrast_with_the_derived_correction(small_world, tmp_path):
+    """At every state: ĝ_q = ĝ(prompt, y) − ĝ(prompt, y'_t), uniform weights, y'_t derived with that state's θ_t."""
+    store = index(tmp_path, small_world, copy_run(small_world, tmp_path / "run", steps=1))
+    queries_file = write_queries(tmp_path / "queries.jsonl", n=2)  # q0 has a correction, q1 has none
+    attribute(tmp_path, small_world, queries_file)
+    row = json.loads(queries_file.read_text().splitlines()[1])
+    precision = compute_precision(CONFIG.precision, "cpu")
+    for ckpt in indexed_checkpoints(tmp_path):
+        path = None if ckpt["role"] == "base" else ckpt["path"]
+        derived = cf.derive_corrections(small_world.base_model, path, [("q1", row["prompt"], row["response"])], CONFIG)
+        assert derived[0] is not None
+        assert derived[0].response != row["response"]
+        with model_for(small_world.base_model, path, "cpu") as cached:
+            projector = build_projector(layout_for(cached.model, CONFIG.projection))
+            pairs = [
+                encode_pair(cached.tokenizer, row["prompt"], t, 64) for t in (row["response"], derived[0].response)
+            ]
+            y, fixed = (embed_batch(cached.model, pad_batch([p], pad_id=0), projector, precision=precision).vectors[0]
+                        for p in pairs)  # fmt: skip
+        got = read_query_embeddings(store, ckpt["checkpoint_id"], "counterfactual", ["q1"])[0]
+        scale = float(y.abs().max())
+        np.testing.assert_allclose(got, (y - fixed).numpy(), rtol=0, atol=2e-3 * scale)
+        kinds = store.read("query_embeddings", ["query_id", "kind"], f"checkpoint_id = '{ckpt['checkpoint_id']}'")
+        stored = set(zip(kinds["query_id"].to_pylist(), kinds["kind"].to_pylist(), strict=True))
+        assert ("q0", "counterfactual") not in stored
+
+
+def test_auto_scores_an_output_without_a_correction_as_counterfactual_unless_turned_off(small_world, tmp_path):
+    store = index(tmp_path, small_world, copy_run(small_world, tmp_path / "run", steps=1))
+    attribute(tmp_path, small_world, write_queries(tmp_path / "queries.jsonl", n=2))
+    store = LineageStore.open(tmp_path / "store")
+    assert query_kinds(store, ["q0", "q1"], CONFIG) == {"q0": "contrastive", "q1": "counterfactual"}
+    off = dataclasses.replace(CONFIG, scoring=ScoringConfig(counterfactual=False))
+    assert query_kinds(store, ["q0", "q1"], off) == {"q0": "contrastive", "q1": "plain"}
+    forced = dataclasses.replace(CONFIG, scoring=ScoringConfig(query_kind="counterfactual"))
+    assert query_kinds(store, ["q0", "q1"], forced) == {"q0": "counterfactual", "q1": "counterfactual"}
