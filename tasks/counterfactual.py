@@ -7,6 +7,7 @@ one. Each checkpoint derives its own (its θ_t), so nothing depends on which che
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -15,7 +16,7 @@ import torch
 
 from dda_kernel import apply_edit, best_edit, edit_candidates
 from tasks.config import PipelineConfig
-from tasks.models import context_length, model_for
+from tasks.models import compute_precision, context_length, model_for
 from tasks.tokenize import encode_pair
 
 CANDIDATE_CHUNK = 16  # candidate responses scored per forward pass (bounds the (chunk, R, V) logits)
@@ -34,26 +35,31 @@ class Derived:
 
 
 @torch.no_grad()
-def _tables(model: Any, prompt: list[int], responses: torch.Tensor) -> torch.Tensor:
-    """log p(· | prompt, y_<r) for each response row: (C, R, V) float32 from (C, R) token ids.
-
-    The prompt runs once per call; its key/value cache is repeated over the rows."""
+def _tables(model: Any, prompt: list[int], responses: torch.Tensor, precision: torch.dtype | None) -> torch.Tensor:
+    """log p(· | prompt, y_<r) for each response row: (C, R, V) float32 from (C, R) token ids, the forward passes
+    autocast to ``precision`` (None: the model's dtype). The prompt runs once per call; its key/value cache is
+    repeated over the rows."""
     device = next(model.parameters()).device
-    out = model(input_ids=torch.tensor([prompt], device=device), use_cache=True)
-    first = out.logits[:, -1:].float().log_softmax(dim=-1).expand(responses.shape[0], 1, -1)
-    if responses.shape[1] == 1:
-        return first.cpu()
-    cache = out.past_key_values
-    cache.batch_repeat_interleave(responses.shape[0])
-    rest = model(input_ids=responses[:, :-1].to(device), past_key_values=cache, use_cache=True).logits
+    with _autocast(device, precision):
+        out = model(input_ids=torch.tensor([prompt], device=device), use_cache=True)
+        first = out.logits[:, -1:].float().log_softmax(dim=-1).expand(responses.shape[0], 1, -1)
+        if responses.shape[1] == 1:
+            return first.cpu()
+        cache = out.past_key_values
+        cache.batch_repeat_interleave(responses.shape[0])
+        rest = model(input_ids=responses[:, :-1].to(device), past_key_values=cache, use_cache=True).logits
     return torch.cat([first, rest.float().log_softmax(dim=-1)], dim=1).cpu()
 
 
-def _likelihoods(model: Any, prompt: list[int], responses: torch.Tensor) -> torch.Tensor:
+def _autocast(device: torch.device, precision: torch.dtype | None) -> contextlib.AbstractContextManager[Any]:
+    return contextlib.nullcontext() if precision is None else torch.autocast(device_type=device.type, dtype=precision)
+
+
+def _likelihoods(model: Any, prompt: list[int], responses: torch.Tensor, precision: torch.dtype | None) -> torch.Tensor:
     """Σ_r log p(y_r | prompt, y_<r) per response row: (C,) float32, :data:`CANDIDATE_CHUNK` rows a pass."""
     parts = []
     for chunk in torch.split(responses, CANDIDATE_CHUNK):
-        table = _tables(model, prompt, chunk)
+        table = _tables(model, prompt, chunk, precision)
         parts.append(table.gather(2, chunk[:, :, None])[..., 0].sum(dim=1))
     return torch.cat(parts)
 
@@ -80,17 +86,19 @@ def derive_corrections(
     where θ_t = θ_0). None for a row with no editable token (an empty response).
 
     Loads θ_0 and θ_t in turn (one model in memory at a time): per-token tables of both, candidate edits from
-    their sum, then the candidates' response log-likelihoods under each model."""
+    their sum, then the candidates' response log-likelihoods under each model; forward passes at the configured
+    indexing precision (bfloat16 where the device has native kernels)."""
     if not rows:
         return []  # no model is loaded
     states = [None] if checkpoint is None else [None, checkpoint]
+    precision = compute_precision(config.precision, config.device)
     tables: list[list[torch.Tensor]] = [[] for _ in rows]
     encoded: list[Any] = []
     for state in states:
         with model_for(base_reference, state, config.device) as cached:
             encoded = encoded or _encoded(cached.tokenizer, cached.model, rows, config)
             for i, (prompt, response) in enumerate(encoded):
-                tables[i].append(_tables(cached.model, prompt, response[None])[0])
+                tables[i].append(_tables(cached.model, prompt, response[None], precision)[0])
             tokenizer = cached.tokenizer
     candidates = []
     for (_, response), per_state in zip(encoded, tables, strict=True):
@@ -103,8 +111,10 @@ def derive_corrections(
                 if len(cand) == 0:
                     continue
                 edited = torch.stack([torch.tensor(apply_edit(response.tolist(), (int(r), int(a)))) for r, a in cand])
-                own = _likelihoods(cached.model, prompt, response[None])
-                gains[i] += (_likelihoods(cached.model, prompt, edited) - own) * (2 if checkpoint is None else 1)
+                own = _likelihoods(cached.model, prompt, response[None], precision)
+                gains[i] += (_likelihoods(cached.model, prompt, edited, precision) - own) * (
+                    2 if checkpoint is None else 1
+                )
     return [_derived(tokenizer, response, cand, gain) for (_, response), cand, gain in zip(encoded, candidates, gains,
                                                                                             strict=True)]  # fmt: skip
 
