@@ -7,7 +7,10 @@ For each fine-tuning mode it reuses (or builds) the world, run and queries of :m
 (same ``--work`` cache), indexes the base model and every checkpoint with the shipped defaults, and
 attributes the queries under these scorings, read back through the ``scores`` and ``lineage`` views:
 
-- ``default`` (the shipped settings), ``dda_denoise_only`` (mean over checkpoints, λ = 0, uniform query
+- ``default`` (the shipped settings; for plain queries, an output traced with no correction: the counterfactual
+  query against the single-token edit θ_0 and θ_t find most plausible, derived per checkpoint),
+  ``dda_plain_query`` (the plain query with the query-side debias weights: the plain default before),
+  ``dda_denoise_only`` (mean over checkpoints, λ = 0, uniform query
   token weights: the default before the query-side debias), ``last_checkpoint`` and ``base_only`` (s̃_T, s̃_0
   with uniform weights);
 - score-space debias mean_t (s̃_t − λ s̃_0), uniform weights, λ chosen leave-one-pair-out from
@@ -78,9 +81,12 @@ def scoring(kind: str, **more: Any) -> dict[str, Any]:
     return {"scoring": {"query_kind": kind, **more}}
 
 
+COUNTERFACTUAL = scoring("counterfactual")  # an output traced with no correction under the shipped default
+
+
 def variants() -> list[dict[str, Any]]:
     """Every scoring the benchmark attributes under (the first registers the queries)."""
-    out = []
+    out = [COUNTERFACTUAL]
     for kind in KINDS:
         out.append(scoring(kind, query_weighting="uniform"))
         out.append(scoring(kind))
@@ -108,10 +114,11 @@ def grouped_rankings(
     from storage.store import LineageStore
 
     rows = [{**q, "group": q["pair"]} for q in queries]
+    chosen = COUNTERFACTUAL if kind == "plain" else scoring(kind)
     path = root / "queries_grouped.jsonl"
     path.write_text("".join(json.dumps({k: r[k] for k in ("id", "prompt", "response", "corrected", "group")}) + "\n"
                             for r in rows))  # fmt: skip
-    settings = load_settings({**scoring(kind), "indexing": {"batch_size": 16, "progress": False}},
+    settings = load_settings({**chosen, "indexing": {"batch_size": 16, "progress": False}},
                              data_dir=str(root / "default"), base_model=str(base_dir))  # fmt: skip
     attribute(queries_file=str(path), settings=settings.model_dump(mode="json"))
     store = LineageStore.open(root / "default" / "store")
@@ -165,7 +172,10 @@ def evaluate_mode(
 
         uniform = fps[_key(scoring(kind, query_weighting="uniform"))]
         s, b = score_cube(store, uniform, ckpts, qids, sids)
-        add("default", ctx.score(lineage_matrix(store, fps[_key(scoring(kind))], qids, sids)))
+        shipped = fps[_key(COUNTERFACTUAL if kind == "plain" else scoring(kind))]
+        add("default", ctx.score(lineage_matrix(store, shipped, qids, sids)))
+        if kind == "plain":  # the plain query with the query-side debias weights: the default before
+            add("dda_plain_query", ctx.score(lineage_matrix(store, fps[_key(scoring(kind))], qids, sids)))
         add("dda_denoise_only", ctx.score(lineage_matrix(store, uniform, qids, sids)))
         add("last_checkpoint", ctx.score(s[-1]))
         add("base_only", ctx.score(b[-1]))
@@ -293,6 +303,15 @@ def damping_markdown(choice: dict[str, Any]) -> str:
     return "\n".join(lines) + f"\n\n{verdict}\n"
 
 
+def carried_cea(results: list[dict[str, Any]], previous: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The committed ``cea`` rows of (mode, query kind) cells this run has none for, marked ``carried``: CEA reads
+    only the fine-tuned world (cached runs are identical), not the store, so ``--no-cea`` keeps its rows."""
+    have = {(r["mode"], r["query"]) for r in results if r["method"] == "cea"}
+    cells = {(r["mode"], r["query"]) for r in results}
+    return [{**r, "carried": True} for r in previous
+            if r["method"] == "cea" and (r["mode"], r["query"]) in cells - have]  # fmt: skip
+
+
 def results_stem(size_name: str, seed: int) -> str:
     """``debias_forms_<size>``, with ``_seed<N>`` for a replication at seed N > 0 (seed 0 keeps the old name)."""
     return f"debias_forms_{size_name}" + (f"_seed{seed}" if seed else "")
@@ -355,6 +374,9 @@ def main(argv: list[str] | None = None) -> int:
     report["wall_seconds"] = time.perf_counter() - started
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / results_stem(size_name, args.seed)
+    previous = RESULTS / f"{results_stem(size_name, args.seed)}.json"
+    if args.no_cea and previous.is_file():
+        report["results"] += carried_cea(report["results"], json.loads(previous.read_text())["results"])
     stem.with_suffix(".json").write_text(json.dumps(report, indent=1, default=float))
     stem.with_suffix(".md").write_text(markdown(report))
     print(markdown(report))

@@ -208,3 +208,17 @@ def test_cea_last_only_is_served_by_the_last_state_of_a_full_cache(tmp_path):
     assert seconds == [3.0]
     every, _ = cea_all_states(*args)
     assert every["plain"].shape == (3, 1, 5)
+
+
+def test_no_cea_carries_the_committed_cea_rows_of_cells_this_run_lacks_only():
+    from benchmarks.debias_forms import carried_cea
+
+    run = [{"mode": "lora", "query": "plain", "method": "default"},
+           {"mode": "full", "query": "plain", "method": "default"},
+           {"mode": "full", "query": "plain", "method": "cea", "mean_auc": 0.5}]  # fmt: skip
+    previous = [{"mode": "lora", "query": "plain", "method": "cea", "mean_auc": 0.6},
+                {"mode": "lora", "query": "plain", "method": "default", "mean_auc": 0.1},
+                {"mode": "full", "query": "plain", "method": "cea", "mean_auc": 0.4},
+                {"mode": "lora", "query": "contrastive", "method": "cea", "mean_auc": 0.9}]  # fmt: skip
+    assert carried_cea(run, previous) == [{"mode": "lora", "query": "plain", "method": "cea", "mean_auc": 0.6,
+                                           "carried": True}]  # fmt: skip
