@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from dda_kernel import apply_edit, best_edit, edit_candidates
 from tasks.config import PipelineConfig
@@ -107,7 +108,10 @@ def derive_corrections(
     gains = [torch.zeros(len(c)) for c in candidates]
     for state in reversed(states):  # θ_t is still loaded
         with model_for(base_reference, state, config.device) as cached:
-            for i, ((prompt, response), cand) in enumerate(zip(encoded, candidates, strict=True)):
+            label = "θ_0" if state is None else "θ_t"
+            bar = tqdm(list(enumerate(zip(encoded, candidates, strict=True))), desc=f"counterfactual edits ({label})",
+                       unit="output", disable=not config.progress)  # fmt: skip
+            for i, ((prompt, response), cand) in bar:
                 if len(cand) == 0:
                     continue
                 edited = torch.stack([torch.tensor(apply_edit(response.tolist(), (int(r), int(a)))) for r, a in cand])
