@@ -106,7 +106,8 @@ def derive_corrections(
         joint = per_state[0] + per_state[-1]  # at the base model θ_t = θ_0: 2 log p_θ0
         candidates.append(edit_candidates(joint, response, _editable(tokenizer, response)))
     gains = [torch.zeros(len(c)) for c in candidates]
-    for state in reversed(states):  # θ_t is still loaded
+    for j in reversed(range(len(states))):  # θ_t is still loaded
+        state = states[j]
         with model_for(base_reference, state, config.device) as cached:
             label = "θ_0" if state is None else "θ_t"
             bar = tqdm(list(enumerate(zip(encoded, candidates, strict=True))), desc=f"counterfactual edits ({label})",
@@ -115,7 +116,7 @@ def derive_corrections(
                 if len(cand) == 0:
                     continue
                 edited = torch.stack([torch.tensor(apply_edit(response.tolist(), (int(r), int(a)))) for r, a in cand])
-                own = _likelihoods(cached.model, prompt, response[None], precision)
+                own = tables[i][j].gather(1, response[:, None]).sum()  # log p(y) from the first pass
                 gains[i] += (_likelihoods(cached.model, prompt, edited, precision) - own) * (
                     2 if checkpoint is None else 1
                 )
