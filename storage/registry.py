@@ -1,14 +1,15 @@
-"""The registry tables: indexed checkpoints and the flow runs that wrote the store (the audit trail)."""
+"""The registry tables: indexed checkpoints, the flow runs that wrote the store and the corrections the
+counterfactual query derived (the audit trail)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pyarrow as pa
 
 from storage.doctor import check_unique
-from storage.store import LineageStore
+from storage.store import LineageStore, utcnow
 
 
 def write_checkpoint(store: LineageStore, row: Mapping[str, Any]) -> None:
@@ -26,3 +27,11 @@ def read_checkpoints(store: LineageStore) -> list[dict[str, Any]]:
 def write_run(store: LineageStore, row: Mapping[str, Any]) -> None:
     """Upsert one ``runs`` row (fields of :class:`storage.schemas.RunRow`)."""
     store.upsert("runs", pa.Table.from_pylist([dict(row)]))
+
+
+def write_derived_corrections(store: LineageStore, checkpoint_id: str, rows: Sequence[Mapping[str, Any]]) -> int:
+    """Upsert the derived corrections at ``checkpoint_id``: each row has the fields of
+    :class:`storage.schemas.DerivedCorrectionRow` but ``checkpoint_id`` and ``derived_at``; returns rows inserted."""
+    now = utcnow()
+    data = [{**dict(r), "checkpoint_id": checkpoint_id, "derived_at": now} for r in rows]
+    return store.upsert("derived_corrections", pa.Table.from_pylist(data)) if data else 0

@@ -46,6 +46,13 @@ SQL: dict[str, str] = {
                count(l.sample_id) AS n_samples
         FROM queries q JOIN lineage l ON l.query_id = q.query_id AND l.settings_fingerprint = $fp
         WHERE list_contains($ids, q.query_id) GROUP BY ALL ORDER BY q.query_id""",
+    # The correction the counterfactual query derived at the latest checkpoint that has one, per query.
+    "derived": """
+        SELECT d.query_id, d.checkpoint_id, d.response, d.token, d.replacement, d.gain
+        FROM derived_corrections d JOIN checkpoints c USING (checkpoint_id)
+        WHERE list_contains($ids, d.query_id)
+        QUALIFY row_number() OVER (PARTITION BY d.query_id ORDER BY c.role = 'base', c.step DESC) = 1
+        ORDER BY d.query_id""",
     "checkpoints": """
         SELECT checkpoint_id, run_id, role, step, epoch, learning_rate, fingerprint, projection_fingerprint, path,
                indexed_at
@@ -107,13 +114,15 @@ SQL: dict[str, str] = {
 
 @dataclass(frozen=True)
 class QuerySection:
-    """One traced output: the query row, its top-k samples, their trajectories, its shares."""
+    """One traced output: the query row, its top-k samples, their trajectories, its shares, and the correction
+    the counterfactual query derived at the latest checkpoint (None where none was derived)."""
 
     query: Row
     top: list[Row]
     trajectories: list[Row]
     by_source: list[Row]
     by_license: list[Row]
+    derived: Row | None = None
 
 
 @dataclass(frozen=True)
@@ -232,9 +241,10 @@ def _read(
     top, paths = _top_and_trajectories(con, fp, ids, top_k, n_trajectories)
     sources = _group(_rows(con, "by_source", **scoped))
     licenses = _group(_rows(con, "by_license", **scoped))
+    derived = {r["query_id"]: r for r in _rows(con, "derived", ids=ids)}
     sections = [
         QuerySection(q, top.get(q["query_id"], []), paths.get(q["query_id"], []),
-                     sources.get(q["query_id"], []), licenses.get(q["query_id"], []))
+                     sources.get(q["query_id"], []), licenses.get(q["query_id"], []), derived.get(q["query_id"]))
         for q in _rows(con, "queries", **scoped)
     ]  # fmt: skip
     settings = _rows(con, "settings", fp=fp)

@@ -72,6 +72,24 @@ class QueryGroupRow(LanceModel):
     added_at: datetime
 
 
+class DerivedCorrectionRow(LanceModel):
+    """The correction the counterfactual query derived for an output at one checkpoint (DESIGN.md section 2,
+    step 3). Key: (``query_id``, ``checkpoint_id``).
+
+    ``response`` is y' = y with the token at ``position`` (0-based, in the response's tokens) ``token`` replaced
+    by ``replacement``; ``gain`` = [log p_θ0(y') + log p_θt(y')] − [log p_θ0(y) + log p_θt(y)] in nats.
+    """
+
+    query_id: str
+    checkpoint_id: str
+    response: str
+    position: int
+    token: str
+    replacement: str
+    gain: float
+    derived_at: datetime
+
+
 class SampleSetRow(LanceModel):
     """An ordered list of sample ids that score and state vectors are aligned to. Key: ``sample_set_id``.
 
@@ -172,6 +190,7 @@ TABLE_KEYS: dict[str, tuple[str, ...]] = {
     "checkpoints": ("checkpoint_id",),
     "queries": ("query_id",),
     "query_groups": ("group_id", "query_id"),
+    "derived_corrections": ("query_id", "checkpoint_id"),
     "embeddings": ("sample_id", "checkpoint_id", "projection_fingerprint"),
     "query_embeddings": ("query_id", "checkpoint_id", "projection_fingerprint", "kind"),
     "sample_sets": ("sample_set_id",),
@@ -188,6 +207,7 @@ def table_schema(table: str, dim: int) -> pa.Schema:
         "checkpoints": CheckpointRow,
         "queries": QueryRow,
         "query_groups": QueryGroupRow,
+        "derived_corrections": DerivedCorrectionRow,
         "embeddings": embedding_row_model(dim),
         "query_embeddings": query_embedding_row_model(dim),
         "sample_sets": SampleSetRow,

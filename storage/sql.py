@@ -25,7 +25,10 @@ from storage.errors import ReadOnlySQLError, StorageError
 from storage.schemas import table_schema
 from storage.store import LineageStore
 
-BASE_TABLES = ("samples", "checkpoints", "queries", "query_groups", "sample_sets", "scores", "dda_state", "runs")
+BASE_TABLES = (
+    "samples", "checkpoints", "queries", "query_groups", "derived_corrections", "sample_sets", "scores", "dda_state",
+    "runs",
+)  # fmt: skip
 MEMORY_LIMIT = "2GB"
 THREADS = 2
 
@@ -49,6 +52,9 @@ VIEWS: dict[str, str] = {
     "queries": "SELECT query_id, prompt, response, corrected, meta_json, created_at FROM _queries",
     # A query group is a row of ``queries`` (query_id 'group:<name>') with its lineage; here, its members.
     "query_groups": "SELECT group_id, query_id, added_at FROM _query_groups",
+    # The correction the counterfactual query derived for an output without one, per checkpoint.
+    "derived_corrections": "SELECT query_id, checkpoint_id, response, position, token, replacement, gain, "
+    "derived_at FROM _derived_corrections",
     # Stored compactly (one row per query × checkpoint, or per query, holding a vector aligned with a sample
     # set); unnested here into one row per sample. s_t^db = s̃_t − λ·s̃_0 is the formula the state folded.
     "scores": """

@@ -45,6 +45,20 @@ class ScoringConfig:
     train_debias: float = field(default=0.0, metadata={OMIT_IF: 0.0})
     counterfactual: bool = field(default=True, metadata={OMIT_IF: False})
 
+    def kind_for(self, corrected: bool) -> str:
+        """The query kind an output is scored as (:func:`scored_kind` of these options)."""
+        return scored_kind(corrected, self.query_kind, self.counterfactual)
+
+
+def scored_kind(corrected: bool, query_kind: str, counterfactual: bool) -> str:
+    """``query_kind`` when it names one, else (``auto``) 'contrastive' with a correction, 'counterfactual' without
+    one when ``counterfactual`` is on, else 'plain'."""
+    if query_kind != "auto":
+        return query_kind
+    if corrected:
+        return "contrastive"
+    return "counterfactual" if counterfactual else "plain"
+
 
 @dataclass(frozen=True)
 class PipelineConfig:

@@ -9,7 +9,7 @@ sample's embedding is stored.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ from dda_kernel import (
     response_log_probs,
 )
 from storage.faults import fault_point
-from storage.registry import read_checkpoints, write_checkpoint
+from storage.registry import read_checkpoints, write_checkpoint, write_derived_corrections
 from storage.samples import group_members, read_samples, sample_ids, set_token_counts
 from storage.store import LineageStore, utcnow, where_equal, where_in
 from storage.vectors import embedded_sample_ids, read_query_embeddings, write_embeddings, write_query_embeddings
@@ -232,12 +232,7 @@ QUERY_KINDS = ("plain", "contrastive", "counterfactual")
 def effective_kind(corrected: bool, config: PipelineConfig) -> str:
     """The query kind a query is scored as: ``query_kind`` when it names one, else (``auto``) 'contrastive' with a
     correction, 'counterfactual' without one when ``scoring.counterfactual`` is on, else 'plain'."""
-    wanted = config.scoring.query_kind
-    if wanted != "auto":
-        return wanted
-    if corrected:
-        return "contrastive"
-    return "counterfactual" if config.scoring.counterfactual else "plain"
+    return config.scoring.kind_for(corrected)
 
 
 def stored_query_kind(kind: str, config: PipelineConfig, checkpoint_id: str) -> str:
@@ -380,7 +375,8 @@ def _embed_outputs(
     """Embed registered outputs at ``checkpoint`` with one loaded model: both kinds in one pass when they share
     a token weighting (:func:`stored_query_kind`), else one pass per weighting. Outputs scored as counterfactual
     queries get their derived correction at this checkpoint first (:func:`tasks.counterfactual.derive_corrections`)
-    and ĝ(prompt, y) − ĝ(prompt, y'), uniform weights; an output with no editable token keeps ĝ(prompt, y)."""
+    and ĝ(prompt, y) − ĝ(prompt, y'), uniform weights (the correction is kept in ``derived_corrections``); an
+    output with no editable token keeps ĝ(prompt, y)."""
     rows = store.read("queries", ["query_id", "prompt", "response", "corrected"], where_in("query_id", query_ids))
     queries = sorted(rows.to_pylist(), key=lambda r: r["query_id"])
     path = None if checkpoint["role"] == "base" else checkpoint["path"]
@@ -412,6 +408,8 @@ def _embed_outputs(
         contrasts = [uniform[index[q["query_id"]]] - (next(tail) if d is not None else 0.0)
                      for q, d in zip(cf_rows, derived, strict=True)]  # fmt: skip
         write_query_embeddings(store, cid, "counterfactual", [q["query_id"] for q in cf_rows], np.stack(contrasts))
+        edits = [{"query_id": q["query_id"], **asdict(d)} for q, d in zip(cf_rows, derived, strict=True) if d]
+        write_derived_corrections(store, cid, edits)
     if fixed_rows:
         both = out[contrast_w]
         plain, fixed = both[: len(queries)], both[len(queries) : len(queries) + len(fixed_rows)]

@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from storage.lock import announce_wait, exclusive
 from storage.report import QuerySection, ReportData, Row
+from tasks.config import ScoringConfig, scored_kind
 
 SNIPPET = 140
 COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf")
@@ -161,6 +162,24 @@ def _settings_subtree(data: ReportData) -> dict[str, Any]:
         return {}
     tree = json.loads(data.settings_json)
     return {key: tree[key] for key in ("projection", "scoring") if key in tree}
+
+
+def correction_line(data: ReportData, section: QuerySection) -> tuple[str, str, str] | None:
+    """(label, text, note) of the correction the output's query contrasts with under the report's settings: the
+    given one (contrastive query), the one derived at the latest checkpoint (counterfactual query), or a given
+    one these settings do not use; None for a plain query without one."""
+    q, d = section.query, section.derived
+    scoring, shipped = _settings_subtree(data).get("scoring", {}), ScoringConfig()  # unknown settings: the defaults
+    kind = scored_kind(bool(q["corrected"]), scoring.get("query_kind", shipped.query_kind),
+                       scoring.get("counterfactual", shipped.counterfactual))  # fmt: skip
+    if kind == "contrastive":
+        return "corrected", q["corrected"], "contrastive query"
+    if kind == "counterfactual" and d is not None:
+        edit = f"{d['token']!r} → {d['replacement']!r} at {d['checkpoint_id']}, {d['gain']:+.2f} nats"
+        return "derived correction", d["response"], f"counterfactual query: {edit}"
+    if q["corrected"]:
+        return "corrected", q["corrected"], f"given; this {kind} query does not use it"
+    return None
 
 
 def _tables(data: ReportData) -> dict[str, tuple[list[Column], list[Row]]]:
@@ -301,8 +320,9 @@ def render_markdown(
         q = s.query
         out += [f"### {i}. `{q['query_id']}`", "", f"- prompt: {snippet(q['prompt'], 400)}",
                 f"- output: **{snippet(q['response'], 400)}**"]  # fmt: skip
-        if q["corrected"]:
-            out.append(f"- corrected: {snippet(q['corrected'], 400)} (contrastive query)")
+        line = correction_line(data, s)
+        if line:
+            out.append(f"- {line[0]}: {snippet(line[1], 400)} ({line[2]})")
         out += [f"- lineage over {q['n_checkpoints']} checkpoint(s), {q['n_samples']} samples ranked", "",
                 f"Top {len(s.top)} training samples:", "", md_table(top_columns(), s.top), "",
                 *image(f"q{i}-trajectory", "score trajectory"), "Influence by source:", "",
@@ -390,8 +410,8 @@ def render_html(data: ReportData, plots: dict[str, bytes]) -> str:
     ]
     for i, s in enumerate(data.queries, start=1):
         q = s.query
-        corrected = f"<p>corrected: {e(q['corrected'])} <span class=meta>(contrastive query)</span></p>" if q[
-            "corrected"] else ""  # fmt: skip
+        line = correction_line(data, s)
+        corrected = f"<p>{e(line[0])}: {e(line[1])} <span class=meta>({e(line[2])})</span></p>" if line else ""
         parts += [
             f'<article id="query-{i}" data-query-id="{e(q["query_id"])}"><h3>{i}. <code>{e(q["query_id"])}</code></h3>',
             f"<p>prompt: {e(snippet(q['prompt'], 600))}</p><p class=output>output: <b>{e(q['response'])}</b></p>",

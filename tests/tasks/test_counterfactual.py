@@ -11,6 +11,8 @@ import torch
 
 import tasks.counterfactual as cf
 from dda_kernel import apply_edit, build_projector, embed_batch, layout_for, pad_batch
+from storage.report import gather
+from storage.sql import query
 from storage.store import LineageStore
 from storage.vectors import read_query_embeddings
 from tasks.checkpoints import discover_checkpoints
@@ -18,6 +20,7 @@ from tasks.config import ScoringConfig
 from tasks.indexing import indexed_checkpoints
 from tasks.lineage import query_kinds
 from tasks.models import compute_precision, load_base_model, load_checkpoint, model_for
+from tasks.report import render_markdown
 from tasks.tokenize import encode_pair
 from tests.tasks.helpers import CONFIG, copy_run, write_queries
 from tests.tasks.test_indexing import attribute, index
@@ -60,7 +63,8 @@ def test_the_derived_correction_is_the_best_single_token_edit_by_brute_force(sma
 
 
 def test_counterfactual_query_vectors_are_the_contrast_with_the_derived_correction(small_world, tmp_path):
-    """At every state: ĝ_q = ĝ(prompt, y) − ĝ(prompt, y'_t), uniform weights, y'_t derived with that state's θ_t."""
+    """At every state: ĝ_q = ĝ(prompt, y) − ĝ(prompt, y'_t), uniform weights, y'_t derived with that state's θ_t;
+    the ``derived_corrections`` view holds y'_t for the output without a correction, and nothing for the other."""
     store = index(tmp_path, small_world, copy_run(small_world, tmp_path / "run", steps=1))
     queries_file = write_queries(tmp_path / "queries.jsonl", n=2)  # q0 has a correction, q1 has none
     attribute(tmp_path, small_world, queries_file)
@@ -84,6 +88,22 @@ def test_counterfactual_query_vectors_are_the_contrast_with_the_derived_correcti
         kinds = store.read("query_embeddings", ["query_id", "kind"], f"checkpoint_id = '{ckpt['checkpoint_id']}'")
         stored = set(zip(kinds["query_id"].to_pylist(), kinds["kind"].to_pylist(), strict=True))
         assert ("q0", "counterfactual") not in stored
+        audit = query(store, "SELECT * FROM derived_corrections WHERE checkpoint_id = $c", {"c": ckpt["checkpoint_id"]})
+        assert audit["query_id"].to_pylist() == ["q1"]
+        assert {k: audit[k][0].as_py() for k in ("response", "position", "token", "replacement")} == {
+            "response": derived[0].response, "position": derived[0].position, "token": derived[0].token,
+            "replacement": derived[0].replacement}  # fmt: skip
+        assert abs(audit["gain"][0].as_py() - derived[0].gain) < 1e-4
+    assert query(store, "SELECT count(*) AS n FROM derived_corrections")["n"][0].as_py() == len(
+        indexed_checkpoints(tmp_path)
+    )
+    last = indexed_checkpoints(tmp_path)[-1]
+    md = render_markdown(gather(store, CONFIG.settings_fingerprint))  # the report names the latest derived one
+    latest = query(store, "SELECT response, token, replacement FROM derived_corrections WHERE checkpoint_id = $c",
+                   {"c": last["checkpoint_id"]}).to_pylist()[0]  # fmt: skip
+    assert f"- derived correction: {latest['response']} (counterfactual query: {latest['token']!r} → " in md
+    assert f"at {last['checkpoint_id']}, " in md
+    assert "(contrastive query)" in md  # q0 keeps its given correction
 
 
 def test_auto_scores_an_output_without_a_correction_as_counterfactual_unless_turned_off(small_world, tmp_path):
