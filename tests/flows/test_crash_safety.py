@@ -24,8 +24,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_server")]
 # Batches of one sample: a resumed run embeds each sample exactly as the clean run did (no padding change).
 ENV = {"DDA_INDEXING__BATCH_SIZE": "1", "DDA_INDEXING__SHARD_SIZE": "8", "DDA_PROJECTION__K_IN": "4",
        "DDA_PROJECTION__K_OUT": "4", "DDA_INDEXING__PROGRESS": "false"}  # fmt: skip
-TIMESTAMPS = ("ingested_at", "indexed_at", "created_at", "written_at", "updated_at")
-TABLES = ("samples", "checkpoints", "queries", "embeddings", "query_embeddings", "scores", "dda_state")
+TIMESTAMPS = ("ingested_at", "indexed_at", "created_at", "written_at", "updated_at", "derived_at")
+TABLES = (
+    "samples", "checkpoints", "queries", "derived_corrections", "embeddings", "query_embeddings", "scores", "dda_state",
+)  # fmt: skip
 
 
 def snapshot(data_dir: Path) -> dict[str, list[dict]]:
