@@ -10,11 +10,13 @@ attributes the queries under these scorings, read back through the ``scores`` an
 - ``default`` (the shipped settings; for plain queries, an output traced with no correction: the counterfactual
   query against the single-token edit θ_0 and θ_t find most plausible, derived per checkpoint),
   ``dda_plain_query`` (the plain query with the query-side debias weights: the plain default before),
-  ``dda_denoise_only`` (mean over checkpoints, λ = 0, uniform query
+  ``dda_denoise_only`` (mean over checkpoints of the ``scores`` view, λ = 0, uniform query
   token weights: the default before the query-side debias), ``last_checkpoint`` and ``base_only`` (s̃_T, s̃_0
   with uniform weights);
 - score-space debias mean_t (s̃_t − λ s̃_0), uniform weights, λ chosen leave-one-pair-out from
-  :data:`~benchmarks.hallucination.methods.LAMBDAS` (0 included): ``dda_score_debias``;
+  :data:`~benchmarks.hallucination.methods.LAMBDAS` (0 included): ``dda_score_debias``; the same on the default
+  scoring's own s̃_t, s̃_0 with λ ∈ :data:`BASE_LAMBDAS` (≤ 0: the base model's influence counted as evidence):
+  ``dda_base_evidence`` (its ``grid`` holds every λ's mean AUC);
 - query-side debias (``query_weighting = finetune_delta``): ``dda_qdelta`` (mean over checkpoints) and
   ``dda_qdelta_debias_only`` (last checkpoint);
 - training-side delta ĝ_i(θ_t) − β ĝ_i(θ_0), β chosen leave-one-pair-out from :data:`BETAS` (0 included):
@@ -70,6 +72,8 @@ from benchmarks.repsim import repsim_scores
 from tasks.config import ScoringConfig
 
 BETAS = (0.0, 0.25, 0.5, 1.0)
+# λ of the default scoring's mean_t s̃_t − λ s̃_0: negative λ counts the base model's influence as evidence.
+BASE_LAMBDAS = (-1.0, -0.75, -0.5, -0.25, 0.0)
 DAMPINGS = (0.1, 0.3, 1.0, 3.0)  # relative damping ε of the Fisher preconditioner
 
 
@@ -176,12 +180,16 @@ def evaluate_mode(
         add("default", ctx.score(lineage_matrix(store, shipped, qids, sids)))
         if kind == "plain":  # the plain query with the query-side debias weights: the default before
             add("dda_plain_query", ctx.score(lineage_matrix(store, fps[_key(scoring(kind))], qids, sids)))
-        add("dda_denoise_only", ctx.score(lineage_matrix(store, uniform, qids, sids)))
+        add("dda_denoise_only", ctx.score(study_rankings(s, b, 0.0, "mean")))
         add("last_checkpoint", ctx.score(s[-1]))
         add("base_only", ctx.score(b[-1]))
         lams = {f"λ={lam}": ctx.score(study_rankings(s, b, lam, "mean")) for lam in LAMBDAS}
         metrics, chosen = lopo(lams, pairs)
         add("dda_score_debias", metrics, chosen=chosen, grid=grid_means(lams))
+        ds, db = score_cube(store, shipped, ckpts, qids, sids)  # the default's own s̃_t, s̃_0 (any λ)
+        lams = {f"λ={lam}": ctx.score(study_rankings(ds, db, lam, "mean")) for lam in BASE_LAMBDAS}
+        metrics, chosen = lopo(lams, pairs)
+        add("dda_base_evidence", metrics, chosen=chosen, grid=grid_means(lams))
         tracin, _ = score_cube(store, fps[_key(scoring(kind, **TRACIN))], ckpts, qids, sids)
         add("tracin_last", ctx.score(tracin[-1]))
         add("tracin_cp", ctx.score(tracin.mean(axis=0)))
@@ -244,8 +252,11 @@ def markdown(report: dict[str, Any]) -> str:
 CHANGE_MARGIN = 0.002  # mean AUC another ε must gain over the shipped one before the default moves
 
 
-def choose_damping(results: list[dict[str, Any]], incumbent: str, margin: float = CHANGE_MARGIN) -> dict[str, Any]:
-    """ε chosen across every (size or world, mode, query kind) cell of ``dda_damping`` rows.
+def choose_damping(
+    results: list[dict[str, Any]], incumbent: str, margin: float = CHANGE_MARGIN, method: str = "dda_damping"
+) -> dict[str, Any]:
+    """ε (or the grid value of ``method``'s rows: λ of ``dda_base_evidence``) chosen across every (size or world,
+    mode, query kind) cell of ``method`` rows.
 
     A cell's grid is the mean over the seeds measured for it (a replication adds evidence about its cell, not a
     cell). ``best`` is the ε of the highest mean AUC over cells; ``chosen`` is ``best`` only when it beats the
@@ -254,7 +265,7 @@ def choose_damping(results: list[dict[str, Any]], incumbent: str, margin: float 
     cell's AUC under the ε the same rule chooses on the other cells."""
     grids: dict[str, list[dict[str, float]]] = {}
     for r in results:
-        if r["method"] == "dda_damping":
+        if r["method"] == method:
             grids.setdefault(f"{r.get('size', r['world'])}/{r['mode']}/{r['query']}", []).append(r["grid"])
     names = list(next(iter(grids.values()))[0])
     cells = {c: {e: float(np.mean([g[e] for g in gs])) for e in names} for c, gs in grids.items()}
@@ -279,10 +290,10 @@ def choose_damping(results: list[dict[str, Any]], incumbent: str, margin: float 
             "mean_auc": means, "cells": cells, "seeds": seeds, "held_out": held_out}  # fmt: skip
 
 
-def damping_markdown(choice: dict[str, Any]) -> str:
-    """The damping grid per cell (mean over its seeds), the mean, and the leave-one-cell-out estimate."""
+def damping_markdown(choice: dict[str, Any], symbol: str = "ε") -> str:
+    """The grid per cell (mean over its seeds), the mean, and the leave-one-cell-out estimate."""
     names = list(choice["mean_auc"])
-    lines = ["| cell | " + " | ".join(names) + " | held out (ε chosen on the other cells) |",
+    lines = ["| cell | " + " | ".join(names) + f" | held out ({symbol} chosen on the other cells) |",
              "| --- |" + " --- |" * (len(names) + 1)]  # fmt: skip
     for cell, grid in choice["cells"].items():
         h = choice["held_out"][cell]
@@ -347,16 +358,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--choose-damping",
         action="store_true",
-        help="choose ε across the committed results (no run); writes damping.md",
+        help="choose ε and the base-evidence λ across the committed results (no run); writes damping.md, "
+        "base_evidence.md",
     )
     args = parser.parse_args(argv)
     if args.choose_damping:
         reports = [json.loads(f.read_text()) for f in sorted(args.out.glob("debias_forms_*.json"))]
         rows = [{**r, "size": cell_label(rep)} for rep in reports for r in rep["results"]]
-        choice = choose_damping(rows, incumbent=f"ε={ScoringConfig().damping}")
-        (args.out / "damping.json").write_text(json.dumps(choice, indent=1))
-        (args.out / "damping.md").write_text(damping_markdown(choice))
-        print(damping_markdown(choice))
+        shipped = ScoringConfig()
+        for stem, method, symbol, incumbent in (
+            ("damping", "dda_damping", "ε", f"ε={shipped.damping}"),
+            ("base_evidence", "dda_base_evidence", "λ", f"λ={shipped.debias_coefficient}"),
+        ):
+            if not any(r["method"] == method for r in rows):
+                continue
+            choice = choose_damping(rows, incumbent=incumbent, method=method)
+            (args.out / f"{stem}.json").write_text(json.dumps(choice, indent=1))
+            (args.out / f"{stem}.md").write_text(damping_markdown(choice, symbol))
+            print(damping_markdown(choice, symbol))
         return 0
     size_name = args.size
     work, base_dir = prepare_work(size_name, args.work or seeded_work(size_name, args.seed))

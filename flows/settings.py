@@ -37,7 +37,9 @@ class ScoringSettings(BaseModel):
     preconditioner: Literal["identity", "fisher"] = Field("fisher", description="F in ĝ_qᵀ F⁻¹ ĝ_i")
     damping: float = Field(0.3, gt=0, le=100, description="relative damping ε of the Fisher preconditioner")
     normalisation: Literal["none", "zscore", "cosine"] = Field("zscore", description="score normalisation s̃")
-    debias_coefficient: float = Field(0.0, ge=0, le=10, description="λ in s̃_t − λ·s̃_0 (0 turns debias off)")
+    debias_coefficient: float = Field(
+        -0.5, ge=-10, le=10, description="λ in s̃_t − λ·s̃_0 (0: off; < 0 counts the base model's influence as evidence)"
+    )
     weighting: Literal["uniform", "lr"] = Field("uniform", description="checkpoint weights w_t of the denoise mean")
     standardise: bool = Field(False, description="z-score s_t^db per checkpoint before averaging")
     query_kind: Literal["auto", "plain", "contrastive", "counterfactual"] = Field(

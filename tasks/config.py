@@ -37,7 +37,7 @@ class ScoringConfig:
     preconditioner: Preconditioning = "fisher"
     damping: float = 0.3
     normalisation: Normalisation = "zscore"
-    debias_coefficient: float = 0.0
+    debias_coefficient: float = -0.5
     weighting: CheckpointWeighting = "uniform"
     standardise: bool = False
     query_kind: QueryKind = "auto"
