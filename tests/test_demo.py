@@ -12,6 +12,7 @@ from flows.cli import main
 from flows.demo import run_demo
 from storage.sql import query
 from storage.store import LineageStore
+from tasks.config import ScoringConfig
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
@@ -40,9 +41,15 @@ def test_demo_traces_real_hallucinations_and_sql_auc_matches_a_reference(demo):
     # tiny from-scratch model they give 0.78 (the former identity/cosine over every linear gave 0.95).
     assert report.mean_auc("base model only (s̃_0)") > 0.7
     assert report.mean_auc("denoise only (mean of s̃_t, λ = 0)") > 0.7
-    assert report.mean_auc("DDA (the lineage view)") == pytest.approx(
-        report.mean_auc("denoise only (mean of s̃_t, λ = 0)")
-    )
+    # The running state (lineage) equals the mean over checkpoints of the scores view's s̃_t − λ s̃_0 (default λ).
+    means = query(store, "SELECT query_id, sample_id, avg(score) AS s, any_value(base_score) AS b FROM scores "
+                  "WHERE settings_fingerprint = $fp GROUP BY ALL ORDER BY query_id, sample_id",
+                  {"fp": report.settings_fingerprint}).to_pylist()  # fmt: skip
+    assert [(m["query_id"], m["sample_id"]) for m in means] == [(r["query_id"], r["sample_id"]) for r in rows]
+    lam = ScoringConfig().debias_coefficient
+    assert lam != 0  # else this says nothing the denoise-only ranking does not
+    want = [m["s"] - lam * m["b"] for m in means]
+    assert [r["dda_score"] for r in rows] == pytest.approx(want, abs=1e-6)
 
 
 @pytest.mark.slow
