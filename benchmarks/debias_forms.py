@@ -21,7 +21,7 @@ attributes the queries under these scorings, read back through the ``scores`` an
   ``dda_qdelta_debias_only`` (last checkpoint);
 - training-side delta ĝ_i(θ_t) − β ĝ_i(θ_0), β chosen leave-one-pair-out from :data:`BETAS` (0 included):
   ``dda_tdelta`` (mean) and ``dda_tdelta_debias_only`` (last checkpoint);
-- the Fisher preconditioner's relative damping ε ∈ :data:`DAMPINGS` under the default scoring:
+- the Fisher preconditioner's relative damping ε ∈ :data:`DAMPINGS` under the default scoring (:func:`shipped`):
   ``dda_damping`` (ε chosen leave-one-pair-out; its ``grid`` holds every ε's mean AUC);
 - ``default_grouped``: one query group per canary pair (``group`` field), the default scoring of the mean
   query vector, beside ``cea`` (which fine-tunes on all of a pair's outputs at once: the same pooling);
@@ -88,6 +88,11 @@ def scoring(kind: str, **more: Any) -> dict[str, Any]:
 COUNTERFACTUAL = scoring("counterfactual")  # an output traced with no correction under the shipped default
 
 
+def shipped(kind: str, **more: Any) -> dict[str, Any]:
+    """The default scoring of a query kind's column (plain: the counterfactual query), with ``more`` changed."""
+    return scoring("counterfactual" if kind == "plain" else kind, **more)
+
+
 def variants() -> list[dict[str, Any]]:
     """Every scoring the benchmark attributes under (the first registers the queries)."""
     out = [COUNTERFACTUAL]
@@ -96,7 +101,7 @@ def variants() -> list[dict[str, Any]]:
         out.append(scoring(kind))
         out.append(scoring(kind, query_weighting="finetune_delta"))
         out += [scoring(kind, query_weighting="uniform", train_debias=b) for b in BETAS[1:]]
-        out += [scoring(kind, damping=d) for d in DAMPINGS]
+        out += [shipped(kind, damping=d) for d in DAMPINGS]
         out.append(scoring(kind, **TRACIN))
     return out
 
@@ -118,7 +123,7 @@ def grouped_rankings(
     from storage.store import LineageStore
 
     rows = [{**q, "group": q["pair"]} for q in queries]
-    chosen = COUNTERFACTUAL if kind == "plain" else scoring(kind)
+    chosen = shipped(kind)
     path = root / "queries_grouped.jsonl"
     path.write_text("".join(json.dumps({k: r[k] for k in ("id", "prompt", "response", "corrected", "group")}) + "\n"
                             for r in rows))  # fmt: skip
@@ -176,8 +181,8 @@ def evaluate_mode(
 
         uniform = fps[_key(scoring(kind, query_weighting="uniform"))]
         s, b = score_cube(store, uniform, ckpts, qids, sids)
-        shipped = fps[_key(COUNTERFACTUAL if kind == "plain" else scoring(kind))]
-        add("default", ctx.score(lineage_matrix(store, shipped, qids, sids)))
+        default = fps[_key(shipped(kind))]
+        add("default", ctx.score(lineage_matrix(store, default, qids, sids)))
         if kind == "plain":  # the plain query with the query-side debias weights: the default before
             add("dda_plain_query", ctx.score(lineage_matrix(store, fps[_key(scoring(kind))], qids, sids)))
         add("dda_denoise_only", ctx.score(study_rankings(s, b, 0.0, "mean")))
@@ -186,7 +191,7 @@ def evaluate_mode(
         lams = {f"λ={lam}": ctx.score(study_rankings(s, b, lam, "mean")) for lam in LAMBDAS}
         metrics, chosen = lopo(lams, pairs)
         add("dda_score_debias", metrics, chosen=chosen, grid=grid_means(lams))
-        ds, db = score_cube(store, shipped, ckpts, qids, sids)  # the default's own s̃_t, s̃_0 (any λ)
+        ds, db = score_cube(store, default, ckpts, qids, sids)  # the default's own s̃_t, s̃_0 (any λ)
         lams = {f"λ={lam}": ctx.score(study_rankings(ds, db, lam, "mean")) for lam in BASE_LAMBDAS}
         metrics, chosen = lopo(lams, pairs)
         add("dda_base_evidence", metrics, chosen=chosen, grid=grid_means(lams))
@@ -209,7 +214,7 @@ def evaluate_mode(
             grid = {f"β={beta}": ctx.score(pick(c)) for beta, c in cubes.items()}
             metrics, chosen = lopo(grid, pairs)
             add(method, metrics, chosen=chosen, grid=grid_means(grid))
-        damped = {f"ε={d}": ctx.score(lineage_matrix(store, fps[_key(scoring(kind, damping=d))], qids, sids))
+        damped = {f"ε={d}": ctx.score(lineage_matrix(store, fps[_key(shipped(kind, damping=d))], qids, sids))
                   for d in DAMPINGS}  # fmt: skip
         metrics, chosen = lopo(damped, pairs)
         add("dda_damping", metrics, chosen=chosen, grid=grid_means(damped))
@@ -365,10 +370,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.choose_damping:
         reports = [json.loads(f.read_text()) for f in sorted(args.out.glob("debias_forms_*.json"))]
         rows = [{**r, "size": cell_label(rep)} for rep in reports for r in rep["results"]]
-        shipped = ScoringConfig()
+        defaults = ScoringConfig()
         for stem, method, symbol, incumbent in (
-            ("damping", "dda_damping", "ε", f"ε={shipped.damping}"),
-            ("base_evidence", "dda_base_evidence", "λ", f"λ={shipped.debias_coefficient}"),
+            ("damping", "dda_damping", "ε", f"ε={defaults.damping}"),
+            ("base_evidence", "dda_base_evidence", "λ", f"λ={defaults.debias_coefficient}"),
         ):
             if not any(r["method"] == method for r in rows):
                 continue
