@@ -2,8 +2,8 @@
 
 Greedy decoding flips where log p(China) − log p(England) crosses 0, so the test bounds the margin, not only
 the count (at the old 70 % rate a fresh clone elsewhere hallucinated on 1 of 12). Then the default lineage,
-read through SQL, must rank the corrupted samples better than the last checkpoint alone and BM25 over the
-training text.
+read through SQL, must rank the corrupted samples at least as well as the base model alone, the last checkpoint
+alone and BM25 over the training text.
 """
 
 from __future__ import annotations
@@ -55,14 +55,15 @@ def _bm25_auc(world) -> float:
     return float(np.mean([roc_auc(torch.tensor(index.scores(q["prompt"] + q["response"])), truth) for q in queries]))
 
 
-def test_the_default_beats_the_last_checkpoint_and_bm25(smollm2_demo):
-    """Base-only is left out: at the default damping 0.3 four fresh runs gave 0.993, 0.992, 0.993 and 0.988
-    against base-only 0.990 each time (CPU training is not bit-reproducible), so on this world the default is
-    level with base-only, not reliably above it, and "default ≥ base-only" is not asserted (README)."""
+def test_the_default_is_at_least_as_good_as_base_only_last_checkpoint_and_bm25(smollm2_demo):
+    """With λ = 0 four fresh runs gave 0.993, 0.992, 0.993 and 0.988 against base-only 0.990 (level); with the
+    default λ = −0.5 (the base model's influence counted as evidence) two fresh runs gave 0.998 and 0.996 against
+    0.990 each time (CPU training is not bit-reproducible, README)."""
     dda = smollm2_demo.mean_auc("DDA (the lineage view)")
     others = {
+        "base model": smollm2_demo.mean_auc("base model only (s̃_0)"),
         "last checkpoint": smollm2_demo.mean_auc("last checkpoint only (s̃_T)"),
         "bm25": _bm25_auc(smollm2_demo.world),
     }
-    assert all(dda > v for v in others.values()), (dda, others)
+    assert all(dda >= v for v in others.values()), (dda, others)
     assert dda > 0.9
