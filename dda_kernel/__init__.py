@@ -68,6 +68,9 @@ if TYPE_CHECKING:
         TokenBatch as TokenBatch,
     )
     from dda_kernel.gradients import (
+        autocast_to as autocast_to,
+    )
+    from dda_kernel.gradients import (
         contrastive_query as contrastive_query,
     )
     from dda_kernel.gradients import (
@@ -177,6 +180,7 @@ _WHERE: dict[str, str] = {
     "TokenBatch": "dda_kernel.gradients",
     "apply_edit": "dda_kernel.counterfactual",
     "apply_preconditioner": "dda_kernel.precondition",
+    "autocast_to": "dda_kernel.gradients",
     "best_edit": "dda_kernel.counterfactual",
     "build_projector": "dda_kernel.projection",
     "checkpoint_weights": "dda_kernel.dda",

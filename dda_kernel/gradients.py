@@ -186,14 +186,14 @@ def response_log_probs(model: nn.Module, batch: TokenBatch, precision: torch.dty
     ids, mask, labels = (t.to(device) for t in (batch.input_ids, batch.attention_mask, batch.labels))
     where, _, targets = _response_positions(labels)
     position_ids = (mask.cumsum(dim=-1) - 1).clamp(min=0)
-    with _frozen_eval(model), _autocast(device, precision):
+    with _frozen_eval(model), autocast_to(device, precision):
         logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False).logits
     picked = logits[:, :-1][where].to(accumulation_dtype(model)).log_softmax(dim=-1)
     chosen: torch.Tensor = picked.gather(1, targets[:, None])[:, 0]
     return chosen
 
 
-def _autocast(device: torch.device, precision: torch.dtype | None) -> contextlib.AbstractContextManager[Any]:
+def autocast_to(device: torch.device, precision: torch.dtype | None) -> contextlib.AbstractContextManager[Any]:
     """Autocast to ``precision`` (e.g. bfloat16) on ``device``; no autocast when ``precision`` is None."""
     if precision is None:
         return contextlib.nullcontext()
@@ -266,7 +266,7 @@ def embed_batch(
     try:
         with _frozen_eval(model), torch.enable_grad():
             position_ids = (mask.cumsum(dim=-1) - 1).clamp(min=0)
-            with _autocast(device, precision):
+            with autocast_to(device, precision):
                 logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False).logits
             if head is None:
                 logits = logits[:, :-1][where]

@@ -7,7 +7,6 @@ one. Each checkpoint derives its own (its θ_t), so nothing depends on which che
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -15,7 +14,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from dda_kernel import apply_edit, best_edit, edit_candidates
+from dda_kernel import apply_edit, autocast_to, best_edit, edit_candidates
 from tasks.config import PipelineConfig
 from tasks.models import compute_precision, context_length, model_for
 from tasks.tokenize import encode_pair
@@ -41,7 +40,7 @@ def _tables(model: Any, prompt: list[int], responses: torch.Tensor, precision: t
     autocast to ``precision`` (None: the model's dtype). The prompt runs once per call; its key/value cache is
     repeated over the rows."""
     device = next(model.parameters()).device
-    with _autocast(device, precision):
+    with autocast_to(device, precision):
         out = model(input_ids=torch.tensor([prompt], device=device), use_cache=True)
         first = out.logits[:, -1:].float().log_softmax(dim=-1).expand(responses.shape[0], 1, -1)
         if responses.shape[1] == 1:
@@ -50,10 +49,6 @@ def _tables(model: Any, prompt: list[int], responses: torch.Tensor, precision: t
         cache.batch_repeat_interleave(responses.shape[0])
         rest = model(input_ids=responses[:, :-1].to(device), past_key_values=cache, use_cache=True).logits
     return torch.cat([first, rest.float().log_softmax(dim=-1)], dim=1).cpu()
-
-
-def _autocast(device: torch.device, precision: torch.dtype | None) -> contextlib.AbstractContextManager[Any]:
-    return contextlib.nullcontext() if precision is None else torch.autocast(device_type=device.type, dtype=precision)
 
 
 def _likelihoods(model: Any, prompt: list[int], responses: torch.Tensor, precision: torch.dtype | None) -> torch.Tensor:
