@@ -338,6 +338,20 @@ def seeded_work(size_name: str, seed: int) -> Path | None:
     return Path(".bench-work") / f"{size_name}-seed{seed}" if seed else None
 
 
+def current_reports(paths: list[Path], defaults: dict[str, Any]) -> tuple[list[dict[str, Any]], list[str]]:
+    """The results files measured under ``defaults`` (the scoring defaults they record), and the names of the
+    others: a grid around other defaults says nothing about moving the current ones."""
+    reports: list[dict[str, Any]] = []
+    stale: list[str] = []
+    for path in paths:
+        report = json.loads(path.read_text())
+        if report.get("defaults") == defaults:
+            reports.append(report)
+        else:
+            stale.append(path.name)
+    return reports, stale
+
+
 def cell_label(report: dict[str, Any]) -> str:
     """A results file's name in the damping cells: its world or size (``canary`` for the default size); the
     replications of one size at other seeds share it."""
@@ -368,9 +382,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     if args.choose_damping:
-        reports = [json.loads(f.read_text()) for f in sorted(args.out.glob("debias_forms_*.json"))]
-        rows = [{**r, "size": cell_label(rep)} for rep in reports for r in rep["results"]]
         defaults = ScoringConfig()
+        reports, stale = current_reports(sorted(args.out.glob("debias_forms_*.json")), asdict(defaults))
+        if stale:
+            print(f"left out, measured under other default settings: {', '.join(stale)}")
+        rows = [{**r, "size": cell_label(rep)} for rep in reports for r in rep["results"]]
         for stem, method, symbol, incumbent in (
             ("damping", "dda_damping", "ε", f"ε={defaults.damping}"),
             ("base_evidence", "dda_base_evidence", "λ", f"λ={defaults.debias_coefficient}"),
@@ -388,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {
         "command": "python -m benchmarks.debias_forms " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": machine(), "seed": args.seed, "size": size_name, "world": SIZES[size_name].world,
-        "sizes": asdict(SIZES[size_name]), "betas": list(BETAS),
+        "sizes": asdict(SIZES[size_name]), "betas": list(BETAS), "defaults": asdict(ScoringConfig()),
         "modes": {}, "results": [],
     }  # fmt: skip
     for mode in args.modes:

@@ -176,6 +176,22 @@ def test_damping_keeps_the_shipped_value_on_a_tie_and_averages_seeds_within_a_ce
     assert choose_damping(rows, incumbent="ε=0.3", margin=0.001)["chosen"] == "ε=1.0"
 
 
+def test_choices_read_only_results_measured_under_the_current_defaults(tmp_path):
+    import json
+    from dataclasses import asdict
+
+    from benchmarks.debias_forms import current_reports
+    from tasks.config import ScoringConfig
+
+    now = asdict(ScoringConfig())
+    for name, defaults in (("a", now), ("b", {**now, "debias_coefficient": 0.0}), ("c", None)):
+        report = {"results": [], **({"defaults": defaults} if defaults else {})}
+        (tmp_path / f"debias_forms_{name}.json").write_text(json.dumps(report))
+    reports, stale = current_reports(sorted(tmp_path.glob("*.json")), now)
+    assert [r["defaults"] for r in reports] == [now]
+    assert stale == ["debias_forms_b.json", "debias_forms_c.json"]
+
+
 def test_a_seed_replication_gets_its_own_results_file_and_cache_and_shares_its_size_s_cells():
     from benchmarks.debias_forms import cell_label, results_stem, seeded_work
 
