@@ -58,6 +58,13 @@ class ScoringSettings(BaseModel):
         description="an output without a correction is traced against the single-token edit the base model and "
         "the checkpoint find most plausible (a derived correction, per checkpoint)",
     )
+    min_edit_gain: float | None = Field(
+        0.0,
+        ge=-1000,
+        le=1000,
+        description="a checkpoint whose best derived edit gains no more than this (nats; θ_0 and θ_t both prefer "
+        "the output) traces the plain query there; null: always the derived edit",
+    )
 
 
 class IndexSettings(BaseModel):
@@ -112,7 +119,7 @@ class DDASettings(BaseSettings):
         spec = ProjectionSpec(p.k_in, p.k_out, p.seed, False, tuple(p.include), tuple(p.exclude), p.loss_reduction)
         scoring = ScoringConfig(
             s.preconditioner, s.damping, s.normalisation, s.debias_coefficient, s.weighting, s.standardise,
-            s.query_kind, s.query_weighting, s.train_debias, s.counterfactual,
+            s.query_kind, s.query_weighting, s.train_debias, s.counterfactual, s.min_edit_gain,
         )  # fmt: skip
         return PipelineConfig(
             spec, scoring, i.batch_size, i.shard_size, i.max_length, i.device, i.settle_seconds, i.progress,

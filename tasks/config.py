@@ -25,7 +25,10 @@ class ScoringConfig:
     contrastive query when a corrected response is known; otherwise, with ``counterfactual`` (the default), the
     contrastive query against a correction derived at each checkpoint (:mod:`tasks.counterfactual`: the
     single-token edit θ_0 and θ_t find most plausible), else the plain query. ``query_kind`` ``counterfactual``
-    uses the derived correction even where one is given.
+    uses the derived correction even where one is given. ``min_edit_gain``: a checkpoint whose best edit gains no
+    more than this many nats ([log p_θ0(y') + log p_θt(y')] − [log p_θ0(y) + log p_θt(y)] ≤ it: θ_0 and θ_t
+    prefer the output to every edit, so no edit names what fine-tuning changed) traces the plain query there, with
+    the plain query's token weights; None: the derived edit is always used (the behaviour before the option).
 
     Two further debias forms (DESIGN.md section 2, step 5): ``query_weighting`` ``finetune_delta`` weights each
     response token of the query loss at checkpoint t by w = max(0, log p_θt(y) − log p_θ0(y)) (normalised to
@@ -44,6 +47,7 @@ class ScoringConfig:
     query_weighting: QueryWeighting = field(default="finetune_delta_plain", metadata={OMIT_IF: "uniform"})
     train_debias: float = field(default=0.0, metadata={OMIT_IF: 0.0})
     counterfactual: bool = field(default=True, metadata={OMIT_IF: False})
+    min_edit_gain: float | None = field(default=0.0, metadata={OMIT_IF: None})
 
     def kind_for(self, corrected: bool) -> str:
         """The query kind an output is scored as (:func:`scored_kind` of these options)."""

@@ -33,7 +33,7 @@ from storage.store import LineageStore, utcnow, where_equal, where_in
 from storage.vectors import embedded_sample_ids, read_query_embeddings, write_embeddings, write_query_embeddings
 from tasks.checkpoints import CheckpointError, CheckpointInfo, fingerprint_files, fingerprint_paths, read_trainer_state
 from tasks.config import PipelineConfig
-from tasks.counterfactual import derive_corrections
+from tasks.counterfactual import Derived, derive_corrections
 from tasks.finalize import finalize_checkpoint, layout_record, stored_layout
 from tasks.models import compute_precision, context_length, model_for
 from tasks.tokenize import encode_pair
@@ -239,8 +239,13 @@ def stored_query_kind(kind: str, config: PipelineConfig, checkpoint_id: str) -> 
     """The ``query_embeddings.kind`` that holds ``kind`` (one of :data:`QUERY_KINDS`) for this configuration:
     ``<kind>:delta`` at a fine-tuned checkpoint when the query weighting applies to the kind
     (``finetune_delta``: plain and contrastive; ``finetune_delta_plain``: plain queries only); at the base model the
-    weights are uniform, so the uniform vectors serve. Counterfactual vectors always use uniform weights."""
+    weights are uniform, so the uniform vectors serve. Counterfactual contrasts always use uniform weights; with
+    ``scoring.min_edit_gain`` set they are stored as ``counterfactual>{gain}`` (plus the plain kind's ``:delta``
+    where the plain kind has it), since an output whose edit gains no more is the plain query there."""
     weighting = config.scoring.query_weighting
+    min_gain = config.scoring.min_edit_gain
+    if kind == "counterfactual" and min_gain is not None:
+        return f"{kind}>{min_gain!r}" + stored_query_kind("plain", config, checkpoint_id).removeprefix("plain")
     applies = (weighting == "finetune_delta" and kind != "counterfactual") or (
         weighting == "finetune_delta_plain" and kind == "plain"
     )
@@ -369,6 +374,16 @@ def _embedded_queries(
     return done
 
 
+def edit_used(derived: Derived | None, config: PipelineConfig) -> bool:
+    """Whether the counterfactual query contrasts with the derived edit: there is one and its gain exceeds
+    ``scoring.min_edit_gain`` (None: any edit). Otherwise θ_0 and θ_t prefer the output to every single-token
+    edit, the edit names nothing fine-tuning changed, and the checkpoint traces the plain query."""
+    if derived is None:
+        return False
+    threshold = config.scoring.min_edit_gain
+    return threshold is None or derived.gain > threshold
+
+
 def _embed_outputs(
     store: LineageStore, base_reference: str, checkpoint: dict[str, Any], query_ids: list[str], config: PipelineConfig
 ) -> None:
@@ -376,7 +391,8 @@ def _embed_outputs(
     a token weighting (:func:`stored_query_kind`), else one pass per weighting. Outputs scored as counterfactual
     queries get their derived correction at this checkpoint first (:func:`tasks.counterfactual.derive_corrections`)
     and ĝ(prompt, y) − ĝ(prompt, y'), uniform weights (the correction is kept in ``derived_corrections``); an
-    output with no editable token keeps ĝ(prompt, y)."""
+    output whose edit is not used (:func:`edit_used`) keeps its plain vector (ĝ(prompt, y), uniform weights, with
+    ``min_edit_gain`` None)."""
     rows = store.read("queries", ["query_id", "prompt", "response", "corrected"], where_in("query_id", query_ids))
     queries = sorted(rows.to_pylist(), key=lambda r: r["query_id"])
     path = None if checkpoint["role"] == "base" else checkpoint["path"]
@@ -385,12 +401,15 @@ def _embed_outputs(
     fixed_texts = [(f"query {q['query_id']!r} (corrected)", q["prompt"], q["corrected"]) for q in fixed_rows]
     cf_rows = [q for q in queries if effective_kind(bool(q["corrected"]), config) == "counterfactual"]
     derived = derive_corrections(base_reference, path, [plain_texts[queries.index(q)] for q in cf_rows], config)
+    used = [edit_used(d, config) for d in derived]
     cf_texts = [(f"query {q['query_id']!r} (derived correction)", q["prompt"], d.response)
-                for q, d in zip(cf_rows, derived, strict=True) if d is not None]  # fmt: skip
+                for q, d, u in zip(cf_rows, derived, used, strict=True) if d is not None and u]  # fmt: skip
     cid = checkpoint["checkpoint_id"]
     plain_kind, contrast_kind = (stored_query_kind(k, config, cid) for k in ("plain", "contrastive"))
     plain_w, contrast_w = plain_kind.endswith(DELTA), contrast_kind.endswith(DELTA)
-    weightings = {plain_w} | ({contrast_w} if fixed_rows else set()) | ({False} if cf_rows else set())
+    fallback_w = plain_w and config.scoring.min_edit_gain is not None  # the weighting of an unused edit's vector
+    uniform_needed = bool(cf_texts) or (not fallback_w and not all(used))
+    weightings = {plain_w} | ({contrast_w} if fixed_rows else set()) | ({False} if uniform_needed else set())
     refs = base_log_probs(base_reference, plain_texts + fixed_texts, config) if True in weightings else None
     out: dict[bool, np.ndarray] = {}
     with model_for(base_reference, path, config.device) as cached:
@@ -403,11 +422,12 @@ def _embed_outputs(
         base_log_probs(base_reference, plain_texts + fixed_texts, config)  # for every later checkpoint
     index = {q["query_id"]: i for i, q in enumerate(queries)}
     if cf_rows:
-        uniform = out[False]
-        tail = iter(uniform[len(uniform) - len(cf_texts) :])
-        contrasts = [uniform[index[q["query_id"]]] - (next(tail) if d is not None else 0.0)
-                     for q, d in zip(cf_rows, derived, strict=True)]  # fmt: skip
-        write_query_embeddings(store, cid, "counterfactual", [q["query_id"] for q in cf_rows], np.stack(contrasts))
+        uniform, fallback = out.get(False), out[fallback_w]
+        tail = iter(uniform[len(uniform) - len(cf_texts) :] if cf_texts else [])
+        contrasts = [uniform[index[q["query_id"]]] - next(tail) if u else fallback[index[q["query_id"]]]
+                     for q, u in zip(cf_rows, used, strict=True)]  # fmt: skip
+        cf_kind = stored_query_kind("counterfactual", config, cid)
+        write_query_embeddings(store, cid, cf_kind, [q["query_id"] for q in cf_rows], np.stack(contrasts))
         edits = [{"query_id": q["query_id"], **asdict(d)} for q, d in zip(cf_rows, derived, strict=True) if d]
         write_derived_corrections(store, cid, edits)
     if fixed_rows:

@@ -176,6 +176,10 @@ def correction_line(data: ReportData, section: QuerySection) -> tuple[str, str, 
         return "corrected", q["corrected"], "contrastive query"
     if kind == "counterfactual" and d is not None:
         edit = f"{d['token']!r} → {d['replacement']!r} at {d['checkpoint_id']}, {d['gain']:+.2f} nats"
+        # stores scored before the option existed have no min_edit_gain in their settings: every edit was used
+        threshold = scoring.get("min_edit_gain", None if scoring else shipped.min_edit_gain)
+        if threshold is not None and d["gain"] <= threshold:
+            return "derived correction", d["response"], f"not used, plain query there: {edit} ≤ {threshold:g}"
         return "derived correction", d["response"], f"counterfactual query: {edit}"
     if q["corrected"]:
         return "corrected", q["corrected"], f"given; this {kind} query does not use it"

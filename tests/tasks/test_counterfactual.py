@@ -11,16 +11,16 @@ import torch
 
 import tasks.counterfactual as cf
 from dda_kernel import apply_edit, build_projector, embed_batch, layout_for, pad_batch
-from storage.report import gather
+from storage.report import QuerySection, ReportData, gather
 from storage.sql import query
 from storage.store import LineageStore
 from storage.vectors import read_query_embeddings
 from tasks.checkpoints import discover_checkpoints
 from tasks.config import ScoringConfig
-from tasks.indexing import indexed_checkpoints
+from tasks.indexing import indexed_checkpoints, stored_query_kind
 from tasks.lineage import query_kinds
 from tasks.models import compute_precision, load_base_model, load_checkpoint, model_for
-from tasks.report import render_markdown
+from tasks.report import correction_line, render_markdown
 from tasks.tokenize import encode_pair
 from tests.tasks.helpers import CONFIG, copy_run, write_queries
 from tests.tasks.test_indexing import attribute, index
@@ -64,10 +64,12 @@ def test_the_derived_correction_is_the_best_single_token_edit_by_brute_force(sma
 
 def test_counterfactual_query_vectors_are_the_contrast_with_the_derived_correction(small_world, tmp_path):
     """At every state: ĝ_q = ĝ(prompt, y) − ĝ(prompt, y'_t), uniform weights, y'_t derived with that state's θ_t;
-    the ``derived_corrections`` view holds y'_t for the output without a correction, and nothing for the other."""
+    the ``derived_corrections`` view holds y'_t for the output without a correction, and nothing for the other.
+    Every derived edit is used (``min_edit_gain`` None)."""
     store = index(tmp_path, small_world, copy_run(small_world, tmp_path / "run", steps=1))
     queries_file = write_queries(tmp_path / "queries.jsonl", n=2)  # q0 has a correction, q1 has none
-    attribute(tmp_path, small_world, queries_file)
+    every = dataclasses.replace(CONFIG, scoring=ScoringConfig(min_edit_gain=None))
+    attribute(tmp_path, small_world, queries_file, every)
     row = json.loads(queries_file.read_text().splitlines()[1])
     precision = compute_precision(CONFIG.precision, "cpu")
     for ckpt in indexed_checkpoints(tmp_path):
@@ -98,12 +100,58 @@ def test_counterfactual_query_vectors_are_the_contrast_with_the_derived_correcti
         indexed_checkpoints(tmp_path)
     )
     last = indexed_checkpoints(tmp_path)[-1]
-    md = render_markdown(gather(store, CONFIG.settings_fingerprint))  # the report names the latest derived one
+    md = render_markdown(gather(store, every.settings_fingerprint))  # the report names the latest derived one
     latest = query(store, "SELECT response, token, replacement FROM derived_corrections WHERE checkpoint_id = $c",
                    {"c": last["checkpoint_id"]}).to_pylist()[0]  # fmt: skip
     assert f"- derived correction: {latest['response']} (counterfactual query: {latest['token']!r} → " in md
     assert f"at {last['checkpoint_id']}, " in md
     assert "(contrastive query)" in md  # q0 keeps its given correction
+
+
+def test_a_state_whose_edit_gains_no_more_than_min_edit_gain_traces_the_plain_query(small_world, tmp_path):
+    """Per (output, state): the stored counterfactual vector is the contrast ĝ(y) − ĝ(y') where the derived
+    edit's gain exceeds ``min_edit_gain``, else that state's plain query vector (with the plain query's token
+    weights). The threshold is put between the gains the states derive, so that both cases occur."""
+    index(tmp_path, small_world, copy_run(small_world, tmp_path / "run", steps=1))
+    queries_file = write_queries(tmp_path / "queries.jsonl", n=4)  # q1, q3 have no correction
+    every = dataclasses.replace(CONFIG, scoring=ScoringConfig(min_edit_gain=None))  # every edit used
+    attribute(tmp_path, small_world, queries_file, every)
+    store = LineageStore.open(tmp_path / "store")
+    gains = {(r["query_id"], r["checkpoint_id"]): r["gain"] for r in store.read("derived_corrections").to_pylist()}
+    assert len(gains) == 4
+    low, high = sorted(gains.values())[1:3]
+    assert low < high
+    threshold = (low + high) / 2
+    config = dataclasses.replace(CONFIG, scoring=ScoringConfig(min_edit_gain=threshold))
+    attribute(tmp_path, small_world, queries_file, config)
+    used = 0
+    for (qid, cid), gain in sorted(gains.items()):
+        got = read_query_embeddings(store, cid, stored_query_kind("counterfactual", config, cid), [qid])[0]
+        reference = "counterfactual" if gain > threshold else stored_query_kind("plain", config, cid)
+        want = read_query_embeddings(store, cid, reference, [qid])[0]
+        np.testing.assert_allclose(got, want, rtol=0, atol=2e-3 * float(np.abs(want).max()))
+        used += gain > threshold
+    assert used == 2
+    tuned = indexed_checkpoints(tmp_path)[-1]["checkpoint_id"]
+    assert stored_query_kind("plain", config, tuned).endswith(":delta")  # the fallback keeps the plain weights
+
+
+def test_the_report_says_where_the_derived_edit_was_not_used():
+    """The correction line names the unused edit and the threshold; stores scored before the option existed
+    (no ``min_edit_gain`` in their settings) used every edit."""
+    derived = {"token": " China", "replacement": " Paris", "checkpoint_id": "run-3", "gain": -2.5, "response": "r"}
+    section = QuerySection(
+        query={"corrected": None}, top=[], trajectories=[], by_source=[], by_license=[], derived=derived
+    )
+
+    def line(scoring: dict) -> str:
+        data = ReportData(**{**dict.fromkeys(ReportData.__dataclass_fields__), "settings_json": json.dumps(
+            {"scoring": scoring})})  # fmt: skip
+        return correction_line(data, section)[2]
+
+    assert line({"min_edit_gain": 0.0}) == "not used, plain query there: ' China' → ' Paris' at run-3, -2.50 nats ≤ 0"
+    assert line({"counterfactual": True}) == "counterfactual query: ' China' → ' Paris' at run-3, -2.50 nats"
+    assert line({"min_edit_gain": -3.0}).startswith("counterfactual query: ")
 
 
 def test_auto_scores_an_output_without_a_correction_as_counterfactual_unless_turned_off(small_world, tmp_path):

@@ -88,6 +88,9 @@ def _reference_dda(store, queries, config, layout):
     beta = config.scoring.train_debias
     base = read_embeddings(store, "base")
     g0 = base.vectors[base.order].astype(np.float64)
+    derived = store.read("derived_corrections", ["query_id", "checkpoint_id", "gain"]).to_pylist()
+    gains = {(r["query_id"], r["checkpoint_id"]): r["gain"] for r in derived}
+    min_gain = config.scoring.min_edit_gain
 
     def scores(cid):
         m = read_embeddings(store, cid)
@@ -101,9 +104,14 @@ def _reference_dda(store, queries, config, layout):
             g_scored = g
         out = []
         for qid, kind in kinds.items():
-            delta = cid != "base" and ((weighting == "finetune_delta" and kind != "counterfactual")
-                                       or (weighting == "finetune_delta_plain" and kind == "plain"))  # fmt: skip
-            q = read_query_embeddings(store, cid, kind + (":delta" if delta else ""), [qid])[0].astype(np.float64)
+            plain_delta = cid != "base" and weighting in ("finetune_delta", "finetune_delta_plain")
+            if kind == "counterfactual" and min_gain is not None:  # an edit that does not gain: the plain query
+                used = gains.get((qid, cid), -np.inf) > min_gain
+                name = (f"counterfactual>{min_gain!r}" if used else "plain") + (":delta" if plain_delta else "")
+            else:
+                delta = plain_delta if kind == "plain" else cid != "base" and weighting == "finetune_delta"
+                name = kind + (":delta" if delta and kind != "counterfactual" else "")
+            q = read_query_embeddings(store, cid, name, [qid])[0].astype(np.float64)
             pq = q.copy()
             if config.scoring.preconditioner == "fisher":
                 for slot in layout.slots:
@@ -134,6 +142,7 @@ def _reference_dda(store, queries, config, layout):
         ),
         ScoringConfig(query_weighting="finetune_delta_plain", counterfactual=False),
         ScoringConfig(),
+        ScoringConfig(min_edit_gain=None),
     ],
     ids=[
         "cosine-identity",
@@ -141,6 +150,7 @@ def _reference_dda(store, queries, config, layout):
         "cosine-fisher-train-delta-query-weights",
         "zscore-plain-query-weights",
         "default-counterfactual",
+        "counterfactual-every-edit",
     ],
 )
 def test_incremental_lineage_equals_a_numpy_reference(small_world, tmp_path, scoring):
