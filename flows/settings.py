@@ -98,7 +98,9 @@ class RunnerSettings(BaseModel):
 class DDASettings(BaseSettings):
     """Every setting of DDA lineage; environment variables ``DDA_…`` override the defaults."""
 
-    model_config = SettingsConfigDict(env_prefix="DDA_", env_nested_delimiter="__", extra="forbid")
+    model_config = SettingsConfigDict(
+        env_prefix="DDA_", env_nested_delimiter="__", extra="forbid", env_parse_none_str="null"
+    )
 
     data_dir: Path = Field(Path("dda-data"), description="the one folder everything is stored under")
     base_model: str | None = Field(None, description="base model: HF folder, .gguf file or hub name")

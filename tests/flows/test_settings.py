@@ -83,3 +83,15 @@ def test_options_added_later_leave_old_fingerprints_unchanged_at_their_old_behav
     assert new["query_weighting"] == "finetune_delta"
     assert new["train_debias"] == {"__float__": "0.5"}
     assert ScoringConfig(train_debias=0.5) != ScoringConfig()
+
+
+def test_min_edit_gain_null_from_the_environment_is_the_fingerprint_of_before_the_option(monkeypatch, tmp_path):
+    from dda_kernel.fingerprint import canonical
+
+    assert "min_edit_gain" in canonical(load_settings(data_dir=str(tmp_path)).pipeline_config().scoring)
+    monkeypatch.setenv("DDA_SCORING__MIN_EDIT_GAIN", "null")
+    settings = load_settings(data_dir=str(tmp_path))
+    assert settings.scoring.min_edit_gain is None
+    assert "min_edit_gain" not in canonical(settings.pipeline_config().scoring)
+    monkeypatch.setenv("DDA_SCORING__MIN_EDIT_GAIN", "-2.5")
+    assert load_settings(data_dir=str(tmp_path)).pipeline_config().scoring.min_edit_gain == -2.5
