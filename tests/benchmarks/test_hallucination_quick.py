@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import sys
+import threading
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -12,10 +17,35 @@ from benchmarks.hallucination import KINDS, METHODS, MODES, main
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 
+@contextmanager
+def stacks_on_failure(after_s: float) -> Iterator[None]:
+    """Snapshot every thread's stack once ``after_s`` seconds have passed; a failure of the block (pytest-timeout's
+    too) then carries the snapshot, so that a worker thread stuck under a timed-out test shows where it is."""
+    snapshot: list[str] = []
+
+    def take() -> None:
+        names = {t.ident: t.name for t in threading.enumerate()}
+        snapshot.append("".join(f"--- thread {names.get(i, i)}\n" + "".join(traceback.format_stack(frame, limit=15))
+                                for i, frame in sys._current_frames().items()))  # fmt: skip
+
+    timer = threading.Timer(after_s, take)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    except BaseException as e:
+        if not snapshot:
+            raise
+        pytest.fail(f"{e}\nevery thread's stack {after_s:g} s in:\n{snapshot[0]}", pytrace=False)
+    finally:
+        timer.cancel()
+
+
 @pytest.fixture(scope="module")
 def report(tmp_path_factory, prefect_server):
     root = tmp_path_factory.mktemp("bench")
-    assert main(["--quick", "--work", str(root / "work"), "--out", str(root / "out")]) == 0
+    with stacks_on_failure(1500):  # alone it takes ~11 min; CI once saw an indexing task never finish
+        assert main(["--quick", "--work", str(root / "work"), "--out", str(root / "out")]) == 0
     for suffix in ("json", "md", "png"):
         assert (root / "out" / f"hallucination_quick.{suffix}").stat().st_size > 0
     return json.loads((root / "out" / "hallucination_quick.json").read_text())
