@@ -88,16 +88,20 @@ def recorded_run(settings: DDASettings, wrote: dict[str, Any]) -> Iterator[None]
 
 
 def _index_one(settings: DDASettings, info: CheckpointInfo | None) -> CheckpointPlan:
-    """Plan, embed the missing samples shard by shard (as parallel tasks), then mark the checkpoint indexed."""
+    """Plan, embed the missing samples shard by shard (as parallel tasks when there are several), then mark the
+    checkpoint indexed."""
     cfg = settings.pipeline_config()
     base, data_dir = str(settings.base_model), str(settings.data_dir)
     plan: CheckpointPlan = plan_task(data_dir, base, settings.effective_run_id, info, cfg)
     if plan.already_indexed and not plan.shards:
         return plan
-    futures = [embed_shard_task.submit(data_dir, base, plan, shard, cfg) for shard in plan.shards]
-    wait(futures)
-    for f in futures:
-        f.result()
+    if len(plan.shards) == 1:  # nothing to overlap: the flow's thread embeds it (no worker thread to wait on)
+        embed_shard_task(data_dir, base, plan, plan.shards[0], cfg)
+    else:
+        futures = [embed_shard_task.submit(data_dir, base, plan, shard, cfg) for shard in plan.shards]
+        wait(futures)
+        for f in futures:
+            f.result()
     finish_task(data_dir, base, plan, cfg)
     return plan
 
