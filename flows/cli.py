@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import warnings
 from collections.abc import Sequence
@@ -332,9 +333,26 @@ def _message(exc: BaseException) -> str:
     return str(text).splitlines()[0] if str(text) else type(exc).__name__
 
 
+def _stop_on_sigterm(command: str) -> None:
+    """Make SIGTERM (``kill``, a service manager stopping ``dda watch``) end the command like Ctrl-C: a one-line
+    notice, then ``SystemExit(143)``, so that exit handlers run and the temporary Prefect server stops with the CLI.
+
+    Prefect's flow engine takes SIGTERM over during a flow run; once in-flight shards end, it restores this handler
+    and re-sends the signal. Without it the default action kills the process and the server is left running.
+    """
+
+    def stop(signum: int, _frame: object) -> None:
+        print(f"dda {command}: stopped by signal {signum}; run it again to resume", file=sys.stderr, flush=True)
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``dda`` console script; returns the exit code."""
     args = build_parser().parse_args(argv)
+    if argv is None:  # the console script (not a caller's process, e.g. a test runner's): own SIGTERM
+        _stop_on_sigterm(args.command)
     _prepare_environment(args)
     try:
         return int(args.func(args))

@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -122,6 +123,54 @@ def test_sigkill_then_rerun_leaves_every_table_identical_to_a_clean_run(
     got = snapshot(data)
     for name in (*TABLES, "runs"):
         assert got[name] == expected[name], f"{name} differs after a kill at {point}"
+
+
+def live_children(pid: int) -> list[int]:
+    """Processes (not zombies) whose parent is ``pid``, read from /proc."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            state, ppid = stat.read_text().rsplit(")", 1)[1].split()[:2]
+            if int(ppid) == pid and state != "Z":
+                found.append(int(stat.parent.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    return False
+
+
+def test_sigterm_stops_the_cli_with_its_prefect_server_and_a_rerun_completes(small_world, clean, tmp_path, monkeypatch):
+    """``kill`` (a service manager stopping ``dda watch``) ends the CLI like Ctrl-C: its temporary Prefect server is
+    stopped with it, not left running, and the same command run again finishes the work."""
+    expected, _ = clean
+    for k, v in ENV.items():
+        monkeypatch.setenv(k, v)
+    data, home = tmp_path / "data", tmp_path / "home"
+    assert main(["ingest", small_world.train_file, "--dataset", "train", "--data-dir", str(data)]) == 0
+    proc = subprocess_cli(data, home, small_world, *index_args(small_world), DDA_PAUSE_AT="embedding-written:20")
+    try:
+        deadline = time.monotonic() + 180
+        while LineageStore.open(data / "store").read("embeddings", ["sample_id"]).num_rows == 0:
+            assert proc.poll() is None, (home / "err.log").read_text()[-2000:]
+            assert time.monotonic() < deadline, "no embedding written in 180 s"
+            time.sleep(0.5)
+        servers = live_children(proc.pid)
+        assert servers, "the CLI runs no temporary Prefect server"
+        proc.send_signal(signal.SIGTERM)  # the shards in flight (paused 20 s) end first, the others are cancelled
+        proc.wait(timeout=120)
+        time.sleep(1)
+        assert [pid for pid in servers if alive(pid)] == [], "the Prefect server outlived the CLI"
+        err = (home / "err.log").read_text()
+        assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+        assert "dda index: stopped by signal 15" in err
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    cli(data, small_world, *index_args(small_world))
+    assert snapshot(data)["embeddings"] == expected["embeddings"]
 
 
 def test_two_concurrent_ingests_of_one_file_register_each_sample_once(tmp_path):
