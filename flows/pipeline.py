@@ -88,14 +88,14 @@ def recorded_run(settings: DDASettings, wrote: dict[str, Any]) -> Iterator[None]
 
 
 def _index_one(settings: DDASettings, info: CheckpointInfo | None) -> CheckpointPlan:
-    """Plan, embed the missing samples shard by shard (as parallel tasks when there are several), then mark the
-    checkpoint indexed."""
+    """Plan, embed the missing samples shard by shard (parallel tasks; one shard under the thread runner runs in the
+    flow's own thread: no worker thread to wait on), then mark the checkpoint indexed."""
     cfg = settings.pipeline_config()
     base, data_dir = str(settings.base_model), str(settings.data_dir)
     plan: CheckpointPlan = plan_task(data_dir, base, settings.effective_run_id, info, cfg)
     if plan.already_indexed and not plan.shards:
         return plan
-    if len(plan.shards) == 1:  # nothing to overlap: the flow's thread embeds it (no worker thread to wait on)
+    if len(plan.shards) == 1 and settings.runner.kind == "threads":  # nothing to overlap: the flow's thread embeds it
         embed_shard_task(data_dir, base, plan, plan.shards[0], cfg)
     else:
         futures = [embed_shard_task.submit(data_dir, base, plan, shard, cfg) for shard in plan.shards]
