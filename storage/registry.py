@@ -9,7 +9,7 @@ from typing import Any
 import pyarrow as pa
 
 from storage.doctor import check_unique
-from storage.store import LineageStore, utcnow
+from storage.store import LineageStore, utcnow, where_equal, where_in
 
 
 def write_checkpoint(store: LineageStore, row: Mapping[str, Any]) -> None:
@@ -35,3 +35,15 @@ def write_derived_corrections(store: LineageStore, checkpoint_id: str, rows: Seq
     now = utcnow()
     data = [{**dict(r), "checkpoint_id": checkpoint_id, "derived_at": now} for r in rows]
     return store.upsert("derived_corrections", pa.Table.from_pylist(data)) if data else 0
+
+
+def read_derived_corrections(
+    store: LineageStore, checkpoint_id: str, query_ids: Sequence[str]
+) -> dict[str, dict[str, Any]]:
+    """{query_id: its ``derived_corrections`` row at ``checkpoint_id``} for the ``query_ids`` that have one."""
+    if not query_ids or not store.has_table("derived_corrections"):
+        return {}
+    where = f"{where_equal(checkpoint_id=checkpoint_id)} AND {where_in('query_id', list(query_ids))}"
+    rows = store.read("derived_corrections", where=where).to_pylist()
+    check_unique("derived_corrections", [r["query_id"] for r in rows])
+    return {r["query_id"]: r for r in rows}

@@ -27,7 +27,7 @@ from dda_kernel import (
     response_log_probs,
 )
 from storage.faults import fault_point
-from storage.registry import read_checkpoints, write_checkpoint, write_derived_corrections
+from storage.registry import read_checkpoints, read_derived_corrections, write_checkpoint, write_derived_corrections
 from storage.samples import group_members, read_samples, sample_ids, set_token_counts
 from storage.store import LineageStore, utcnow, where_equal, where_in
 from storage.vectors import embedded_sample_ids, read_query_embeddings, write_embeddings, write_query_embeddings
@@ -384,13 +384,20 @@ def edit_used(derived: Derived | None, config: PipelineConfig) -> bool:
     return threshold is None or derived.gain > threshold
 
 
+def _as_derived(row: dict[str, Any]) -> Derived:
+    """A stored ``derived_corrections`` row as the :class:`~tasks.counterfactual.Derived` it recorded."""
+    return Derived(row["response"], int(row["position"]), row["token"], row["replacement"], float(row["gain"]))
+
+
 def _embed_outputs(
     store: LineageStore, base_reference: str, checkpoint: dict[str, Any], query_ids: list[str], config: PipelineConfig
 ) -> None:
     """Embed registered outputs at ``checkpoint`` with one loaded model: both kinds in one pass when they share
     a token weighting (:func:`stored_query_kind`), else one pass per weighting. Outputs scored as counterfactual
-    queries get their derived correction at this checkpoint first (:func:`tasks.counterfactual.derive_corrections`)
-    and ĝ(prompt, y) − ĝ(prompt, y'), uniform weights (the correction is kept in ``derived_corrections``); an
+    queries get their derived correction at this checkpoint first — the one ``derived_corrections`` holds (one per
+    output and checkpoint: scorings that differ in other settings reuse it, so every vector agrees with the audit
+    trail), else derived now (:func:`tasks.counterfactual.derive_corrections`) and kept there — and
+    ĝ(prompt, y) − ĝ(prompt, y'), uniform weights; an
     output whose edit is not used (:func:`edit_used`) keeps its plain vector (ĝ(prompt, y), uniform weights, with
     ``min_edit_gain`` None)."""
     rows = store.read("queries", ["query_id", "prompt", "response", "corrected"], where_in("query_id", query_ids))
@@ -400,7 +407,11 @@ def _embed_outputs(
     plain_texts = [(f"query {q['query_id']!r}", q["prompt"], q["response"]) for q in queries]
     fixed_texts = [(f"query {q['query_id']!r} (corrected)", q["prompt"], q["corrected"]) for q in fixed_rows]
     cf_rows = [q for q in queries if effective_kind(bool(q["corrected"]), config) == "counterfactual"]
-    derived = derive_corrections(base_reference, path, [plain_texts[queries.index(q)] for q in cf_rows], config)
+    stored = read_derived_corrections(store, checkpoint["checkpoint_id"], [q["query_id"] for q in cf_rows])
+    todo = [q for q in cf_rows if q["query_id"] not in stored]
+    fresh = dict(zip((q["query_id"] for q in todo), derive_corrections(
+        base_reference, path, [plain_texts[queries.index(q)] for q in todo], config), strict=True))  # fmt: skip
+    derived = [_as_derived(stored[q["query_id"]]) if q["query_id"] in stored else fresh[q["query_id"]] for q in cf_rows]
     used = [edit_used(d, config) for d in derived]
     cf_texts = [(f"query {q['query_id']!r} (derived correction)", q["prompt"], d.response)
                 for q, d, u in zip(cf_rows, derived, used, strict=True) if d is not None and u]  # fmt: skip
@@ -428,7 +439,7 @@ def _embed_outputs(
                      for q, u in zip(cf_rows, used, strict=True)]  # fmt: skip
         cf_kind = stored_query_kind("counterfactual", config, cid)
         write_query_embeddings(store, cid, cf_kind, [q["query_id"] for q in cf_rows], np.stack(contrasts))
-        edits = [{"query_id": q["query_id"], **asdict(d)} for q, d in zip(cf_rows, derived, strict=True) if d]
+        edits = [{"query_id": q, **asdict(d)} for q, d in fresh.items() if d]
         write_derived_corrections(store, cid, edits)
     if fixed_rows:
         both = out[contrast_w]

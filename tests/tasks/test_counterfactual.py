@@ -136,6 +136,33 @@ def test_a_state_whose_edit_gains_no_more_than_min_edit_gain_traces_the_plain_qu
     assert stored_query_kind("plain", config, tuned).endswith(":delta")  # the fallback keeps the plain weights
 
 
+def test_a_second_scoring_builds_its_vectors_from_the_stored_derived_corrections(small_world, tmp_path, monkeypatch):
+    """One derived correction per (output, state): a scoring that lacks counterfactual vectors the store has edits
+    for (every edit used, after the default) derives nothing and gets the vectors that deriving would give."""
+    index(tmp_path / "a", small_world, copy_run(small_world, tmp_path / "run", steps=1))
+    index(tmp_path / "b", small_world, tmp_path / "run")
+    queries_file = write_queries(tmp_path / "queries.jsonl", n=4)  # q1, q3 have no correction
+    every = dataclasses.replace(CONFIG, scoring=ScoringConfig(min_edit_gain=None))
+    attribute(tmp_path / "b", small_world, queries_file, every)  # derives its own edits
+    attribute(tmp_path / "a", small_world, queries_file)  # the default derives and keeps them
+    store = LineageStore.open(tmp_path / "a" / "store")
+    edits = store.read("derived_corrections").to_pylist()
+
+    def derive(base, checkpoint, rows, config):
+        assert not rows, f"derived again: {rows}"
+        return []
+
+    monkeypatch.setattr("tasks.indexing.derive_corrections", derive)
+    attribute(tmp_path / "a", small_world, queries_file, every)
+    assert store.read("derived_corrections").to_pylist() == edits  # kept as derived, not rewritten
+    fresh = LineageStore.open(tmp_path / "b" / "store")
+    for ckpt in indexed_checkpoints(tmp_path / "a"):
+        cid = ckpt["checkpoint_id"]
+        kind = stored_query_kind("counterfactual", every, cid)
+        got, want = (read_query_embeddings(s, cid, kind, ["q1", "q3"]) for s in (store, fresh))
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * float(np.abs(want).max()))
+
+
 def test_the_report_says_where_the_derived_edit_was_not_used():
     """The correction line names the unused edit and the threshold; stores scored before the option existed
     (no ``min_edit_gain`` in their settings) used every edit."""
