@@ -25,7 +25,7 @@ def stacks_on_failure(after_s: float) -> Iterator[None]:
 
     def take() -> None:
         names = {t.ident: t.name for t in threading.enumerate()}
-        snapshot.append("".join(f"--- thread {names.get(i, i)}\n" + "".join(traceback.format_stack(frame, limit=15))
+        snapshot.append("".join(f"--- thread {names.get(i, i)}\n" + "".join(traceback.format_stack(frame, limit=40))
                                 for i, frame in sys._current_frames().items()))  # fmt: skip
 
     timer = threading.Timer(after_s, take)
