@@ -408,10 +408,12 @@ def _embed_outputs(
     fixed_texts = [(f"query {q['query_id']!r} (corrected)", q["prompt"], q["corrected"]) for q in fixed_rows]
     cf_rows = [q for q in queries if effective_kind(bool(q["corrected"]), config) == "counterfactual"]
     stored = read_derived_corrections(store, checkpoint["checkpoint_id"], [q["query_id"] for q in cf_rows])
-    todo = [q for q in cf_rows if q["query_id"] not in stored]
+    known: dict[str, Derived | None] = {qid: _as_derived(row) for qid, row in stored.items()}
+    todo = [q for q in cf_rows if q["query_id"] not in known]
     fresh = dict(zip((q["query_id"] for q in todo), derive_corrections(
         base_reference, path, [plain_texts[queries.index(q)] for q in todo], config), strict=True))  # fmt: skip
-    derived = [_as_derived(stored[q["query_id"]]) if q["query_id"] in stored else fresh[q["query_id"]] for q in cf_rows]
+    known.update(fresh)
+    derived = [known[q["query_id"]] for q in cf_rows]
     used = [edit_used(d, config) for d in derived]
     cf_texts = [(f"query {q['query_id']!r} (derived correction)", q["prompt"], d.response)
                 for q, d, u in zip(cf_rows, derived, used, strict=True) if d is not None and u]  # fmt: skip
