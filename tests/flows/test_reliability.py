@@ -112,9 +112,11 @@ def test_watcher_reports_bad_checkpoints_by_name_and_indexes_the_others(small_wo
     (writing / "model.safetensors").write_bytes(data[: len(data) // 2])
     data_dir = tmp_path / "data"
     assert cli("ingest", small_world.train_file, "--data-dir", str(data_dir)) == 0
+    # The settle window outlasts the CLI's start (a Prefect server: 30 s and more on a loaded machine), so the
+    # half-written checkpoint is still young when the watcher looks; the corrupt ones are aged past it.
     proc = _process(
         tmp_path / "home", "watch", "--once", "--quiet", "--data-dir", str(data_dir), "--base",
-        small_world.base_model, "--run", str(run), "--run-id", "run",
+        small_world.base_model, "--run", str(run), "--run-id", "run", DDA_INDEXING__SETTLE_SECONDS="1800",
     )  # fmt: skip
     out, err = proc.communicate(timeout=240)
     assert proc.returncode == 1, err[-3000:]
