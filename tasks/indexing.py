@@ -404,6 +404,7 @@ def _embed_outputs(
     queries = sorted(rows.to_pylist(), key=lambda r: r["query_id"])
     path = None if checkpoint["role"] == "base" else checkpoint["path"]
     fixed_rows = [q for q in queries if q["corrected"]]
+    index = {q["query_id"]: i for i, q in enumerate(queries)}
     plain_texts = [(f"query {q['query_id']!r}", q["prompt"], q["response"]) for q in queries]
     fixed_texts = [(f"query {q['query_id']!r} (corrected)", q["prompt"], q["corrected"]) for q in fixed_rows]
     cf_rows = [q for q in queries if effective_kind(bool(q["corrected"]), config) == "counterfactual"]
@@ -411,7 +412,7 @@ def _embed_outputs(
     known: dict[str, Derived | None] = {qid: _as_derived(row) for qid, row in stored.items()}
     todo = [q for q in cf_rows if q["query_id"] not in known]
     fresh = dict(zip((q["query_id"] for q in todo), derive_corrections(
-        base_reference, path, [plain_texts[queries.index(q)] for q in todo], config), strict=True))  # fmt: skip
+        base_reference, path, [plain_texts[index[q["query_id"]]] for q in todo], config), strict=True))  # fmt: skip
     known.update(fresh)
     derived = [known[q["query_id"]] for q in cf_rows]
     used = [edit_used(d, config) for d in derived]
@@ -433,7 +434,6 @@ def _embed_outputs(
             out[weighted] = embed_rows(cached, texts, config, None, chosen).vectors
     if cid == BASE_ID and config.scoring.query_weighting != "uniform":  # θ_0 is still loaded: keep its log-probs
         base_log_probs(base_reference, plain_texts + fixed_texts, config)  # for every later checkpoint
-    index = {q["query_id"]: i for i, q in enumerate(queries)}
     if cf_rows:
         uniform, fallback = out.get(False), out[fallback_w]
         tail = iter(uniform[len(uniform) - len(cf_texts) :] if cf_texts else [])
