@@ -80,7 +80,7 @@ def local_server(tmp_path_factory):
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}/api"
-    deadline = time.time() + 90
+    deadline = time.time() + 180
     while time.time() < deadline:
         try:
             with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
@@ -90,7 +90,7 @@ def local_server(tmp_path_factory):
             time.sleep(0.5)
     else:
         _stop(proc, signal.SIGKILL)
-        pytest.fail("prefect server did not become healthy in 90 s")
+        pytest.fail("prefect server did not become healthy in 180 s")
     yield url
     _stop(proc, signal.SIGTERM)
 
