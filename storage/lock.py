@@ -8,7 +8,11 @@ holder (pid, command, since when). The lock is an advisory ``flock``: the kernel
 holding process dies, so a lock left by a killed process is recovered by the next writer without any
 clean-up. Readers (SQL, reports) never take it: every Lance read is a consistent snapshot.
 
-The lock is re-entrant within one process (``dda demo`` runs flows that take it again).
+The lock belongs to the code that took it, not to its process: it is re-entrant within one execution
+context (``dda demo`` runs flows that take it again; a task thread started by the holding flow inherits its
+context), while another thread of the same process — a second flow started from a notebook or a server —
+waits for it like another process does. Ownership is a :mod:`contextvars` value; each acquisition opens its
+own file descriptor, and ``flock`` excludes descriptors of one process from each other.
 """
 
 from __future__ import annotations
@@ -16,9 +20,9 @@ from __future__ import annotations
 import json
 import os
 import sys
-import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,8 +51,7 @@ class LockHolder:
         return f"pid {self.pid} ({self.command}) since {self.since}"
 
 
-_HELD: dict[Path, int] = {}
-_HELD_GUARD = threading.Lock()
+_OWNED: ContextVar[frozenset[Path]] = ContextVar("dda_owned_locks", default=frozenset())
 
 
 def read_holder(holder_file: Path) -> LockHolder | None:
@@ -92,21 +95,16 @@ def exclusive(
     lock_file: Path, purpose: str, timeout: float, on_wait: Callable[[LockHolder | None], None] | None = None,
     what: str | None = None,
 ) -> Iterator[None]:  # fmt: skip
-    """Hold the OS lock ``lock_file`` (its holder recorded in ``<lock_file>.json``); re-entrant in one process."""
+    """Hold the OS lock ``lock_file`` (its holder recorded in ``<lock_file>.json``) for the ``with`` block.
+
+    Re-entrant within the execution context that holds it (:data:`_OWNED`); any other thread waits."""
     lock_file = lock_file.resolve()
     holder_file = lock_file.with_name(lock_file.name + ".json")
-    with _HELD_GUARD:
-        reentered = lock_file in _HELD
-        if reentered:
-            _HELD[lock_file] += 1
-    if reentered:
-        try:
-            yield
-        finally:
-            with _HELD_GUARD:
-                _HELD[lock_file] -= 1
+    owned = _OWNED.get()
+    if lock_file in owned:
+        yield
         return
-    lock = FileLock(lock_file, thread_local=False)
+    lock = FileLock(lock_file, thread_local=False, is_singleton=False)
     try:
         lock.acquire(timeout=0)
     except Timeout:
@@ -121,14 +119,12 @@ def exclusive(
                 f"{what or lock_file} is being written by {who}; waited {timeout:g} s: let it finish, "
                 "or raise DDA_LOCK_TIMEOUT_SECONDS"
             ) from e
+    token = _OWNED.set(owned | {lock_file})
     try:
         _write_holder(holder_file, LockHolder(os.getpid(), f"{purpose}: {_command_line()}", utcnow().isoformat()))
-        with _HELD_GUARD:
-            _HELD[lock_file] = 1
         yield
     finally:
-        with _HELD_GUARD:
-            _HELD.pop(lock_file, None)
+        _OWNED.reset(token)
         lock.release()
 
 
@@ -139,6 +135,5 @@ def announce_wait(holder: LockHolder | None) -> None:
 
 
 def holds_lock(data_dir: str | Path) -> bool:
-    """True when this process holds the writer lock of ``data_dir``."""
-    with _HELD_GUARD:
-        return (Path(data_dir).resolve() / LOCK_FILE) in _HELD
+    """True when the current execution context holds the writer lock of ``data_dir``."""
+    return (Path(data_dir).resolve() / LOCK_FILE) in _OWNED.get()

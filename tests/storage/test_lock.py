@@ -6,7 +6,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from contextvars import copy_context
 from pathlib import Path
 
 import pytest
@@ -71,6 +73,65 @@ def test_lock_is_reentrant_within_a_process(tmp_path):
     with writer_lock(tmp_path, "outer", 0), writer_lock(tmp_path, "inner", 0):
         assert holds_lock(tmp_path)
     assert not holds_lock(tmp_path)
+
+
+def test_two_threads_of_one_process_never_hold_the_lock_at_once(tmp_path):
+    """Two writers started from threads of one process (a notebook, a server) exclude each other like two
+    processes: their holding intervals never overlap, and the second one waits for the first."""
+    intervals: list[tuple[float, float]] = []
+    first_holds = threading.Event()
+
+    def write(name: str) -> None:
+        if name != "writer-0":
+            first_holds.wait(timeout=30)  # the second writer asks while the first one holds the lock
+        with writer_lock(tmp_path, name, 30):
+            first_holds.set()
+            begin = time.monotonic()
+            time.sleep(0.3)
+            intervals.append((begin, time.monotonic()))
+
+    threads = [threading.Thread(target=write, args=(f"writer-{i}",)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert len(intervals) == 2
+    (_, a1), (b0, _) = sorted(intervals)
+    assert a1 <= b0, f"two threads held the lock at once: {intervals}"
+
+
+def test_another_thread_times_out_while_the_holder_thread_holds_it(tmp_path):
+    errors: list[BaseException] = []
+
+    def second() -> None:
+        try:
+            with writer_lock(tmp_path, "second-thread", 0.3):
+                pass
+        except StoreLockedError as e:
+            errors.append(e)
+
+    with writer_lock(tmp_path, "first-thread", 0):
+        t = threading.Thread(target=second)
+        t.start()
+        t.join(timeout=30)
+    assert len(errors) == 1
+    assert f"pid {os.getpid()} (first-thread" in str(errors[0])
+
+
+def test_a_thread_running_in_the_holders_context_re_enters(tmp_path):
+    """Work the holding flow hands to its task runner's threads runs in a copy of its context: no wait."""
+    seen: list[bool] = []
+    with writer_lock(tmp_path, "flow", 0):
+        context = copy_context()
+
+        def task() -> None:
+            with writer_lock(tmp_path, "task", 0):
+                seen.append(holds_lock(tmp_path))
+
+        t = threading.Thread(target=context.run, args=(task,))
+        t.start()
+        t.join(timeout=30)
+    assert seen == [True]
 
 
 def test_cli_writer_fails_naming_the_holder_while_a_reader_does_not_wait(tmp_path):
