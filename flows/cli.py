@@ -105,6 +105,8 @@ def _report_pass(report: dict[str, Any]) -> None:
         print(f"pending (still being written): {path}")
     lineage = report.get("lineage", {})
     print(f"lineage: {lineage.get('queries', 0)} queries, {lineage.get('folds', 0)} new checkpoint folds")
+    for qid, why in lineage.get("failed", {}).items():
+        print(f"output {qid} could not be traced (the others were; SQL: failed_outputs): {why}")
 
 
 def _index(args: argparse.Namespace) -> int:
@@ -136,28 +138,46 @@ def _watch(args: argparse.Namespace) -> int:
 
 
 def _attribute(args: argparse.Namespace) -> int:
+    if not (args.queries or args.query_id or args.all):
+        raise UsageError("nothing to attribute: give a queries file, --query-id ID, or --all (every registered output)")
+    if args.all and (args.queries or args.query_id or args.group):
+        raise UsageError("--all refreshes every registered output: give it alone, without a file or --query-id")
     settings = _settings(args, base_model=args.base)
-    if os.environ.get("PREFECT_API_URL"):  # a server is there: run (and show) the flow
-        from flows.pipeline import attribute
-
-        report = _run(attribute, settings, queries_file=args.queries, query_ids=args.query_id or None, group=args.group)
-    else:  # no temporary server for an interactive command (README: Prefect); the runs table still records it
-        from flows.runs import new_run_id, recorded, writing
-        from tasks.attribution import attribute_queries
-
-        if settings.base_model is None:
-            raise ValueError("no base model given: pass --base or set DDA_BASE_MODEL")
-        report = {}
-        with writing(settings, "dda-attribute"), recorded(settings, "dda-attribute", new_run_id(), report):
-            report.update(attribute_queries(settings.data_dir, str(settings.base_model), args.queries,
-                                            args.query_id or [], settings.pipeline_config(), args.group))  # fmt: skip
+    if settings.base_model is None:
+        raise ValueError("no base model given: pass --base or set DDA_BASE_MODEL")
+    report = _attribute_run(args, settings)
     _say_extra_fields(report.get("extra_fields", []))
     print(f"attributed {report['queries']} queries ({report['folds']} new checkpoint folds)")
-    for qid in report["query_ids"][:20]:
+    for qid in report.get("query_ids", [])[:20]:
         print(f"  {qid}")
     if report.get("groups"):
         print(f"query groups (traced jointly, mean of their members' query vectors): {', '.join(report['groups'])}")
     return 0
+
+
+def _attribute_run(args: argparse.Namespace, settings: Any) -> dict[str, Any]:
+    """Run the attribution as the ``dda-attribute`` flow (or, with ``--all``, ``dda-refresh-lineage``) where a
+    Prefect server is configured, else the same task in-process (no temporary server for an interactive command;
+    the runs table still records it)."""
+    if os.environ.get("PREFECT_API_URL"):
+        from flows.pipeline import attribute, refresh_lineage
+
+        if args.all:
+            return dict(_run(refresh_lineage, settings))
+        return dict(_run(attribute, settings, queries_file=args.queries, query_ids=args.query_id or None,
+                         group=args.group))  # fmt: skip
+    from flows.runs import new_run_id, recorded, writing
+    from tasks.attribution import attribute_queries, raise_if_failed, refresh_queries
+
+    report: dict[str, Any] = {}
+    with writing(settings, "dda-attribute"), recorded(settings, "dda-attribute", new_run_id(), report):
+        data_dir, base, cfg = settings.data_dir, str(settings.base_model), settings.pipeline_config()
+        if args.all:
+            report.update(refresh_queries(data_dir, base, None, cfg))
+        else:
+            report.update(attribute_queries(data_dir, base, args.queries, args.query_id or [], cfg, args.group))
+    raise_if_failed(report)
+    return report
 
 
 def _sql(args: argparse.Namespace) -> int:
@@ -225,6 +245,10 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+class UsageError(ValueError):
+    """The command line asks for nothing or for something contradictory (exit 2, like argparse's own errors)."""
+
+
 def _default_dir() -> str:
     return os.environ.get("DDA_DATA_DIR", "dda-data")
 
@@ -274,6 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
         "group, beside each output; its lineage is query 'group:NAME'",
     )
     attr.add_argument("--query-id", action="append", help="refresh an already registered query (repeatable)")
+    attr.add_argument("--all", action="store_true", help="refresh the lineage of every registered output")
     attr.add_argument("--base", help="base model (default: the indexed one)")
     attr.set_defaults(func=_attribute)
 
@@ -358,9 +383,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except (ValueError, OSError, KeyError, RuntimeError) as exc:
         pipeline = sys.modules.get("flows.pipeline")  # imported only by commands that run flows (prefect)
+        attribution = sys.modules.get("tasks.attribution")
         if pipeline is not None and isinstance(exc, pipeline.CheckpointsFailedError):
             if exc.report:
                 _report_pass(exc.report)
+            print(f"dda {args.command}: error: {_message(exc)}", file=sys.stderr)
+            return 1
+        if attribution is not None and isinstance(exc, attribution.OutputsFailedError):
+            print(f"attributed {exc.report.get('queries', 0)} queries ({exc.report.get('folds', 0)} new checkpoint "
+                  "folds)")  # fmt: skip
             print(f"dda {args.command}: error: {_message(exc)}", file=sys.stderr)
             return 1
         print(f"dda {args.command}: error: {_message(exc)}", file=sys.stderr)

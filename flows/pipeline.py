@@ -120,10 +120,10 @@ def index_checkpoint(
     return {"checkpoint": plan.checkpoint_id, "embedded": sum(len(x) for x in plan.shards)}
 
 
-def _refresh(settings: DDASettings, query_ids: list[str] | None = None) -> dict[str, int]:
+def _refresh(settings: DDASettings, query_ids: list[str] | None = None) -> dict[str, Any]:
     """Embed the queries at every indexed checkpoint, then fold missing checkpoints into their DDA states."""
     cfg = settings.pipeline_config()
-    result: dict[str, int] = refresh_queries_task(str(settings.data_dir), str(settings.base_model), query_ids, cfg)
+    result: dict[str, Any] = refresh_queries_task(str(settings.data_dir), str(settings.base_model), query_ids, cfg)
     return result
 
 
@@ -182,6 +182,8 @@ def _index_pass(settings: DDASettings) -> dict[str, Any]:
             if plan.shards or not plan.already_indexed:
                 report["indexed"].append(plan.checkpoint_id)
         report["lineage"] = _refresh(settings)
+        for qid, why in report["lineage"].get("failed", {}).items():  # isolated: the pass itself goes on
+            logger.warning("output %s could not be traced: %s", qid, why)
         publish_summary(settings)
         if report["failed"]:
             detail = "; ".join(f"{p}: {m}" for p, m in report["failed"].items())
@@ -231,6 +233,7 @@ def attribute(
         cfg = s.pipeline_config()
         report.update(attribute_task(str(s.data_dir), str(s.base_model), queries_file, query_ids or [], cfg, group))
         publish_summary(s, report["query_ids"] or None)
+    attribution.raise_if_failed(report)  # after the run is recorded: the other outputs were traced
     return report
 
 
@@ -245,6 +248,7 @@ def refresh_lineage(
     with recorded_run(s, report):
         report.update(_refresh(s))
         publish_summary(s)
+    attribution.raise_if_failed(report)
     return report
 
 

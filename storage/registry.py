@@ -47,3 +47,26 @@ def read_derived_corrections(
     rows = store.read("derived_corrections", where=where).to_pylist()
     check_unique("derived_corrections", [r["query_id"] for r in rows])
     return {r["query_id"]: r for r in rows}
+
+
+def write_trace_failures(store: LineageStore, failures: Mapping[str, tuple[str | None, str, str]]) -> None:
+    """Record {query_id: (checkpoint_id or None, stage, error)} as the outputs' last attempt: failed."""
+    now = utcnow()
+    rows = [{"query_id": q, "status": "failed", "checkpoint_id": c, "stage": stage, "error": error, "updated_at": now}
+            for q, (c, stage, error) in sorted(failures.items())]  # fmt: skip
+    if rows:
+        store.upsert("trace_status", pa.Table.from_pylist(rows))
+
+
+def clear_trace_failures(store: LineageStore, query_ids: Sequence[str]) -> list[str]:
+    """Mark those of ``query_ids`` recorded as failed as traced now (``ok``); returns them. Reads by key."""
+    if not query_ids or not store.has_table("trace_status"):
+        return []
+    where = f"{where_in('query_id', list(query_ids))} AND status = 'failed'"
+    failed = store.read("trace_status", ["query_id"], where)["query_id"].to_pylist()
+    now = utcnow()
+    rows = [{"query_id": q, "status": "ok", "checkpoint_id": None, "stage": None, "error": None, "updated_at": now}
+            for q in sorted(failed)]  # fmt: skip
+    if rows:
+        store.upsert("trace_status", pa.Table.from_pylist(rows, schema=store.table("trace_status").schema))
+    return sorted(failed)

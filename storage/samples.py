@@ -32,6 +32,7 @@ class ContractRow(BaseModel):
     model_config = ConfigDict(extra="allow")
     meta: dict[str, Any] = Field(default_factory=dict)
     _extra_fields: tuple[str, ...] = PrivateAttr(default=())
+    _where: str = PrivateAttr(default="")
 
     @model_validator(mode="after")
     def _extras_to_meta(self) -> ContractRow:
@@ -46,6 +47,11 @@ class ContractRow(BaseModel):
     def extra_fields(self) -> tuple[str, ...]:
         """Names of the fields beyond the contract that this row carried (now under ``meta``)."""
         return self._extra_fields
+
+    @property
+    def where(self) -> str:
+        """Where the row came from, for messages: ``<file> line <n>`` (row number for Parquet), or ``""``."""
+        return self._where
 
 
 def extra_fields(rows: Sequence[ContractRow]) -> list[str]:
@@ -84,7 +90,7 @@ class QueryIn(ContractRow):
 
     id: str | None = Field(default=None, min_length=1)
     prompt: str
-    response: str = Field(min_length=1)
+    response: str
     corrected: str | None = None
     group: str | None = Field(default=None, min_length=1, max_length=200)
 
@@ -93,6 +99,25 @@ class QueryIn(ContractRow):
         if self.id is not None and self.id.startswith(GROUP_PREFIX):
             raise ValueError(f"query ids starting with {GROUP_PREFIX!r} are reserved for query groups: rename it")
         return self
+
+    @model_validator(mode="after")
+    def _texts_not_blank(self) -> QueryIn:
+        """An output is traced through its prompt and response tokens: neither may be empty or blank, and a
+        correction, when given, must be a different non-blank response (the contrast would be zero)."""
+        for name in ("prompt", "response"):
+            if not getattr(self, name).strip():
+                raise ValueError(f"'{name}' is empty or blank: give the output's {name} text")
+        if self.corrected is not None:
+            if not self.corrected.strip():
+                raise ValueError("'corrected' is blank: give the corrected response, or leave the field out")
+            if self.corrected == self.response:
+                raise ValueError("'corrected' equals 'response': give the corrected response, or leave it out")
+        return self
+
+    @property
+    def query_id(self) -> str:
+        """The id the output is registered under: ``id``, or a content hash of prompt, response and correction."""
+        return self.id or content_hash(self.prompt, self.response + "\x00" + (self.corrected or ""))
 
 
 def content_hash(prompt: str, response: str) -> str:
@@ -130,7 +155,9 @@ def read_rows(path: str | Path, model: type[SampleIn] | type[QueryIn]) -> list[A
             bad.append(f"line {line_no}: not valid JSON ({raw.msg})")
             continue
         try:
-            good.append(model.model_validate(raw))
+            row = model.model_validate(raw)
+            row._where = f"{path} {'row' if path.suffix == '.parquet' else 'line'} {line_no}"
+            good.append(row)
         except ValidationError as e:
             first = e.errors()[0]
             where = ".".join(str(x) for x in first["loc"]) or "row"
@@ -185,17 +212,42 @@ def ingest_samples(store: LineageStore, samples: Sequence[SampleIn], dataset: st
 
 
 def register_queries(store: LineageStore, queries: Sequence[QueryIn]) -> list[str]:
-    """Register outputs to trace (upsert by id, default id = content hash); returns their ids in order."""
+    """Register outputs to trace (by id, default id = content hash); returns their ids in order.
+
+    The same output again is a no-op. An id that already names another output (other prompt, response or
+    correction) — in the store or twice in ``queries`` — raises :class:`SampleConflictError` naming the row
+    (:attr:`ContractRow.where`) and the fix; nothing is written then.
+    """
     now = utcnow()
-    rows: list[dict[str, Any]] = [
-        {"query_id": q.id or content_hash(q.prompt, q.response + "\x00" + (q.corrected or "")), "prompt": q.prompt,
-         "response": q.response, "corrected": q.corrected, "meta_json": json.dumps(q.meta, sort_keys=True),
-         "created_at": now}
-        for q in queries
-    ]  # fmt: skip
-    existing = set(store.read("queries", columns=["query_id"])["query_id"].to_pylist())
-    store.upsert("queries", pa.Table.from_pylist([r for r in rows if r["query_id"] not in existing]))
-    return [r["query_id"] for r in rows]
+    rows: dict[str, dict[str, Any]] = {}
+    for q in queries:
+        row = {"query_id": q.query_id, "prompt": q.prompt, "response": q.response, "corrected": q.corrected,
+               "meta_json": json.dumps(q.meta, sort_keys=True), "created_at": now}  # fmt: skip
+        earlier = rows.get(q.query_id)
+        if earlier is not None and _text(earlier) != _text(row):
+            raise SampleConflictError(f"{_where(q)}query id {q.query_id!r} appears twice with different text: "
+                                      "give each output its own id")  # fmt: skip
+        rows.setdefault(q.query_id, row)
+    known = store.read("queries", ["query_id", "prompt", "response", "corrected"], where_in("query_id", list(rows)))
+    stored = {r["query_id"]: r for r in known.to_pylist()}
+    for q in queries:
+        old = stored.get(q.query_id)
+        if old is not None and _text(old) != _text(rows[q.query_id]):
+            field = next(f for f in ("prompt", "response", "corrected") if old[f] != rows[q.query_id][f])
+            raise SampleConflictError(
+                f"{_where(q)}query id {q.query_id!r} is already registered with another {field}: give the new "
+                "output a new id (its lineage is kept apart), or leave the id out to key it by its content"
+            )
+    store.upsert("queries", pa.Table.from_pylist([r for qid, r in rows.items() if qid not in stored]))
+    return [q.query_id for q in queries]
+
+
+def _text(row: Mapping[str, Any]) -> tuple[Any, ...]:
+    return row["prompt"], row["response"], row["corrected"]
+
+
+def _where(row: ContractRow) -> str:
+    return f"{row.where}: " if row.where else ""
 
 
 def group_id(name: str) -> str:

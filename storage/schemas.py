@@ -78,6 +78,7 @@ class DerivedCorrectionRow(LanceModel):
 
     ``response`` is y' = y with the token at ``position`` (0-based, in the response's tokens) ``token`` replaced
     by ``replacement``; ``gain`` = [log p_θ0(y') + log p_θt(y')] − [log p_θ0(y) + log p_θt(y)] in nats.
+    ``response_ids``: y' as token ids (the query embeds these; null in stores written before the column).
     """
 
     query_id: str
@@ -88,6 +89,23 @@ class DerivedCorrectionRow(LanceModel):
     replacement: str
     gain: float
     derived_at: datetime
+    response_ids: list[int] | None = None
+
+
+class TraceStatusRow(LanceModel):
+    """Whether the last attempt to trace an output failed, and why. Key: ``query_id``.
+
+    ``status`` is ``failed`` (``stage`` 'embed' at ``checkpoint_id``, or 'score'; ``error`` one line) or ``ok``
+    once a later attempt traced it. Outputs never attempted have no row. A failed output keeps no new lineage
+    and never stops the others.
+    """
+
+    query_id: str
+    status: str
+    checkpoint_id: str | None
+    stage: str | None
+    error: str | None
+    updated_at: datetime
 
 
 class SampleSetRow(LanceModel):
@@ -191,6 +209,7 @@ TABLE_KEYS: dict[str, tuple[str, ...]] = {
     "queries": ("query_id",),
     "query_groups": ("group_id", "query_id"),
     "derived_corrections": ("query_id", "checkpoint_id"),
+    "trace_status": ("query_id",),
     "embeddings": ("sample_id", "checkpoint_id", "projection_fingerprint"),
     "query_embeddings": ("query_id", "checkpoint_id", "projection_fingerprint", "kind"),
     "sample_sets": ("sample_set_id",),
@@ -208,6 +227,7 @@ def table_schema(table: str, dim: int) -> pa.Schema:
         "queries": QueryRow,
         "query_groups": QueryGroupRow,
         "derived_corrections": DerivedCorrectionRow,
+        "trace_status": TraceStatusRow,
         "embeddings": embedding_row_model(dim),
         "query_embeddings": query_embedding_row_model(dim),
         "sample_sets": SampleSetRow,

@@ -27,7 +27,7 @@ from storage.store import LineageStore
 
 BASE_TABLES = (
     "samples", "checkpoints", "queries", "query_groups", "derived_corrections", "sample_sets", "scores", "dda_state",
-    "runs",
+    "runs", "trace_status",
 )  # fmt: skip
 MEMORY_LIMIT = "2GB"
 THREADS = 2
@@ -55,6 +55,9 @@ VIEWS: dict[str, str] = {
     # The correction the counterfactual query derived for an output without one, per checkpoint.
     "derived_corrections": "SELECT query_id, checkpoint_id, response, position, token, replacement, gain, "
     "derived_at FROM _derived_corrections",
+    # Outputs whose last tracing attempt failed: where (checkpoint, stage) and why; the others were traced.
+    "failed_outputs": "SELECT query_id, checkpoint_id, stage, error, updated_at AS failed_at FROM _trace_status "
+    "WHERE status = 'failed'",
     # Stored compactly (one row per query × checkpoint, or per query, holding a vector aligned with a sample
     # set); unnested here into one row per sample. s_t^db = s̃_t − λ·s̃_0 is the formula the state folded.
     "scores": """

@@ -160,10 +160,14 @@ class LineageStore:
             raise StorageError(f"unknown table {name!r}: the store has {', '.join(TABLE_KEYS)}")
         dim = self._dim() if name in ("embeddings", "query_embeddings") else 1
         version = FILE_VERSION.get(name)
+        schema = table_schema(name, dim)
         with _CREATE_GUARD:  # two task threads creating one table race (Lance: "incompatible with Overwrite")
-            return self.db.create_table(
-                name, schema=table_schema(name, dim), exist_ok=True, data_storage_version=version
-            )
+            table = self.db.create_table(name, schema=schema, exist_ok=True, data_storage_version=version)
+            have = set(table.schema.names)
+            added = [f for f in schema if f.name not in have and f.nullable]
+            if added:  # a nullable column added to the schema since the table was written: null in old rows
+                table.add_columns(added)
+            return table
 
     def upsert(self, name: str, data: pa.Table) -> int:
         """Insert-or-replace rows of ``data`` on the table's natural key; returns rows inserted (not updated)."""

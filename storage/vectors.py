@@ -10,7 +10,7 @@ import pyarrow as pa
 
 from storage.doctor import check_unique
 from storage.errors import FingerprintMismatchError
-from storage.store import LineageStore, where_equal
+from storage.store import LineageStore, where_equal, where_in
 
 
 def _vector_column(vectors: np.ndarray, dtype: type) -> pa.FixedSizeListArray:
@@ -123,8 +123,11 @@ def write_query_embeddings(
 
 
 def read_query_embeddings(store: LineageStore, checkpoint_id: str, kind: str, query_ids: Sequence[str]) -> np.ndarray:
-    """Query vectors (m, D) float32 in the order of ``query_ids``; raises KeyError naming a missing one."""
-    table = store.read("query_embeddings", ["query_id", "vector"], _at_checkpoint(store, checkpoint_id, kind=kind))
+    """Query vectors (m, D) float32 in the order of ``query_ids``; raises KeyError naming a missing one.
+
+    Reads by key (a filter on the ids asked), never every stored vector of the kind."""
+    where = f"{_at_checkpoint(store, checkpoint_id, kind=kind)} AND {where_in('query_id', list(query_ids))}"
+    table = store.read("query_embeddings", ["query_id", "vector"], where)
     check_unique("query_embeddings", table["query_id"].to_pylist(), f"at checkpoint {checkpoint_id} ({kind})")
     index = {q: i for i, q in enumerate(table["query_id"].to_pylist())}
     missing = [q for q in query_ids if q not in index]

@@ -7,6 +7,8 @@ one. Each checkpoint derives its own (its θ_t), so nothing depends on which che
 
 from __future__ import annotations
 
+import copy
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -19,45 +21,113 @@ from tasks.config import PipelineConfig
 from tasks.models import compute_precision, context_length, model_for
 from tasks.tokenize import encode_pair
 
-CANDIDATE_CHUNK = 16  # candidate responses scored per forward pass (bounds the (chunk, R, V) logits)
+BASE_MEMO_BYTES = 1 << 30  # θ_0 per-token tables kept across checkpoints (float32), least recently used evicted
 
 
 @dataclass(frozen=True)
 class Derived:
     """A derived correction: the edited ``response`` text, the edit (position, old and new token text) and its
-    gain [log p_θ0(y') + log p_θt(y')] − [log p_θ0(y) + log p_θt(y)] in nats."""
+    gain [log p_θ0(y') + log p_θt(y')] − [log p_θ0(y) + log p_θt(y)] in nats. ``response_ids``: the edited
+    response's token ids (as the output's own encoding, the edit applied): what the query embeds, so the vector is
+    computed on exactly the scored sequence (decoding then re-encoding text need not give the same ids)."""
 
     response: str
     position: int
     token: str
     replacement: str
     gain: float
+    response_ids: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class _Scored:
+    """One model's view of one output y (``response``, (R,) ids): ``table`` (R, V) float32
+    log p(· | prompt, y_<r) and the ``likelihoods`` Σ_r log p(y'_r | …) of the edits (r, a) scored so far."""
+
+    table: torch.Tensor
+    likelihoods: dict[tuple[int, int], float]
+    response: torch.Tensor
+
+    @property
+    def own(self) -> torch.Tensor:
+        """(R,) log p(y_r | prompt, y_<r) of the output's own tokens."""
+        return self.table.gather(1, self.response[:, None])[:, 0]
+
+
+_BASE_MEMO: OrderedDict[tuple[Any, ...], _Scored] = OrderedDict()
 
 
 @torch.no_grad()
-def _tables(model: Any, prompt: list[int], responses: torch.Tensor, precision: torch.dtype | None) -> torch.Tensor:
-    """log p(· | prompt, y_<r) for each response row: (C, R, V) float32 from (C, R) token ids, the forward passes
-    autocast to ``precision`` (None: the model's dtype). The prompt runs once per call; its key/value cache is
-    repeated over the rows."""
+def _forward(model: Any, prompt: list[int], response: torch.Tensor, precision: torch.dtype | None) -> tuple[Any, Any]:
+    """One pass over prompt ‖ y_<R: the (R, V) float32 table log p(· | prompt, y_<r) and its key/value cache."""
     device = next(model.parameters()).device
+    ids = torch.tensor([prompt + response[:-1].tolist()], device=device)
     with autocast_to(device, precision):
-        out = model(input_ids=torch.tensor([prompt], device=device), use_cache=True)
-        first = out.logits[:, -1:].float().log_softmax(dim=-1).expand(responses.shape[0], 1, -1)
-        if responses.shape[1] == 1:
-            return first.cpu()
-        cache = out.past_key_values
-        cache.batch_repeat_interleave(responses.shape[0])
-        rest = model(input_ids=responses[:, :-1].to(device), past_key_values=cache, use_cache=True).logits
-    return torch.cat([first, rest.float().log_softmax(dim=-1)], dim=1).cpu()
+        out = model(input_ids=ids, use_cache=True)
+    table = out.logits[0, len(prompt) - 1 :].float().log_softmax(dim=-1).cpu()
+    return table, out.past_key_values
 
 
-def _likelihoods(model: Any, prompt: list[int], responses: torch.Tensor, precision: torch.dtype | None) -> torch.Tensor:
-    """Σ_r log p(y_r | prompt, y_<r) per response row: (C,) float32, :data:`CANDIDATE_CHUNK` rows a pass."""
-    parts = []
-    for chunk in torch.split(responses, CANDIDATE_CHUNK):
-        table = _tables(model, prompt, chunk, precision)
-        parts.append(table.gather(2, chunk[:, :, None])[..., 0].sum(dim=1))
-    return torch.cat(parts)
+@torch.no_grad()
+def _edit_likelihoods(
+    model: Any, prompt: list[int], response: torch.Tensor, table: torch.Tensor, cache: Any,
+    edits: list[tuple[int, int]], precision: torch.dtype | None,
+) -> dict[tuple[int, int], float]:  # fmt: skip
+    """log p(y') for each edit (r, a), y' = y with y_r → a: the unchanged prefix and the edited token come from
+    ``table``; only the suffix y_{r+1..R} is run, over the cached prompt ‖ y_<r state, one pass per position for
+    all of its alternatives. (C,) sequence log-likelihoods as {edit: nats}."""
+    device = next(model.parameters()).device
+    own = table.gather(1, response[:, None])[:, 0]
+    prefix = torch.cat([torch.zeros(1), own.cumsum(0)])
+    out: dict[tuple[int, int], float] = {}
+    by_position: dict[int, list[int]] = {}
+    for r, a in edits:
+        by_position.setdefault(r, []).append(a)
+    length = len(response)
+    for r, alternatives in sorted(by_position.items()):
+        head = prefix[r] + table[r, alternatives]
+        if r == length - 1:
+            out.update({(r, a): float(h) for a, h in zip(alternatives, head, strict=True)})
+            continue
+        state = copy.deepcopy(cache)
+        state.crop(-(length - 1 - r))  # keep prompt ‖ y_<r (the cache holds prompt ‖ y_<R)
+        state.batch_repeat_interleave(len(alternatives))
+        rows = torch.tensor([[a, *response[r + 1 : length - 1].tolist()] for a in alternatives], device=device)
+        with autocast_to(device, precision):
+            logits = model(input_ids=rows, past_key_values=state, use_cache=True).logits
+        tail = (
+            logits.float().log_softmax(dim=-1).cpu().gather(2, response[None, r + 1 :, None].expand(len(rows), -1, 1))
+        )
+        total = head + tail[..., 0].sum(dim=1)
+        out.update({(r, a): float(t) for a, t in zip(alternatives, total, strict=True)})
+    return out
+
+
+def _score(
+    model: Any, prompt: list[int], response: torch.Tensor, edits: list[tuple[int, int]], precision: torch.dtype | None,
+    known: _Scored | None = None,
+) -> _Scored:  # fmt: skip
+    """The model's table of the output and the likelihoods of ``edits`` (those ``known`` lacks; its table reused
+    when no edit is new)."""
+    new = [e for e in edits if known is None or e not in known.likelihoods]
+    if known is not None and not new:
+        return known
+    table, cache = _forward(model, prompt, response, precision)
+    if known is not None:
+        table = known.table  # the first pass's table: the gains of one output compare like with like
+    found = _edit_likelihoods(model, prompt, response, table, cache, new, precision)
+    return _Scored(table, {**(known.likelihoods if known else {}), **found}, response)
+
+
+def _memo_key(base_reference: str, prompt: list[int], response: torch.Tensor, precision: Any) -> tuple[Any, ...]:
+    return base_reference, str(precision), tuple(prompt), tuple(response.tolist())
+
+
+def _remember(key: tuple[Any, ...], scored: _Scored) -> None:
+    _BASE_MEMO[key] = scored
+    _BASE_MEMO.move_to_end(key)
+    while sum(v.table.numel() * 4 for v in _BASE_MEMO.values()) > BASE_MEMO_BYTES and len(_BASE_MEMO) > 1:
+        _BASE_MEMO.popitem(last=False)
 
 
 def _encoded(tokenizer: Any, model: Any, rows: Sequence[tuple[str, str, str]], config: PipelineConfig) -> list[Any]:
@@ -66,6 +136,8 @@ def _encoded(tokenizer: Any, model: Any, rows: Sequence[tuple[str, str, str]], c
     for name, prompt, response in rows:
         ids, labels = encode_pair(tokenizer, prompt, response, max_length, name=name)
         n_prompt = sum(1 for x in labels if x < 0)
+        if n_prompt == 0:
+            raise ValueError(f"{name} has no prompt tokens: a derived correction needs the prompt it answers")
         out.append((ids[:n_prompt], torch.tensor(ids[n_prompt:])))
     return out
 
@@ -81,48 +153,60 @@ def derive_corrections(
     """The derived correction of each (name, prompt, response) row at ``checkpoint`` (None: the base model,
     where θ_t = θ_0). None for a row with no editable token (an empty response).
 
-    Loads θ_0 and θ_t in turn (one model in memory at a time): per-token tables of both, candidate edits from
-    their sum, then the candidates' response log-likelihoods under each model; forward passes at the configured
+    θ_0's table and its edit likelihoods are kept per output across checkpoints (:data:`BASE_MEMO_BYTES`): at a
+    later checkpoint θ_0 scores only the edits it has not scored yet. Per model and output: one pass over the
+    prompt and response (the table), then, per candidate position, one pass over the suffix for all of its
+    alternatives from the cached prefix state (:func:`_edit_likelihoods`). Forward passes at the configured
     indexing precision (bfloat16 where the device has native kernels)."""
     if not rows:
         return []  # no model is loaded
-    states = [None] if checkpoint is None else [None, checkpoint]
     precision = compute_precision(config.precision, config.device)
-    tables: list[list[torch.Tensor]] = [[] for _ in rows]
-    encoded: list[Any] = []
-    for state in states:
-        with model_for(base_reference, state, config.device) as cached:
-            encoded = encoded or _encoded(cached.tokenizer, cached.model, rows, config)
-            for i, (prompt, response) in enumerate(encoded):
-                tables[i].append(_tables(cached.model, prompt, response[None], precision)[0])
-            tokenizer = cached.tokenizer
+    with model_for(base_reference, None, config.device) as cached:
+        tokenizer = cached.tokenizer
+        encoded = _encoded(tokenizer, cached.model, rows, config)
+        keys = [_memo_key(base_reference, p, y, precision) for p, y in encoded]
+        base = [
+            _BASE_MEMO.get(k) or _score(cached.model, p, y, [], precision)
+            for k, (p, y) in zip(keys, encoded, strict=True)
+        ]
+    tuned: list[_Scored] = base
     candidates = []
-    for (_, response), per_state in zip(encoded, tables, strict=True):
-        joint = per_state[0] + per_state[-1]  # at the base model θ_t = θ_0: 2 log p_θ0
-        candidates.append(edit_candidates(joint, response, _editable(tokenizer, response)))
-    gains = [torch.zeros(len(c)) for c in candidates]
-    for j in reversed(range(len(states))):  # θ_t is still loaded
-        state = states[j]
-        with model_for(base_reference, state, config.device) as cached:
-            label = "θ_0" if state is None else "θ_t"
-            bar = tqdm(list(enumerate(zip(encoded, candidates, strict=True))), desc=f"counterfactual edits ({label})",
+    if checkpoint is None:
+        for b, (_, response) in zip(base, encoded, strict=True):
+            candidates.append(edit_candidates(2 * b.table, response, _editable(tokenizer, response)))
+    else:
+        with model_for(base_reference, checkpoint, config.device) as cached:
+            tuned = []
+            bar = tqdm(zip(base, encoded, strict=True), total=len(base), desc="counterfactual edits (θ_t)",
                        unit="output", disable=not config.progress)  # fmt: skip
-            for i, ((prompt, response), cand) in bar:
-                if len(cand) == 0:
-                    continue
-                edited = torch.stack([torch.tensor(apply_edit(response.tolist(), (int(r), int(a)))) for r, a in cand])
-                own = tables[i][j].gather(1, response[:, None]).sum()  # log p(y) from the first pass
-                gains[i] += (_likelihoods(cached.model, prompt, edited, precision) - own) * (
-                    2 if checkpoint is None else 1
-                )
-    return [_derived(tokenizer, response, cand, gain) for (_, response), cand, gain in zip(encoded, candidates, gains,
-                                                                                            strict=True)]  # fmt: skip
+            for b, (prompt, response) in bar:
+                table, cache = _forward(cached.model, prompt, response, precision)
+                cand = edit_candidates(b.table + table, response, _editable(tokenizer, response))
+                edits = [(int(r), int(a)) for r, a in cand]
+                found = _edit_likelihoods(cached.model, prompt, response, table, cache, edits, precision)
+                tuned.append(_Scored(table, found, response))
+                candidates.append(cand)
+    with model_for(base_reference, None, config.device) as cached:
+        for i, (key, (prompt, response), cand) in enumerate(zip(keys, encoded, candidates, strict=True)):
+            edits = [(int(r), int(a)) for r, a in cand]
+            base[i] = _score(cached.model, prompt, response, edits, precision, base[i])
+            _remember(key, base[i])
+    if checkpoint is None:
+        tuned = base
+    out = []
+    for b, t, (_, response), cand in zip(base, tuned, encoded, candidates, strict=True):
+        edits = [(int(r), int(a)) for r, a in cand]
+        own = float(b.own.sum()) + float(t.own.sum())
+        gains = torch.tensor([b.likelihoods[e] + t.likelihoods[e] - own for e in edits])
+        out.append(_derived(tokenizer, response, cand, gains))
+    return out
 
 
 def _derived(tokenizer: Any, response: torch.Tensor, candidates: torch.Tensor, gains: torch.Tensor) -> Derived | None:
     if len(candidates) == 0:
         return None
     r, a = best_edit(candidates, gains)
-    ids = response.tolist()[: _editable(tokenizer, response)]  # the response text has no EOS
-    return Derived(tokenizer.decode(apply_edit(ids, (r, a))), r, tokenizer.decode([ids[r]]), tokenizer.decode([a]),
-                   float(gains[int(torch.argmax(gains))]))  # fmt: skip
+    full = apply_edit(response.tolist(), (r, a))
+    ids = full[: _editable(tokenizer, response)]  # the response text has no EOS
+    return Derived(tokenizer.decode(ids), r, tokenizer.decode([response.tolist()[r]]), tokenizer.decode([a]),
+                   float(gains[int(torch.argmax(gains))]), tuple(full))  # fmt: skip

@@ -126,8 +126,19 @@ def _base_fingerprint(reference: str) -> str:
     return fingerprint_paths([path]) if path.is_file() else f"hub:{reference}"
 
 
-def _encode(tokenizer: Any, rows: Sequence[tuple[str, str, str]], max_length: int) -> list[tuple[list[int], list[int]]]:
-    return [encode_pair(tokenizer, p, r, max_length, name=name) for name, p, r in rows]
+def _encode(tokenizer: Any, rows: Sequence[tuple[Any, ...]], max_length: int) -> list[tuple[list[int], list[int]]]:
+    """(input ids, labels) of rows (name, prompt, response) or (name, prompt, response, response ids): with ids,
+    the prompt's tokens are those of (prompt, response) and the response's are the given ids (a derived
+    correction is embedded on exactly the token sequence that was scored)."""
+    out = []
+    for name, prompt, response, *given in rows:
+        ids, labels = encode_pair(tokenizer, prompt, response, max_length, name=name)
+        if given and given[0]:
+            n_prompt = sum(1 for x in labels if x < 0)
+            edited = [int(t) for t in given[0]]
+            ids, labels = ids[:n_prompt] + edited, labels[:n_prompt] + edited
+        out.append((ids, labels))
+    return out
 
 
 def _pad_id(tokenizer: Any) -> int:
@@ -386,7 +397,16 @@ def edit_used(derived: Derived | None, config: PipelineConfig) -> bool:
 
 def _as_derived(row: dict[str, Any]) -> Derived:
     """A stored ``derived_corrections`` row as the :class:`~tasks.counterfactual.Derived` it recorded."""
-    return Derived(row["response"], int(row["position"]), row["token"], row["replacement"], float(row["gain"]))
+    ids = tuple(row.get("response_ids") or ())  # stores from before the column: the text is re-encoded
+    return Derived(row["response"], int(row["position"]), row["token"], row["replacement"], float(row["gain"]), ids)
+
+
+def _correction_row(query: dict[str, Any], derived: Derived) -> tuple[Any, ...]:
+    """The row that embeds a derived correction: from its token ids where stored, else from its text."""
+    name = f"query {query['query_id']!r} (derived correction)"
+    if derived.response_ids:
+        return name, query["prompt"], query["response"], derived.response_ids
+    return name, query["prompt"], derived.response
 
 
 def _embed_outputs(
@@ -416,8 +436,7 @@ def _embed_outputs(
     known.update(fresh)
     derived = [known[q["query_id"]] for q in cf_rows]
     used = [edit_used(d, config) for d in derived]
-    cf_texts = [(f"query {q['query_id']!r} (derived correction)", q["prompt"], d.response)
-                for q, d, u in zip(cf_rows, derived, used, strict=True) if d is not None and u]  # fmt: skip
+    cf_texts = [_correction_row(q, d) for q, d, u in zip(cf_rows, derived, used, strict=True) if d is not None and u]
     cid = checkpoint["checkpoint_id"]
     plain_kind, contrast_kind = (stored_query_kind(k, config, cid) for k in ("plain", "contrastive"))
     plain_w, contrast_w = plain_kind.endswith(DELTA), contrast_kind.endswith(DELTA)
@@ -441,7 +460,7 @@ def _embed_outputs(
                      for q, u in zip(cf_rows, used, strict=True)]  # fmt: skip
         cf_kind = stored_query_kind("counterfactual", config, cid)
         write_query_embeddings(store, cid, cf_kind, [q["query_id"] for q in cf_rows], np.stack(contrasts))
-        edits = [{"query_id": q, **asdict(d)} for q, d in fresh.items() if d]
+        edits = [{"query_id": q, **asdict(d), "response_ids": list(d.response_ids)} for q, d in fresh.items() if d]
         write_derived_corrections(store, cid, edits)
     if fixed_rows:
         both = out[contrast_w]

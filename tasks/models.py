@@ -7,6 +7,7 @@ adapter whose tensors do not fit, or a tokenizer with another vocabulary is refu
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib.util
 import json
@@ -174,14 +175,21 @@ def _check_adapter_loaded(folder: Path, model: torch.nn.Module) -> None:
 
 
 def load_checkpoint(
-    base_reference: str, checkpoint: str | Path, dtype: torch.dtype = torch.float32
-) -> tuple[torch.nn.Module, Any]:
-    """(model in eval mode, the base tokenizer) of a checkpoint: full weights, or a PEFT adapter on a fresh base."""
+    base_reference: str, checkpoint: str | Path, dtype: torch.dtype = torch.float32,
+    base: tuple[torch.nn.Module, Any] | None = None,
+) -> tuple[torch.nn.Module, Any]:  # fmt: skip
+    """(model in eval mode, the base tokenizer) of a checkpoint: full weights, or a PEFT adapter on the base model.
+
+    ``base``: the base model and tokenizer already in memory; an adapter is applied to a copy of it (the base model
+    is not read from disk again). Without it, the base model is loaded."""
     folder = Path(checkpoint)
     if (folder / ADAPTER_CONFIG).is_file():
         from peft import PeftModel
 
-        base_model, base_tokenizer = load_base_model(base_reference, dtype)
+        if base is not None:
+            base_model, base_tokenizer = copy.deepcopy(base[0]).to(dtype), base[1]
+        else:
+            base_model, base_tokenizer = load_base_model(base_reference, dtype)
         _check_tokenizer(folder, base_tokenizer)
         try:
             model = PeftModel.from_pretrained(base_model, folder)
@@ -209,8 +217,9 @@ class CachedModel:
 
 
 _CACHE: OrderedDict[tuple[str, ...], CachedModel] = OrderedDict()
+_BASE: dict[tuple[str, ...], CachedModel] = {}
 _CACHE_LOCK = threading.Lock()
-CACHE_SIZE = 1  # one model state in memory: indexing and attribution visit each state once, in order
+CACHE_SIZE = 1  # checkpoints in memory besides the base model: indexing and attribution visit each state once
 
 
 def _stamp(path: str) -> str:
@@ -219,25 +228,42 @@ def _stamp(path: str) -> str:
     return ";".join(f"{q.name}:{q.stat().st_size}:{q.stat().st_mtime_ns}" for q in files)
 
 
+def _base_model(base_reference: str, device: str) -> CachedModel:
+    """The pinned base model (call under ``_CACHE_LOCK``): loaded once per process while its files are unchanged;
+    every state's work needs θ_0 (derived corrections, query-side weights) and LoRA checkpoints copy it."""
+    key = (base_reference, _stamp(base_reference), device)
+    entry = _BASE.get(key)
+    if entry is None:
+        _BASE.clear()
+        model, tokenizer = load_base_model(base_reference)
+        entry = _BASE[key] = CachedModel(model.to(device), tokenizer, threading.Lock())
+    return entry
+
+
 @contextmanager
 def model_for(base_reference: str, checkpoint: str | None, device: str = "cpu") -> Iterator[CachedModel]:
     """The base model (``checkpoint`` None) or a checkpoint, loaded once per process and held exclusively.
 
-    Keeps the last :data:`CACHE_SIZE` models keyed by path, file sizes and modification times.
+    The base model stays in memory (:func:`_base_model`); besides it, the last :data:`CACHE_SIZE` checkpoints
+    keyed by path, file sizes and modification times. A visit of base → checkpoint 1 → base → checkpoint 2 …
+    loads each state once.
     """
-    key = (base_reference, _stamp(base_reference), checkpoint or "", _stamp(checkpoint or ""), device)
     with _CACHE_LOCK:
-        entry = _CACHE.get(key)
-        if entry is None:
-            while len(_CACHE) >= CACHE_SIZE:  # evict before loading: at most CACHE_SIZE models in memory
-                _CACHE.popitem(last=False)
-            if checkpoint is None:
-                model, tokenizer = load_base_model(base_reference)
-            else:
-                model, tokenizer = load_checkpoint(base_reference, checkpoint)
-            entry = CachedModel(model.to(device), tokenizer, threading.Lock())
-            _CACHE[key] = entry
-        _CACHE.move_to_end(key)
+        base = _base_model(base_reference, device)
+        if checkpoint is None:
+            entry = base
+        else:
+            key = (base_reference, _stamp(base_reference), checkpoint, _stamp(checkpoint), device)
+            entry_or_none = _CACHE.get(key)
+            if entry_or_none is None:
+                while len(_CACHE) >= CACHE_SIZE:  # evict before loading: at most CACHE_SIZE checkpoints in memory
+                    _CACHE.popitem(last=False)
+                with base.lock:
+                    model, tokenizer = load_checkpoint(base_reference, checkpoint, base=(base.model, base.tokenizer))
+                entry_or_none = CachedModel(model.to(device), tokenizer, threading.Lock())
+                _CACHE[key] = entry_or_none
+            _CACHE.move_to_end(key)
+            entry = entry_or_none
     with entry.lock:
         yield entry
 

@@ -270,6 +270,7 @@ def test_query_kinds_are_embedded_in_one_model_load_per_state(small_world, tmp_p
     plain_kinds = dataclasses.replace(CONFIG, scoring=ScoringConfig(counterfactual=False))  # no derived corrections
     store = index(tmp_path, small_world, small_world.run_dir, steps=1)
     models._CACHE.clear()
+    models._BASE.clear()
     loads, passes = [], []
     for name in ("load_base_model", "load_checkpoint"):
         real_load = getattr(models, name)
