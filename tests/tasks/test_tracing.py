@@ -61,7 +61,7 @@ def test_a_derived_edit_is_embedded_on_the_token_ids_that_were_scored(small_worl
     assert len(rows) == 2
     output = read_rows(queries, QueryIn)[1]
     _, tokenizer = models.load_base_model(small_world.base_model)
-    ids, labels = encode_pair(tokenizer, output.prompt, output.response, 64)
+    _, labels = encode_pair(tokenizer, output.prompt, output.response, 64)
     own = [t for t in labels if t >= 0]
     for row in rows:
         edited = row["response_ids"]
