@@ -23,8 +23,9 @@ from storage.samples import (
 )
 from storage.store import LineageStore
 from tasks.config import PipelineConfig
-from tasks.indexing import check_lengths, embed_queries, indexed_checkpoints
+from tasks.indexing import indexed_checkpoints
 from tasks.lineage import refresh_lineage
+from tasks.tracing import check_lengths, embed_queries, plan_tracing
 
 QUERY_BATCH = 128  # queries scored together: each batch reads every checkpoint's matrix once
 # What an output's own failure may raise (bad text, a tokenizer or model error on it); anything else — a lock,
@@ -86,11 +87,11 @@ def refresh_queries(
     if not ids:
         return {"queries": 0, "folds": 0, "failed": {}}
     failures: dict[str, tuple[str | None, str, str]] = {}
-    for checkpoint in indexed_checkpoints(data_dir):
-        live = _without_failed(store, ids, failures)
-        cid = checkpoint["checkpoint_id"]
-        _isolated(live, lambda qs, c=checkpoint: embed_queries(data_dir, base_reference, c, qs, config), failures,
-                  cid, "embed")  # fmt: skip
+    checkpoints = {c["checkpoint_id"]: c for c in indexed_checkpoints(data_dir)}
+    for work in plan_tracing(data_dir, ids, config):  # per state, in order: each state loaded once
+        todo = _without_failed(store, [*work.outputs, *work.groups], failures)
+        run = lambda qs, c=checkpoints[work.checkpoint_id]: embed_queries(data_dir, base_reference, c, qs, config)  # noqa: E731
+        _isolated(todo, run, failures, work.checkpoint_id, "embed")
     live = _without_failed(store, ids, failures)
     folds = 0
 

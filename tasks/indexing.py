@@ -9,7 +9,7 @@ sample's embedding is stored.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,22 +18,19 @@ import torch
 from tqdm import tqdm
 
 from dda_kernel import (
-    IGNORE_INDEX,
     EmbeddingLayout,
     build_projector,
     embed_batch,
     layout_for,
     pad_batch,
-    response_log_probs,
 )
 from storage.faults import fault_point
-from storage.registry import read_checkpoints, read_derived_corrections, write_checkpoint, write_derived_corrections
-from storage.samples import group_members, read_samples, sample_ids, set_token_counts
+from storage.registry import read_checkpoints, write_checkpoint
+from storage.samples import read_samples, sample_ids, set_token_counts
 from storage.store import LineageStore, utcnow, where_equal, where_in
-from storage.vectors import embedded_sample_ids, read_query_embeddings, write_embeddings, write_query_embeddings
+from storage.vectors import embedded_sample_ids, write_embeddings
 from tasks.checkpoints import CheckpointError, CheckpointInfo, fingerprint_files, fingerprint_paths, read_trainer_state
 from tasks.config import PipelineConfig
-from tasks.counterfactual import Derived, derive_corrections
 from tasks.finalize import finalize_checkpoint, layout_record, stored_layout
 from tasks.models import compute_precision, context_length, model_for
 from tasks.tokenize import encode_pair
@@ -206,63 +203,6 @@ def embed_rows(
     return Embedded(vectors, loss, n_tokens)
 
 
-_BASE_LOG_PROBS: dict[tuple[str, str, str], torch.Tensor] = {}  # (base, prompt, response) → log p_θ0 of its tokens
-_BASE_LOG_PROBS_MAX = 100_000
-
-
-def base_log_probs(
-    base_reference: str, rows: Sequence[tuple[str, str, str]], config: PipelineConfig
-) -> list[torch.Tensor]:
-    """log p_θ0(y_t) of each row's response tokens, (n_i,) per row of ``rows`` = [(name, prompt, response)].
-
-    Computed once per process and text (a forward pass of the base model, which is loaded only when a row
-    is new), so every checkpoint of one attribution reuses them.
-    """
-    keys = [(base_reference, p, r) for _, p, r in rows]
-    new = sorted({i for i, k in enumerate(keys) if k not in _BASE_LOG_PROBS}, key=lambda i: keys[i])
-    if new:
-        if len(_BASE_LOG_PROBS) + len(new) > _BASE_LOG_PROBS_MAX:
-            _BASE_LOG_PROBS.clear()
-        with model_for(base_reference, None, config.device) as cached:
-            max_length = min(config.max_length, context_length(cached.model))
-            encoded = _encode(cached.tokenizer, [rows[i] for i in new], max_length)
-            precision = compute_precision(config.precision, config.device)
-            for index in token_batches([len(ids) for ids, _ in encoded], config.max_tokens, config.batch_size):
-                batch = pad_batch([encoded[j] for j in index], pad_id=_pad_id(cached.tokenizer))
-                flat = response_log_probs(cached.model, batch, precision).cpu()
-                counts = (batch.labels[:, 1:] != IGNORE_INDEX).sum(dim=1).tolist()
-                for j, part in zip(index, torch.split(flat, counts), strict=True):
-                    _BASE_LOG_PROBS[keys[new[j]]] = part
-    return [_BASE_LOG_PROBS[k] for k in keys]
-
-
-DELTA = ":delta"  # suffix of query vectors embedded with the query-side debias token weights
-QUERY_KINDS = ("plain", "contrastive", "counterfactual")
-
-
-def effective_kind(corrected: bool, config: PipelineConfig) -> str:
-    """The query kind a query is scored as: ``query_kind`` when it names one, else (``auto``) 'contrastive' with a
-    correction, 'counterfactual' without one when ``scoring.counterfactual`` is on, else 'plain'."""
-    return config.scoring.kind_for(corrected)
-
-
-def stored_query_kind(kind: str, config: PipelineConfig, checkpoint_id: str) -> str:
-    """The ``query_embeddings.kind`` that holds ``kind`` (one of :data:`QUERY_KINDS`) for this configuration:
-    ``<kind>:delta`` at a fine-tuned checkpoint when the query weighting applies to the kind
-    (``finetune_delta``: plain and contrastive; ``finetune_delta_plain``: plain queries only); at the base model the
-    weights are uniform, so the uniform vectors serve. Counterfactual contrasts always use uniform weights; with
-    ``scoring.min_edit_gain`` set they are stored as ``counterfactual>{gain}`` (plus the plain kind's ``:delta``
-    where the plain kind has it), since an output whose edit gains no more is the plain query there."""
-    weighting = config.scoring.query_weighting
-    min_gain = config.scoring.min_edit_gain
-    if kind == "counterfactual" and min_gain is not None:
-        return f"{kind}>{min_gain!r}" + stored_query_kind("plain", config, checkpoint_id).removeprefix("plain")
-    applies = (weighting == "finetune_delta" and kind != "counterfactual") or (
-        weighting == "finetune_delta_plain" and kind == "plain"
-    )
-    return f"{kind}{DELTA}" if applies and checkpoint_id != BASE_ID else kind
-
-
 def embed_shard(
     data_dir: str | Path,
     base_reference: str,
@@ -328,174 +268,3 @@ def _fill_token_counts(store: LineageStore) -> None:
 def indexed_checkpoints(data_dir: str | Path) -> list[dict[str, Any]]:
     """Rows of the indexed checkpoints: the base model first, then fine-tuning checkpoints by step."""
     return read_checkpoints(LineageStore.open(Path(data_dir) / "store"))
-
-
-def embed_queries(
-    data_dir: str | Path,
-    base_reference: str,
-    checkpoint: dict[str, Any],
-    query_ids: Sequence[str],
-    config: PipelineConfig,
-) -> int:
-    """Store the plain (and, with a correction, contrastive) query embeddings at an indexed checkpoint.
-
-    plain ĝ_q = ĝ(prompt, response); contrastive ĝ_q = ĝ(prompt, response) − ĝ(prompt, corrected); a query
-    group's ĝ = the mean of its members' ĝ of the same kind (members are embedded first when missing).
-    Queries already embedded there are skipped; returns the number embedded now (groups included).
-    """
-    cid = checkpoint["checkpoint_id"]
-    done = _embedded_queries(LineageStore.open(Path(data_dir) / "store"), cid, query_ids, config)
-    todo = sorted(set(query_ids) - done)
-    if not todo:
-        return 0  # no model is loaded when every query is embedded here
-    store = open_store(data_dir, base_reference, config)
-    groups = group_members(store, todo)
-    members = {m for ms in groups.values() for m in ms}
-    singles = sorted((set(todo) - set(groups)) | (members - done))
-    if singles:
-        _embed_outputs(store, base_reference, checkpoint, singles, config)
-    for gid, ms in sorted(groups.items()):
-        _embed_group(store, cid, gid, ms, config)
-    return len(todo)
-
-
-def _embedded_queries(
-    store: LineageStore, checkpoint_id: str, query_ids: Sequence[str], config: PipelineConfig
-) -> set[str]:
-    """Those of ``query_ids`` whose vectors this configuration reads at the checkpoint are all stored: the plain
-    kind, the contrastive kind where the query has a correction, and the counterfactual kind where the query is
-    scored as one (other weightings store other kinds)."""
-    kinds = {k: stored_query_kind(k, config, checkpoint_id) for k in QUERY_KINDS}
-    where = f"{where_equal(checkpoint_id=checkpoint_id)} AND {where_in('kind', sorted(set(kinds.values())))}"
-    table = store.read("query_embeddings", ["query_id", "kind"], where)
-    have: dict[str, set[str]] = {}
-    for q, k in zip(table["query_id"].to_pylist(), table["kind"].to_pylist(), strict=True):
-        have.setdefault(k, set()).add(q)
-    plain = have.get(kinds["plain"], set()) & set(query_ids)
-    if not plain:
-        return set()
-    rows = store.read("queries", ["query_id", "corrected"], where_in("query_id", sorted(plain))).to_pylist()
-    done = set()
-    for r in rows:
-        needs = {"contrastive"} if r["corrected"] else set()
-        if effective_kind(bool(r["corrected"]), config) == "counterfactual":
-            needs.add("counterfactual")
-        if all(r["query_id"] in have.get(kinds[k], set()) for k in needs):
-            done.add(r["query_id"])
-    return done
-
-
-def edit_used(derived: Derived | None, config: PipelineConfig) -> bool:
-    """Whether the counterfactual query contrasts with the derived edit: there is one and its gain exceeds
-    ``scoring.min_edit_gain`` (None: any edit). Otherwise θ_0 and θ_t prefer the output to every single-token
-    edit, the edit names nothing fine-tuning changed, and the checkpoint traces the plain query."""
-    if derived is None:
-        return False
-    threshold = config.scoring.min_edit_gain
-    return threshold is None or derived.gain > threshold
-
-
-def _as_derived(row: dict[str, Any]) -> Derived:
-    """A stored ``derived_corrections`` row as the :class:`~tasks.counterfactual.Derived` it recorded."""
-    ids = tuple(row.get("response_ids") or ())  # stores from before the column: the text is re-encoded
-    return Derived(row["response"], int(row["position"]), row["token"], row["replacement"], float(row["gain"]), ids)
-
-
-def _correction_row(query: dict[str, Any], derived: Derived) -> tuple[Any, ...]:
-    """The row that embeds a derived correction: from its token ids where stored, else from its text."""
-    name = f"query {query['query_id']!r} (derived correction)"
-    if derived.response_ids:
-        return name, query["prompt"], query["response"], derived.response_ids
-    return name, query["prompt"], derived.response
-
-
-def _embed_outputs(
-    store: LineageStore, base_reference: str, checkpoint: dict[str, Any], query_ids: list[str], config: PipelineConfig
-) -> None:
-    """Embed registered outputs at ``checkpoint`` with one loaded model: both kinds in one pass when they share
-    a token weighting (:func:`stored_query_kind`), else one pass per weighting. Outputs scored as counterfactual
-    queries get their derived correction at this checkpoint first — the one ``derived_corrections`` holds (one per
-    output and checkpoint: scorings that differ in other settings reuse it, so every vector agrees with the audit
-    trail), else derived now (:func:`tasks.counterfactual.derive_corrections`) and kept there — and
-    ĝ(prompt, y) − ĝ(prompt, y'), uniform weights; an
-    output whose edit is not used (:func:`edit_used`) keeps its plain vector (ĝ(prompt, y), uniform weights, with
-    ``min_edit_gain`` None)."""
-    rows = store.read("queries", ["query_id", "prompt", "response", "corrected"], where_in("query_id", query_ids))
-    queries = sorted(rows.to_pylist(), key=lambda r: r["query_id"])
-    path = None if checkpoint["role"] == "base" else checkpoint["path"]
-    fixed_rows = [q for q in queries if q["corrected"]]
-    index = {q["query_id"]: i for i, q in enumerate(queries)}
-    plain_texts = [(f"query {q['query_id']!r}", q["prompt"], q["response"]) for q in queries]
-    fixed_texts = [(f"query {q['query_id']!r} (corrected)", q["prompt"], q["corrected"]) for q in fixed_rows]
-    cf_rows = [q for q in queries if effective_kind(bool(q["corrected"]), config) == "counterfactual"]
-    stored = read_derived_corrections(store, checkpoint["checkpoint_id"], [q["query_id"] for q in cf_rows])
-    known: dict[str, Derived | None] = {qid: _as_derived(row) for qid, row in stored.items()}
-    todo = [q for q in cf_rows if q["query_id"] not in known]
-    fresh = dict(zip((q["query_id"] for q in todo), derive_corrections(
-        base_reference, path, [plain_texts[index[q["query_id"]]] for q in todo], config), strict=True))  # fmt: skip
-    known.update(fresh)
-    derived = [known[q["query_id"]] for q in cf_rows]
-    used = [edit_used(d, config) for d in derived]
-    cf_texts = [_correction_row(q, d) for q, d, u in zip(cf_rows, derived, used, strict=True) if d is not None and u]
-    cid = checkpoint["checkpoint_id"]
-    plain_kind, contrast_kind = (stored_query_kind(k, config, cid) for k in ("plain", "contrastive"))
-    plain_w, contrast_w = plain_kind.endswith(DELTA), contrast_kind.endswith(DELTA)
-    fallback_w = plain_w and config.scoring.min_edit_gain is not None  # the weighting of an unused edit's vector
-    uniform_needed = bool(cf_texts) or (not fallback_w and not all(used))
-    weightings = {plain_w} | ({contrast_w} if fixed_rows else set()) | ({False} if uniform_needed else set())
-    refs = base_log_probs(base_reference, plain_texts + fixed_texts, config) if True in weightings else None
-    out: dict[bool, np.ndarray] = {}
-    with model_for(base_reference, path, config.device) as cached:
-        for weighted in sorted(weightings):
-            with_fixed = bool(fixed_rows) and contrast_w == weighted
-            texts = plain_texts + (fixed_texts if with_fixed else []) + ([] if weighted else cf_texts)
-            chosen = refs[: len(texts)] if weighted and refs is not None else None  # refs: plain texts first
-            out[weighted] = embed_rows(cached, texts, config, None, chosen).vectors
-    if cid == BASE_ID and config.scoring.query_weighting != "uniform":  # θ_0 is still loaded: keep its log-probs
-        base_log_probs(base_reference, plain_texts + fixed_texts, config)  # for every later checkpoint
-    if cf_rows:
-        uniform, fallback = out.get(False), out[fallback_w]
-        tail = iter(uniform[len(uniform) - len(cf_texts) :] if cf_texts else [])
-        contrasts = [uniform[index[q["query_id"]]] - next(tail) if u else fallback[index[q["query_id"]]]
-                     for q, u in zip(cf_rows, used, strict=True)]  # fmt: skip
-        cf_kind = stored_query_kind("counterfactual", config, cid)
-        write_query_embeddings(store, cid, cf_kind, [q["query_id"] for q in cf_rows], np.stack(contrasts))
-        edits = [{"query_id": q, **asdict(d), "response_ids": list(d.response_ids)} for q, d in fresh.items() if d]
-        write_derived_corrections(store, cid, edits)
-    if fixed_rows:
-        both = out[contrast_w]
-        plain, fixed = both[: len(queries)], both[len(queries) : len(queries) + len(fixed_rows)]
-        contrast = plain[[index[q["query_id"]] for q in fixed_rows]] - fixed
-        write_query_embeddings(store, cid, contrast_kind, [q["query_id"] for q in fixed_rows], contrast)
-    write_query_embeddings(store, cid, plain_kind, [q["query_id"] for q in queries], out[plain_w][: len(queries)])
-
-
-def _embed_group(
-    store: LineageStore, checkpoint_id: str, group_id: str, members: list[str], config: PipelineConfig
-) -> None:
-    """ĝ_group = (1/|G|) Σ_{q∈G} ĝ_q per kind (float64 mean of the stored float32 vectors); contrastive only
-    when every member has a correction; counterfactual when the group is scored as one, each member contributing
-    the vector it is itself scored by (its contrastive one where it has a correction)."""
-    rows = store.read("queries", ["query_id", "corrected"], where_in("query_id", members)).to_pylist()
-    corrected = {r["query_id"]: bool(r["corrected"]) for r in rows}
-    kinds = ["plain", "contrastive"] if all(corrected.values()) else ["plain"]
-    if effective_kind(all(corrected.values()), config) == "counterfactual":
-        kinds.append("counterfactual")
-    for kind in reversed(kinds):  # plain last: its row marks the group embedded here
-        name = stored_query_kind(kind, config, checkpoint_id)
-        if kind == "counterfactual":
-            own = {m: stored_query_kind(effective_kind(corrected[m], config), config, checkpoint_id) for m in members}
-            vectors = np.stack([read_query_embeddings(store, checkpoint_id, own[m], [m])[0] for m in members])
-        else:
-            vectors = read_query_embeddings(store, checkpoint_id, name, members)
-        write_query_embeddings(
-            store, checkpoint_id, name, [group_id], vectors.astype(np.float64).mean(axis=0, keepdims=True)
-        )
-
-
-def check_lengths(base_reference: str, rows: Sequence[tuple[str, str, str]], config: PipelineConfig) -> int:
-    """Raise :class:`~tasks.tokenize.SequenceTooLongError` naming the first (name, prompt, response) row that
-    exceeds the context; nothing is truncated. Returns the longest length in tokens."""
-    with model_for(base_reference, None, config.device) as cached:
-        max_length = min(config.max_length, context_length(cached.model))
-        return max((len(ids) for ids, _ in _encode(cached.tokenizer, rows, max_length)), default=0)

@@ -53,7 +53,7 @@ from storage.vectors import read_query_embeddings
 from tasks.checkpoints import CheckpointError
 from tasks.config import PipelineConfig
 from tasks.finalize import covariance_of, open_checkpoint, stored_layout
-from tasks.indexing import QUERY_KINDS, effective_kind, stored_query_kind
+from tasks.kinds import Kind, scored_kind, stored_kind
 
 
 def _preconditioner(fin: Finalized, layout: EmbeddingLayout, config: PipelineConfig) -> Preconditioner | None:
@@ -64,7 +64,7 @@ def _preconditioner(fin: Finalized, layout: EmbeddingLayout, config: PipelineCon
 
 
 def _scores(
-    store: LineageStore, fin: Finalized, kind: str, query_ids: list[str], layout: EmbeddingLayout,
+    store: LineageStore, fin: Finalized, kind: Kind, query_ids: list[str], layout: EmbeddingLayout,
     config: PipelineConfig, base: Finalized | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """s̃ (m, n) float64: preconditioned inner products of the queries with every sample, normalised.
@@ -72,8 +72,8 @@ def _scores(
     With ``base`` (the training-side delta, β = ``train_debias``): s = ĝ_qᵀ F_t⁻¹ [ĝ_i(θ_t) − β ĝ_i(θ_0)], by
     linearity two products with the same preconditioned queries; cosine uses ‖ĝ_i(θ_t) − β ĝ_i(θ_0)‖.
     """
-    stored_kind = stored_query_kind(kind, config, fin.meta.checkpoint_id)
-    q = torch.from_numpy(read_query_embeddings(store, fin.meta.checkpoint_id, stored_kind, query_ids))
+    name = stored_kind(kind, config, fin.meta.checkpoint_id).name
+    q = torch.from_numpy(read_query_embeddings(store, fin.meta.checkpoint_id, name, query_ids))
     pq = apply_preconditioner(_preconditioner(fin, layout, config), layout, q)
     vectors = torch.from_numpy(fin.vectors)
     s = pairwise_scores(pq, vectors)
@@ -87,9 +87,9 @@ def _scores(
     return normalise_scores(s, config.scoring.normalisation, row_norms(q), norms)
 
 
-def query_kinds(store: LineageStore, query_ids: Sequence[str], config: PipelineConfig) -> dict[str, str]:
-    """The kind each query is scored as (:func:`tasks.indexing.effective_kind`: from ``config.scoring`` and whether
-    a correction exists)."""
+def query_kinds(store: LineageStore, query_ids: Sequence[str], config: PipelineConfig) -> dict[str, Kind]:
+    """The kind each query is scored as (:func:`tasks.kinds.scored_kind`: from ``config.scoring`` and whether a
+    correction exists)."""
     rows = store.read("queries", ["query_id", "corrected"], where_in("query_id", list(query_ids))).to_pylist()
     corrected = {r["query_id"]: bool(r["corrected"]) for r in rows}
     missing = [q for q in query_ids if q not in corrected]
@@ -99,7 +99,7 @@ def query_kinds(store: LineageStore, query_ids: Sequence[str], config: PipelineC
     if wanted == "contrastive" and not all(corrected.values()):
         bad = next(q for q, c in corrected.items() if not c)
         raise CheckpointError(f"query {bad!r} has no corrected response: the contrastive query kind needs one")
-    return {q: effective_kind(corrected[q], config) for q in query_ids}
+    return {q: scored_kind(corrected[q], config) for q in query_ids}
 
 
 def _state(stored: StoredState | None, sample_ids: list[str]) -> DDAState:
@@ -119,7 +119,7 @@ def _weights(checkpoints: list[dict[str, Any]], config: PipelineConfig) -> dict[
 def refresh_lineage(data_dir: str | Path, base_reference: str, query_ids: Sequence[str], config: PipelineConfig) -> int:
     """Fold every indexed checkpoint missing from the queries' DDA states in; returns (query, checkpoint) folds.
 
-    Needs the query embeddings at the base model and at each checkpoint (:func:`tasks.indexing.embed_queries`).
+    Needs the query embeddings at the base model and at each checkpoint (:func:`tasks.tracing.embed_queries`).
     ``base_reference`` is not loaded (kept for the flows' uniform task signature).
     """
     store = LineageStore.open(Path(data_dir) / "store")
@@ -154,7 +154,7 @@ def refresh_lineage(data_dir: str | Path, base_reference: str, query_ids: Sequen
             raise CheckpointError(f"checkpoint {cid} and the base model embed different samples: re-run dda index")
         blocks = [b for b in fresh if b.query_ids]
         fresh = []
-        for kind in QUERY_KINDS:
+        for kind in Kind:
             qs = [q for q in need if kinds[q] == kind]
             if not qs:
                 continue
@@ -186,14 +186,14 @@ class _BaseScores:
 
 
 def _base_scores(
-    store: LineageStore, base: Finalized, query_ids: list[str], kinds: dict[str, str], layout: EmbeddingLayout,
+    store: LineageStore, base: Finalized, query_ids: list[str], kinds: dict[str, Kind], layout: EmbeddingLayout,
     config: PipelineConfig,
 ) -> _BaseScores:  # fmt: skip
     """s̃_0 of ``query_ids``: read where stored over the base's sample set, the others scored in one pass per kind."""
     fp = config.settings_fingerprint
     rows = read_base_scores(store, fp, base.meta.sample_set_id, query_ids)
     computed = [q for q in query_ids if q not in rows]
-    for kind in QUERY_KINDS:
+    for kind in Kind:
         qs = [q for q in computed if kinds[q] == kind]
         if qs:
             s_0 = _scores(store, base, kind, qs, layout, config).numpy()

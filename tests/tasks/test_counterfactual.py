@@ -17,7 +17,8 @@ from storage.store import LineageStore
 from storage.vectors import read_query_embeddings
 from tasks.checkpoints import discover_checkpoints
 from tasks.config import ScoringConfig
-from tasks.indexing import indexed_checkpoints, stored_query_kind
+from tasks.indexing import indexed_checkpoints
+from tasks.kinds import Kind, stored_kind
 from tasks.lineage import query_kinds
 from tasks.models import compute_precision, load_base_model, load_checkpoint, model_for
 from tasks.report import correction_line, render_markdown
@@ -124,16 +125,18 @@ def test_a_state_whose_edit_gains_no_more_than_min_edit_gain_traces_the_plain_qu
     threshold = (low + high) / 2
     config = dataclasses.replace(CONFIG, scoring=ScoringConfig(min_edit_gain=threshold))
     attribute(tmp_path, small_world, queries_file, config)
+    plain = dataclasses.replace(CONFIG, scoring=ScoringConfig(query_kind="plain"))  # the plain query's vectors
+    attribute(tmp_path, small_world, queries_file, plain)
     used = 0
     for (qid, cid), gain in sorted(gains.items()):
-        got = read_query_embeddings(store, cid, stored_query_kind("counterfactual", config, cid), [qid])[0]
-        reference = "counterfactual" if gain > threshold else stored_query_kind("plain", config, cid)
+        got = read_query_embeddings(store, cid, stored_kind(Kind.COUNTERFACTUAL, config, cid).name, [qid])[0]
+        reference = "counterfactual" if gain > threshold else stored_kind(Kind.PLAIN, config, cid).name
         want = read_query_embeddings(store, cid, reference, [qid])[0]
         np.testing.assert_allclose(got, want, rtol=0, atol=2e-3 * float(np.abs(want).max()))
         used += gain > threshold
     assert used == 2
     tuned = indexed_checkpoints(tmp_path)[-1]["checkpoint_id"]
-    assert stored_query_kind("plain", config, tuned).endswith(":delta")  # the fallback keeps the plain weights
+    assert stored_kind(Kind.PLAIN, config, tuned).delta  # the fallback keeps the plain weights
 
 
 def test_a_second_scoring_builds_its_vectors_from_the_stored_derived_corrections(small_world, tmp_path, monkeypatch):
@@ -152,13 +155,13 @@ def test_a_second_scoring_builds_its_vectors_from_the_stored_derived_corrections
         assert not rows, f"derived again: {rows}"
         return []
 
-    monkeypatch.setattr("tasks.indexing.derive_corrections", derive)
+    monkeypatch.setattr("tasks.tracing.derive_corrections", derive)
     attribute(tmp_path / "a", small_world, queries_file, every)
     assert store.read("derived_corrections").to_pylist() == edits  # kept as derived, not rewritten
     fresh = LineageStore.open(tmp_path / "b" / "store")
     for ckpt in indexed_checkpoints(tmp_path / "a"):
         cid = ckpt["checkpoint_id"]
-        kind = stored_query_kind("counterfactual", every, cid)
+        kind = stored_kind(Kind.COUNTERFACTUAL, every, cid).name
         got, want = (read_query_embeddings(s, cid, kind, ["q1", "q3"]) for s in (store, fresh))
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * float(np.abs(want).max()))
 

@@ -18,7 +18,6 @@ from storage.vectors import read_embeddings, read_query_embeddings
 from tasks.checkpoints import discover_checkpoints
 from tasks.config import ScoringConfig
 from tasks.indexing import (
-    embed_queries,
     embed_rows,
     embed_shard,
     finish_checkpoint,
@@ -29,6 +28,7 @@ from tasks.indexing import (
 from tasks.lineage import refresh_lineage
 from tasks.models import compute_precision, load_base_model
 from tasks.tokenize import SequenceTooLongError, encode_pair
+from tasks.tracing import embed_queries
 from tests.tasks.helpers import CONFIG, copy_run, write_queries
 
 
@@ -88,8 +88,6 @@ def _reference_dda(store, queries, config, layout):
     beta = config.scoring.train_debias
     base = read_embeddings(store, "base")
     g0 = base.vectors[base.order].astype(np.float64)
-    derived = store.read("derived_corrections", ["query_id", "checkpoint_id", "gain"]).to_pylist()
-    gains = {(r["query_id"], r["checkpoint_id"]): r["gain"] for r in derived}
     min_gain = config.scoring.min_edit_gain
 
     def scores(cid):
@@ -105,9 +103,8 @@ def _reference_dda(store, queries, config, layout):
         out = []
         for qid, kind in kinds.items():
             plain_delta = cid != "base" and weighting in ("finetune_delta", "finetune_delta_plain")
-            if kind == "counterfactual" and min_gain is not None:  # an edit that does not gain: the plain query
-                used = gains.get((qid, cid), -np.inf) > min_gain
-                name = (f"counterfactual>{min_gain!r}" if used else "plain") + (":delta" if plain_delta else "")
+            if kind == "counterfactual" and min_gain is not None:  # holds the plain query where no edit gains
+                name = f"counterfactual>{min_gain!r}" + (":delta" if plain_delta else "")
             else:
                 delta = plain_delta if kind == "plain" else cid != "base" and weighting == "finetune_delta"
                 name = kind + (":delta" if delta and kind != "counterfactual" else "")
@@ -264,8 +261,8 @@ def test_embeddings_do_not_depend_on_the_token_budget_or_row_order(small_world):
 
 
 def test_query_kinds_are_embedded_in_one_model_load_per_state(small_world, tmp_path, monkeypatch):
-    import tasks.indexing as indexing
     import tasks.models as models
+    import tasks.tracing as tracing
 
     plain_kinds = dataclasses.replace(CONFIG, scoring=ScoringConfig(counterfactual=False))  # no derived corrections
     store = index(tmp_path, small_world, small_world.run_dir, steps=1)
@@ -275,21 +272,21 @@ def test_query_kinds_are_embedded_in_one_model_load_per_state(small_world, tmp_p
     for name in ("load_base_model", "load_checkpoint"):
         real_load = getattr(models, name)
         monkeypatch.setattr(models, name, lambda *a, _f=real_load, _n=name, **k: loads.append(_n) or _f(*a, **k))
-    real_embed = indexing.embed_rows
-    monkeypatch.setattr(indexing, "embed_rows", lambda c, rows, *a: passes.append(len(rows)) or real_embed(c, rows, *a))
+    real_embed = tracing.embed_rows
+    monkeypatch.setattr(tracing, "embed_rows", lambda c, rows, *a: passes.append(len(rows)) or real_embed(c, rows, *a))
     queries = write_queries(tmp_path / "q.jsonl", n=3)  # q0 and q2 have a correction: both kinds
     attribute(tmp_path, small_world, queries, plain_kinds)
     states = indexed_checkpoints(tmp_path)
     assert len(states) == 2
-    assert loads == ["load_base_model", "load_checkpoint"]  # θ_0's log-probs are kept from the base pass
-    # base: one pass, 3 responses + 2 corrections; checkpoint: the same with uniform weights (contrastive) and
-    # the 3 responses with the query-side debias weights (plain queries, the default finetune_delta_plain)
-    assert passes == [5, 5, 3]
-    for ckpt in states:
+    assert loads == ["load_base_model", "load_checkpoint"]  # the base model stays in memory
+    # base: one pass, 3 responses + 2 corrections; checkpoint: q0 and q2 with their corrections, uniform weights
+    # (contrastive), then q1 alone with the query-side debias weights (a plain query, finetune_delta_plain)
+    assert passes == [5, 4, 1]
+    for ckpt in states:  # each output stores the vector its scoring reads, nothing more
         kinds = store.read("query_embeddings", ["query_id", "kind"], f"checkpoint_id = '{ckpt['checkpoint_id']}'")
         plain = "plain" if ckpt["role"] == "base" else "plain:delta"
         assert sorted(zip(kinds["kind"].to_pylist(), kinds["query_id"].to_pylist(), strict=True)) == [
-            ("contrastive", "q0"), ("contrastive", "q2"), (plain, "q0"), (plain, "q1"), (plain, "q2")
+            ("contrastive", "q0"), ("contrastive", "q2"), (plain, "q1")
         ]  # fmt: skip
 
 
@@ -298,7 +295,7 @@ def test_query_side_debias_vectors_are_the_kernel_with_base_log_probs(small_worl
     from dda_kernel import response_log_probs
     from tasks.models import model_for
 
-    config = dataclasses.replace(CONFIG, scoring=ScoringConfig(query_weighting="finetune_delta"))
+    config = dataclasses.replace(CONFIG, scoring=ScoringConfig(query_weighting="finetune_delta", query_kind="plain"))
     run = copy_run(small_world, tmp_path / "run", steps=1)
     store = index(tmp_path, small_world, run, config)
     queries_file = write_queries(tmp_path / "queries.jsonl", n=2)
@@ -331,6 +328,8 @@ def test_plain_only_query_weighting_keeps_contrastive_queries_uniform(small_worl
     store = index(tmp_path, small_world, copy_run(small_world, tmp_path / "run", steps=1), config)
     queries_file = write_queries(tmp_path / "queries.jsonl", n=1)  # q0: with a correction
     attribute(tmp_path, small_world, queries_file, config)
+    plain = ScoringConfig(query_weighting="finetune_delta_plain", query_kind="plain")
+    attribute(tmp_path, small_world, queries_file, dataclasses.replace(config, scoring=plain))  # q0 as a plain query
     row = json.loads(queries_file.read_text().splitlines()[0])
     base, tokenizer = load_base_model(small_world.base_model)
     precision = compute_precision(config.precision, "cpu")

@@ -1,0 +1,78 @@
+"""Query kinds as values: what an output is scored as, and the name its vectors are stored under.
+
+An output is scored as one of three :class:`Kind` s (plain ĝ(y); contrastive ĝ(y) − ĝ(y_corrected);
+counterfactual ĝ(y) − ĝ(y'_t) with a derived correction). Its vectors are stored in ``query_embeddings.kind``
+under a :class:`StoredKind` name that also records what changes the vector: the query-side token weights
+(``:delta``) and, for counterfactual vectors, the ``min_edit_gain`` under which a state falls back to the plain
+query (``>gain``). The name is built and parsed here only: ``counterfactual>0.0:delta`` and the like.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import StrEnum
+
+from storage.schemas import BASE_CHECKPOINT as BASE_ID
+from tasks.config import PipelineConfig
+
+DELTA = ":delta"
+
+
+class Kind(StrEnum):
+    """What an output is scored as."""
+
+    PLAIN = "plain"
+    CONTRASTIVE = "contrastive"
+    COUNTERFACTUAL = "counterfactual"
+
+
+_NAME = re.compile(r"^(plain|contrastive|counterfactual)(?:>(.+?))?(:delta)?$")
+
+
+@dataclass(frozen=True)
+class StoredKind:
+    """The ``query_embeddings.kind`` of a vector: its :class:`Kind`, the query-side weights (``delta``) and, for a
+    counterfactual vector, the ``min_gain`` (nats) at or below which a state holds the plain query instead."""
+
+    kind: Kind
+    delta: bool = False
+    min_gain: float | None = None
+
+    @property
+    def name(self) -> str:
+        """``<kind>[>min_gain][:delta]``, e.g. ``counterfactual>0.0:delta``."""
+        gain = f">{self.min_gain!r}" if self.min_gain is not None else ""
+        return f"{self.kind.value}{gain}{DELTA if self.delta else ''}"
+
+    @classmethod
+    def parse(cls, name: str) -> StoredKind:
+        """The inverse of :attr:`name`; raises ValueError for a name no version of the store writes."""
+        match = _NAME.match(name)
+        if match is None:
+            raise ValueError(f"{name!r} is not a stored query kind (<kind>[>gain][:delta])")
+        kind, gain, delta = match.groups()
+        return cls(Kind(kind), delta is not None, None if gain is None else float(gain))
+
+
+def scored_kind(corrected: bool, config: PipelineConfig) -> Kind:
+    """The kind an output is scored as: ``query_kind`` when it names one, else (``auto``) contrastive with a
+    correction, counterfactual without one when ``scoring.counterfactual`` is on, else plain."""
+    return Kind(config.scoring.kind_for(corrected))
+
+
+def stored_kind(kind: Kind, config: PipelineConfig, checkpoint_id: str) -> StoredKind:
+    """The stored kind that holds ``kind``'s vectors at ``checkpoint_id`` under ``config``.
+
+    ``:delta`` at a fine-tuned checkpoint where the query weighting applies to the kind (``finetune_delta``:
+    plain and contrastive; ``finetune_delta_plain``: plain only); at the base model the weights are uniform, so
+    the uniform vectors serve. Counterfactual contrasts use uniform weights; with ``scoring.min_edit_gain`` set
+    they carry it, and the plain kind's ``:delta`` (a state whose edit gains no more holds the plain query)."""
+    weighting = config.scoring.query_weighting
+    min_gain = config.scoring.min_edit_gain
+    if kind is Kind.COUNTERFACTUAL:
+        if min_gain is None:
+            return StoredKind(kind)
+        return StoredKind(kind, stored_kind(Kind.PLAIN, config, checkpoint_id).delta, min_gain)
+    applies = weighting == "finetune_delta" or (weighting == "finetune_delta_plain" and kind is Kind.PLAIN)
+    return StoredKind(kind, applies and checkpoint_id != BASE_ID)
