@@ -75,9 +75,15 @@ def build(root: Path, n: int, checkpoints: list[str], shard: int, seed: int = 0)
     return store
 
 
-def index_checkpoint(store: LineageStore, checkpoint_id: str, n: int, shard: int, seed: int) -> None:
-    """One checkpoint's vectors (random, float32 → stored float16), shard by shard, then finished."""
-    layout = _layout()
+def index_checkpoint(
+    store: LineageStore, checkpoint_id: str, n: int, shard: int, seed: int, layout: Any = None,
+    where: tuple[str, str] | None = None,
+) -> None:  # fmt: skip
+    """One checkpoint's vectors (random, float32 → stored float16), shard by shard, then finished.
+
+    ``layout``: the projection layout (default: SmolLM2's default one); ``where``: the (path, fingerprint) its
+    ``checkpoints`` row records (default: a synthetic path), e.g. a real model folder that tracing will load."""
+    layout = layout or _layout()
     rng = np.random.default_rng([seed, len(checkpoint_id), sum(map(ord, checkpoint_id))])
     ids = [f"s{i:07d}" for i in range(n)]
     scale = np.exp(rng.standard_normal(layout.dim)).astype(np.float32) * 1e-3  # anisotropic, like real gradients
@@ -88,7 +94,8 @@ def index_checkpoint(store: LineageStore, checkpoint_id: str, n: int, shard: int
     step = 0 if checkpoint_id == "base" else int(checkpoint_id.split("-")[-1])
     row = {"checkpoint_id": checkpoint_id, "run_id": "" if step == 0 else "run",
            "role": "base" if step == 0 else "finetuned", "step": step, "epoch": step / 100, "learning_rate": 1e-4,
-           "path": f"/synthetic/{checkpoint_id}", "fingerprint": f"fp-{checkpoint_id}",
+           "path": where[0] if where else f"/synthetic/{checkpoint_id}",
+           "fingerprint": where[1] if where else f"fp-{checkpoint_id}",
            "projection_fingerprint": layout.fingerprint, "indexed_at": utcnow()}  # fmt: skip
     finalize_checkpoint(store, row, layout)
     store.compact(("embeddings", "query_embeddings", "samples"))

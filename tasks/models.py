@@ -7,7 +7,6 @@ adapter whose tensors do not fit, or a tokenizer with another vocabulary is refu
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import importlib.util
 import json
@@ -154,13 +153,13 @@ def _adapter_keys(folder: Path) -> set[str]:
     return set(torch.load(binary, map_location="cpu", weights_only=True)) if binary.is_file() else set()
 
 
-def _check_adapter_loaded(folder: Path, model: torch.nn.Module) -> None:
-    """Refuse an adapter that did not load: a LoRA weight of the model with no saved tensor (dropped keys or
-    other target names), or an adapter whose every ``lora_B`` is zero (it leaves the base model unchanged).
+def _check_adapter_loaded(folder: Path, model: torch.nn.Module, adapter: str = "default") -> None:
+    """Refuse an adapter that did not load: a LoRA weight of adapter ``adapter`` with no saved tensor (dropped keys
+    or other target names), or an adapter whose every ``lora_B`` is zero (it leaves the base model unchanged).
     """
     saved = {k.replace(".default.", ".") for k in _adapter_keys(folder)}
-    lora = {name: p for name, p in model.named_parameters() if ".lora_" in name}
-    missing = sorted(name for name in lora if name.replace(".default.", ".") not in saved)
+    lora = {name: p for name, p in model.named_parameters() if ".lora_" in name and f".{adapter}." in name}
+    missing = sorted(name for name in lora if name.replace(f".{adapter}.", ".") not in saved)
     if not lora or missing:
         detail = f"e.g. {missing[0]} is not in the saved tensors" if missing else "no LoRA layer was created"
         raise CheckpointError(
@@ -175,21 +174,17 @@ def _check_adapter_loaded(folder: Path, model: torch.nn.Module) -> None:
 
 
 def load_checkpoint(
-    base_reference: str, checkpoint: str | Path, dtype: torch.dtype = torch.float32,
-    base: tuple[torch.nn.Module, Any] | None = None,
-) -> tuple[torch.nn.Module, Any]:  # fmt: skip
-    """(model in eval mode, the base tokenizer) of a checkpoint: full weights, or a PEFT adapter on the base model.
+    base_reference: str, checkpoint: str | Path, dtype: torch.dtype = torch.float32
+) -> tuple[torch.nn.Module, Any]:
+    """(model in eval mode, the base tokenizer) of a checkpoint: full weights, or a PEFT adapter on a fresh base.
 
-    ``base``: the base model and tokenizer already in memory; an adapter is applied to a copy of it (the base model
-    is not read from disk again). Without it, the base model is loaded."""
+    :func:`model_for` does not call it for adapters: it attaches them to the resident base model
+    (:func:`attach_adapter`)."""
     folder = Path(checkpoint)
     if (folder / ADAPTER_CONFIG).is_file():
         from peft import PeftModel
 
-        if base is not None:
-            base_model, base_tokenizer = copy.deepcopy(base[0]).to(dtype), base[1]
-        else:
-            base_model, base_tokenizer = load_base_model(base_reference, dtype)
+        base_model, base_tokenizer = load_base_model(base_reference, dtype)
         _check_tokenizer(folder, base_tokenizer)
         try:
             model = PeftModel.from_pretrained(base_model, folder)
@@ -217,9 +212,27 @@ class CachedModel:
 
 
 _CACHE: OrderedDict[tuple[str, ...], CachedModel] = OrderedDict()
-_BASE: dict[tuple[str, ...], CachedModel] = {}
 _CACHE_LOCK = threading.Lock()
-CACHE_SIZE = 1  # checkpoints in memory besides the base model: indexing and attribution visit each state once
+CACHE_SIZE = 1  # full checkpoints in memory besides the base model: indexing and attribution visit each state once
+
+
+@dataclass
+class Resident:
+    """The base model kept in memory for a whole command, with at most one LoRA adapter attached.
+
+    ``model`` is the base model until an adapter is attached, then the :class:`peft.PeftModel` wrapping it (the
+    base model's linear layers are wrapped in place); θ_0 is then that model with its adapter disabled.
+    ``adapter`` is the stamp of the attached adapter's folder. One ``lock`` for every state it serves: they share
+    their weights."""
+
+    key: tuple[str, ...]
+    model: torch.nn.Module
+    tokenizer: Any
+    lock: threading.Lock
+    adapter: tuple[str, str] | None = None
+
+
+_BASE: dict[tuple[str, ...], Resident] = {}
 
 
 def _stamp(path: str) -> str:
@@ -228,44 +241,94 @@ def _stamp(path: str) -> str:
     return ";".join(f"{q.name}:{q.stat().st_size}:{q.stat().st_mtime_ns}" for q in files)
 
 
-def _base_model(base_reference: str, device: str) -> CachedModel:
-    """The pinned base model (call under ``_CACHE_LOCK``): loaded once per process while its files are unchanged;
-    every state's work needs θ_0 (derived corrections, query-side weights) and LoRA checkpoints copy it."""
+def _resident(base_reference: str, device: str) -> Resident:
+    """The resident base model (call under ``_CACHE_LOCK``): loaded once per process while its files are unchanged;
+    every state's work needs θ_0 (derived corrections, query-side weights) and LoRA checkpoints attach to it."""
     key = (base_reference, _stamp(base_reference), device)
     entry = _BASE.get(key)
     if entry is None:
         _BASE.clear()
         model, tokenizer = load_base_model(base_reference)
-        entry = _BASE[key] = CachedModel(model.to(device), tokenizer, threading.Lock())
+        entry = _BASE[key] = Resident(key, model.to(device), tokenizer, threading.Lock())
     return entry
+
+
+def attach_adapter(resident: Resident, folder: Path, base_reference: str) -> None:
+    """Make the LoRA adapter in ``folder`` the one active on the resident base model (call holding its lock).
+
+    The previous adapter is removed once the new one is in place, so one adapter's weights are in memory. An
+    adapter that does not fit is refused (:class:`CheckpointError`, as :func:`load_checkpoint` refuses it) and the
+    resident model is dropped (the next use loads the base model again: nothing half-attached is served). Loading it is what a fresh load of the checkpoint would compute:
+    W_0 + s·BA on the same base weights."""
+    from peft import PeftModel
+
+    stamp = (str(folder), _stamp(str(folder)))
+    if resident.adapter == stamp:
+        return
+    _check_tokenizer(folder, resident.tokenizer)
+    name = f"a{abs(hash(stamp)) % 10**12}"
+    previous = resident.model.active_adapter if isinstance(resident.model, PeftModel) else None
+    try:
+        if isinstance(resident.model, PeftModel):
+            resident.model.load_adapter(str(folder), adapter_name=name)
+        else:
+            resident.model = PeftModel.from_pretrained(resident.model, str(folder), adapter_name=name)
+        resident.model.set_adapter(name)
+        _check_adapter_loaded(folder, resident.model, name)
+    except (RuntimeError, ValueError, KeyError, CheckpointError) as e:
+        with _CACHE_LOCK:  # the failed load may have left layers in the model: the next use reloads it
+            _BASE.pop(resident.key, None)
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(
+            f"adapter {folder} does not fit base model {base_reference}: {str(e).splitlines()[0][:300]}"
+        ) from e
+    if previous is not None and previous != name:
+        resident.model.delete_adapter(previous)
+    resident.model.eval()
+    resident.adapter = stamp
 
 
 @contextmanager
 def model_for(base_reference: str, checkpoint: str | None, device: str = "cpu") -> Iterator[CachedModel]:
     """The base model (``checkpoint`` None) or a checkpoint, loaded once per process and held exclusively.
 
-    The base model stays in memory (:func:`_base_model`); besides it, the last :data:`CACHE_SIZE` checkpoints
-    keyed by path, file sizes and modification times. A visit of base → checkpoint 1 → base → checkpoint 2 …
-    loads each state once.
+    The base model stays in memory (:class:`Resident`); a LoRA checkpoint is attached to it as an adapter
+    (:func:`attach_adapter`: switching checkpoints never reads the base model again), and θ_0 is served with the
+    adapter disabled. Full checkpoints: the last :data:`CACHE_SIZE`, keyed by path, file sizes and modification
+    times. A visit of base → checkpoint 1 → base → checkpoint 2 … loads each state once.
     """
     with _CACHE_LOCK:
-        base = _base_model(base_reference, device)
-        if checkpoint is None:
-            entry = base
+        resident = _resident(base_reference, device)
+        full = checkpoint is not None and not (Path(checkpoint) / ADAPTER_CONFIG).is_file()
+        entry = _full_checkpoint(base_reference, checkpoint, device) if full and checkpoint is not None else None
+    if entry is not None:
+        with entry.lock:
+            yield entry
+        return
+    with resident.lock:
+        if checkpoint is not None:
+            attach_adapter(resident, Path(checkpoint), base_reference)
+            yield CachedModel(resident.model, resident.tokenizer, resident.lock)
+        elif resident.adapter is None:
+            yield CachedModel(resident.model, resident.tokenizer, resident.lock)
         else:
-            key = (base_reference, _stamp(base_reference), checkpoint, _stamp(checkpoint), device)
-            entry_or_none = _CACHE.get(key)
-            if entry_or_none is None:
-                while len(_CACHE) >= CACHE_SIZE:  # evict before loading: at most CACHE_SIZE checkpoints in memory
-                    _CACHE.popitem(last=False)
-                with base.lock:
-                    model, tokenizer = load_checkpoint(base_reference, checkpoint, base=(base.model, base.tokenizer))
-                entry_or_none = CachedModel(model.to(device), tokenizer, threading.Lock())
-                _CACHE[key] = entry_or_none
-            _CACHE.move_to_end(key)
-            entry = entry_or_none
-    with entry.lock:
-        yield entry
+            with resident.model.disable_adapter():  # type: ignore[operator]
+                yield CachedModel(resident.model, resident.tokenizer, resident.lock)
+
+
+def _full_checkpoint(base_reference: str, checkpoint: str, device: str) -> CachedModel:
+    """A full-weight checkpoint from the cache, or loaded now (call under ``_CACHE_LOCK``)."""
+    key = (base_reference, _stamp(base_reference), checkpoint, _stamp(checkpoint), device)
+    entry = _CACHE.get(key)
+    if entry is None:
+        while len(_CACHE) >= CACHE_SIZE:  # evict before loading: at most CACHE_SIZE checkpoints in memory
+            _CACHE.popitem(last=False)
+        model, tokenizer = load_checkpoint(base_reference, checkpoint)
+        entry = CachedModel(model.to(device), tokenizer, threading.Lock())
+        _CACHE[key] = entry
+    _CACHE.move_to_end(key)
+    return entry
 
 
 def tiny_llama(

@@ -71,3 +71,56 @@ def test_adapter_that_changes_nothing_is_refused(small_world, tmp_path):
     get_peft_model(load_base_model(small_world.base_model)[0], LORA).save_pretrained(folder)  # lora_B = 0
     with pytest.raises(CheckpointError, match="leaves the base model unchanged"):
         load_checkpoint(small_world.base_model, folder)
+
+
+def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_adapters_switch_on_the_resident_base_model_as_fresh_loads_would(small_world, tmp_path, monkeypatch):
+    """model_for serves base → adapter 1 → base → adapter 2 → adapter 1 from one resident base model: each state's
+    outputs equal a fresh load of that state, θ_0 with the adapter disabled equals the base model, and the base
+    model is read from disk once."""
+    import tasks.models as models
+
+    folders = [tmp_path / f"checkpoint-{i}" for i in (1, 2)]
+    for seed, folder in enumerate(folders):
+        _adapter(load_base_model(small_world.base_model)[0], folder, seed=seed)
+    base, tokenizer = load_base_model(small_world.base_model)
+    ids = torch.tensor([tokenizer("document : Alice flew to England . summary :")["input_ids"]])
+    want = {None: _logits(base, ids)} | {
+        f: _logits(load_checkpoint(small_world.base_model, f)[0], ids) for f in folders
+    }
+    models._BASE.clear()
+    loads: list[str] = []
+    real = models.load_base_model
+    monkeypatch.setattr(models, "load_base_model", lambda *a, **k: loads.append("base") or real(*a, **k))
+    for state in (None, folders[0], None, folders[1], folders[0], None):
+        with models.model_for(small_world.base_model, None if state is None else str(state)) as cached:
+            torch.testing.assert_close(_logits(cached.model, ids), want[state], rtol=1e-5, atol=1e-5)
+    assert loads == ["base"]
+    assert not torch.allclose(want[folders[0]], want[folders[1]], atol=1e-3)
+
+
+def test_a_bad_adapter_is_refused_by_model_for_and_nothing_half_attached_is_served(small_world, tmp_path):
+    import tasks.models as models
+
+    good, bad = tmp_path / "checkpoint-1", tmp_path / "checkpoint-2"
+    _adapter(load_base_model(small_world.base_model)[0], good)
+    get_peft_model(load_base_model(small_world.base_model)[0], LORA).save_pretrained(bad)  # lora_B = 0
+    base, tokenizer = load_base_model(small_world.base_model)
+    ids = torch.tensor([tokenizer("document : Bruno flew to England . summary :")["input_ids"]])
+    tuned = _logits(load_checkpoint(small_world.base_model, good)[0], ids)
+    models._BASE.clear()
+    with models.model_for(small_world.base_model, str(good)) as cached:
+        torch.testing.assert_close(_logits(cached.model, ids), tuned, rtol=1e-5, atol=1e-5)
+    with (
+        pytest.raises(CheckpointError, match="leaves the base model unchanged"),
+        models.model_for(small_world.base_model, str(bad)),
+    ):
+        pass
+    with models.model_for(small_world.base_model, str(good)) as cached:
+        torch.testing.assert_close(_logits(cached.model, ids), tuned, rtol=1e-5, atol=1e-5)
+    with models.model_for(small_world.base_model, None) as cached:
+        torch.testing.assert_close(_logits(cached.model, ids), _logits(base, ids), rtol=1e-5, atol=1e-5)
