@@ -21,7 +21,7 @@ from tasks.config import PipelineConfig
 from tasks.models import compute_precision, context_length, model_for
 from tasks.tokenize import encode_pair
 
-BASE_MEMO_BYTES = 1 << 30  # θ_0 per-token tables kept across checkpoints (float32), least recently used evicted
+BASE_MEMO_BYTES = 1 << 30  # θ_0's tables and caches kept across checkpoints, least recently used evicted
 
 
 @dataclass(frozen=True)
@@ -42,11 +42,21 @@ class Derived:
 @dataclass(frozen=True)
 class _Scored:
     """One model's view of one output y (``response``, (R,) ids): ``table`` (R, V) float32
-    log p(· | prompt, y_<r) and the ``likelihoods`` Σ_r log p(y'_r | …) of the edits (r, a) scored so far."""
+    log p(· | prompt, y_<r), the ``likelihoods`` Σ_r log p(y'_r | …) of the edits (r, a) scored so far, and the
+    key/value ``cache`` of prompt ‖ y_<R (θ_0's is kept, so that a later checkpoint's new edits cost their suffix
+    passes only)."""
 
     table: torch.Tensor
     likelihoods: dict[tuple[int, int], float]
     response: torch.Tensor
+    cache: Any = None
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held: the table and the cache's tensors."""
+        layers = getattr(self.cache, "layers", []) or []
+        kv = sum(t.numel() * t.element_size() for layer in layers for t in (layer.keys, layer.values) if t is not None)
+        return int(self.table.numel() * self.table.element_size() + kv)
 
     @property
     def own(self) -> torch.Tensor:
@@ -107,16 +117,17 @@ def _score(
     model: Any, prompt: list[int], response: torch.Tensor, edits: list[tuple[int, int]], precision: torch.dtype | None,
     known: _Scored | None = None,
 ) -> _Scored:  # fmt: skip
-    """The model's table of the output and the likelihoods of ``edits`` (those ``known`` lacks; its table reused
-    when no edit is new)."""
+    """The model's table, cache and the likelihoods of ``edits`` (those ``known`` lacks); ``known``'s table and
+    cache are reused, so the prompt and response run once per model and output."""
     new = [e for e in edits if known is None or e not in known.likelihoods]
     if known is not None and not new:
         return known
-    table, cache = _forward(model, prompt, response, precision)
-    if known is not None:
-        table = known.table  # the first pass's table: the gains of one output compare like with like
+    if known is not None and known.cache is not None:
+        table, cache = known.table, known.cache
+    else:
+        table, cache = _forward(model, prompt, response, precision)
     found = _edit_likelihoods(model, prompt, response, table, cache, new, precision)
-    return _Scored(table, {**(known.likelihoods if known else {}), **found}, response)
+    return _Scored(table, {**(known.likelihoods if known else {}), **found}, response, cache)
 
 
 def _memo_key(base_reference: str, prompt: list[int], response: torch.Tensor, precision: Any) -> tuple[Any, ...]:
@@ -126,7 +137,7 @@ def _memo_key(base_reference: str, prompt: list[int], response: torch.Tensor, pr
 def _remember(key: tuple[Any, ...], scored: _Scored) -> None:
     _BASE_MEMO[key] = scored
     _BASE_MEMO.move_to_end(key)
-    while sum(v.table.numel() * 4 for v in _BASE_MEMO.values()) > BASE_MEMO_BYTES and len(_BASE_MEMO) > 1:
+    while sum(v.nbytes for v in _BASE_MEMO.values()) > BASE_MEMO_BYTES and len(_BASE_MEMO) > 1:
         _BASE_MEMO.popitem(last=False)
 
 

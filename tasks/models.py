@@ -258,8 +258,8 @@ def attach_adapter(resident: Resident, folder: Path, base_reference: str) -> Non
 
     The previous adapter is removed once the new one is in place, so one adapter's weights are in memory. An
     adapter that does not fit is refused (:class:`CheckpointError`, as :func:`load_checkpoint` refuses it) and the
-    resident model is dropped (the next use loads the base model again: nothing half-attached is served). Loading it is what a fresh load of the checkpoint would compute:
-    W_0 + s·BA on the same base weights."""
+    resident model is dropped (the next use loads the base model again: nothing half-attached is served). The
+    result computes what a fresh load of the checkpoint computes: W_0 + s·BA on the same base weights."""
     from peft import PeftModel
 
     stamp = (str(folder), _stamp(str(folder)))
