@@ -21,7 +21,7 @@ from storage.samples import (
     register_groups,
     register_queries,
 )
-from storage.store import LineageStore
+from storage.store import LineageStore, where_in
 from tasks.config import PipelineConfig
 from tasks.indexing import indexed_checkpoints
 from tasks.lineage import refresh_lineage
@@ -79,11 +79,11 @@ def refresh_queries(
     group with a failed member fails with it. Returns {queries, folds, failed: {query_id: reason}}; raises nothing
     for an output's own failure (the caller decides: ``dda attribute`` exits 1, a watcher pass goes on)."""
     store = LineageStore.open(Path(data_dir) / "store")
-    ids = (
-        list(query_ids)
-        if query_ids is not None
-        else sorted(store.read("queries", ["query_id"])["query_id"].to_pylist())
-    )
+    if query_ids is None:
+        ids = sorted(store.read("queries", ["query_id"])["query_id"].to_pylist())
+    else:
+        ids = list(query_ids)
+        _check_registered(store, ids)
     if not ids:
         return {"queries": 0, "folds": 0, "failed": {}}
     failures: dict[str, tuple[str | None, str, str]] = {}
@@ -105,6 +105,14 @@ def refresh_queries(
     clear_trace_failures(store, [q for q in ids if q not in failures])
     failed = {q: f"{'scoring' if c is None else c}: {e}" for q, (c, _, e) in sorted(failures.items())}
     return {"queries": len(ids) - len(failed), "folds": folds, "failed": failed}
+
+
+def _check_registered(store: LineageStore, ids: list[str]) -> None:
+    """Raise KeyError naming the first of ``ids`` that is not registered (a usage error, not an output's failure)."""
+    found = set(store.read("queries", ["query_id"], where_in("query_id", ids))["query_id"].to_pylist())
+    missing = [q for q in ids if q not in found]
+    if missing:
+        raise KeyError(f"query {missing[0]!r} is not registered: run dda attribute with a queries file")
 
 
 def _without_failed(store: LineageStore, ids: list[str], failures: dict[str, tuple[str | None, str, str]]) -> list[str]:

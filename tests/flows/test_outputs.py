@@ -86,6 +86,17 @@ def test_an_id_registered_with_other_text_is_refused_and_keeps_its_lineage(index
     assert cli("attribute", str(_rows(tmp_path / "d.jsonl", [first])), *args) == 0  # the same text again: fine
 
 
+def test_an_unregistered_query_id_is_refused_and_recorded_nowhere(indexed, capsys):
+    data_dir, args = indexed
+    capsys.readouterr()
+    assert cli("attribute", "--query-id", "nope", *args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert "query 'nope' is not registered" in err[0]
+    store = LineageStore.open(data_dir / "store")
+    assert query(store, "SELECT count(*) AS n FROM failed_outputs")["n"][0].as_py() == 0
+
+
 def test_attribute_with_nothing_to_do_is_a_usage_error(indexed, capsys):
     _, args = indexed
     capsys.readouterr()
