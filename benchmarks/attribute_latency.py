@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -188,7 +187,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.mode == "child":
         _child(args)
         return {}
-    from storage.store import utcnow
+    from benchmarks.query_latency import write_results
     from tasks.checkpoints import discover_checkpoints
     from tasks.config import PipelineConfig
     from tasks.demo import build_world
@@ -258,13 +257,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "n_samples_full_vs_lora": args.n_small,
         "states": n_states,
         "outputs_available": len(outputs),
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
-        "measured_at": utcnow().isoformat(timespec="seconds"),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print(json.dumps(results, indent=2))
-    return results
+    return write_results(results, args.out)
 
 
 if __name__ == "__main__":

@@ -187,11 +187,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "normalisation": config.scoring.normalisation,
             "debias_coefficient": config.scoring.debias_coefficient,
         },
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
-        "measured_at": utcnow().isoformat(timespec="seconds"),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    return write_results(results, args.out)
+
+
+def write_results(results: dict[str, Any], out: Path) -> dict[str, Any]:
+    """Add the machine and the time to ``results``, write them to ``out`` as JSON, print and return them."""
+    results = {**results, "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                                      "platform": platform.platform()},
+               "measured_at": utcnow().isoformat(timespec="seconds")}  # fmt: skip
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
     return results
 

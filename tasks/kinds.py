@@ -55,9 +55,8 @@ class StoredKind:
         return cls(Kind(kind), delta is not None, None if gain is None else float(gain))
 
 
-def scored_kind(corrected: bool, config: PipelineConfig) -> Kind:
-    """The kind an output is scored as: ``query_kind`` when it names one, else (``auto``) contrastive with a
-    correction, counterfactual without one when ``scoring.counterfactual`` is on, else plain."""
+def kind_of(corrected: bool, config: PipelineConfig) -> Kind:
+    """The kind an output is scored as, as a :class:`Kind` (:func:`tasks.config.scored_kind` of ``config.scoring``)."""
     return Kind(config.scoring.kind_for(corrected))
 
 

@@ -53,7 +53,7 @@ from storage.vectors import read_query_embeddings
 from tasks.checkpoints import CheckpointError
 from tasks.config import PipelineConfig
 from tasks.finalize import covariance_of, open_checkpoint, stored_layout
-from tasks.kinds import Kind, scored_kind, stored_kind
+from tasks.kinds import Kind, kind_of, stored_kind
 
 
 def _preconditioner(fin: Finalized, layout: EmbeddingLayout, config: PipelineConfig) -> Preconditioner | None:
@@ -88,7 +88,7 @@ def _scores(
 
 
 def query_kinds(store: LineageStore, query_ids: Sequence[str], config: PipelineConfig) -> dict[str, Kind]:
-    """The kind each query is scored as (:func:`tasks.kinds.scored_kind`: from ``config.scoring`` and whether a
+    """The kind each query is scored as (:func:`tasks.kinds.kind_of`: from ``config.scoring`` and whether a
     correction exists)."""
     rows = store.read("queries", ["query_id", "corrected"], where_in("query_id", list(query_ids))).to_pylist()
     corrected = {r["query_id"]: bool(r["corrected"]) for r in rows}
@@ -99,7 +99,7 @@ def query_kinds(store: LineageStore, query_ids: Sequence[str], config: PipelineC
     if wanted == "contrastive" and not all(corrected.values()):
         bad = next(q for q, c in corrected.items() if not c)
         raise CheckpointError(f"query {bad!r} has no corrected response: the contrastive query kind needs one")
-    return {q: scored_kind(corrected[q], config) for q in query_ids}
+    return {q: kind_of(corrected[q], config) for q in query_ids}
 
 
 def _state(stored: StoredState | None, sample_ids: list[str]) -> DDAState:

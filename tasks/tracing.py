@@ -27,7 +27,7 @@ from storage.vectors import read_query_embeddings, write_query_embeddings
 from tasks.config import PipelineConfig
 from tasks.counterfactual import Derived, derive_corrections
 from tasks.indexing import _encode, _pad_id, embed_rows, indexed_checkpoints, open_store, token_batches
-from tasks.kinds import Kind, scored_kind, stored_kind
+from tasks.kinds import Kind, kind_of, stored_kind
 from tasks.models import compute_precision, context_length, model_for
 
 _BASE_LOG_PROBS: dict[tuple[str, str, str], torch.Tensor] = {}  # (base, prompt, response) → log p_θ0 of its tokens
@@ -81,7 +81,7 @@ def embedded_queries(
 def query_kinds_by_id(store: LineageStore, query_ids: Sequence[str], config: PipelineConfig) -> dict[str, Kind]:
     """{query_id: the :class:`~tasks.kinds.Kind` it is scored as} for the registered ones of ``query_ids``."""
     rows = store.read("queries", ["query_id", "corrected"], where_in("query_id", list(query_ids))).to_pylist()
-    return {r["query_id"]: scored_kind(bool(r["corrected"]), config) for r in rows}
+    return {r["query_id"]: kind_of(bool(r["corrected"]), config) for r in rows}
 
 
 def embed_queries(
@@ -161,7 +161,7 @@ def _embed_outputs(
     table = store.read("queries", ["query_id", "prompt", "response", "corrected"], where_in("query_id", query_ids))
     rows = sorted(table.to_pylist(), key=lambda r: r["query_id"])
     cid = checkpoint["checkpoint_id"]
-    kinds = {q["query_id"]: scored_kind(bool(q["corrected"]), config) for q in rows}
+    kinds = {q["query_id"]: kind_of(bool(q["corrected"]), config) for q in rows}
     derived, fresh = _derived_at(store, base_reference, checkpoint, [q for q in rows if kinds[q["query_id"]] is
                                                                      Kind.COUNTERFACTUAL], config)  # fmt: skip
     plain_w = stored_kind(Kind.PLAIN, config, cid).delta
