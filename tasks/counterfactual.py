@@ -22,6 +22,7 @@ from tasks.models import compute_precision, context_length, model_for
 from tasks.tokenize import encode_pair
 
 BASE_MEMO_BYTES = 1 << 30  # θ_0's tables and caches kept across checkpoints, least recently used evicted
+SCORE_CHUNK_ELEMENTS = 1 << 25  # rows × suffix × vocabulary per scoring pass (its float32 log-probabilities)
 
 
 @dataclass(frozen=True)
@@ -83,34 +84,40 @@ def _edit_likelihoods(
     model: Any, prompt: list[int], response: torch.Tensor, table: torch.Tensor, cache: Any,
     edits: list[tuple[int, int]], precision: torch.dtype | None,
 ) -> dict[tuple[int, int], float]:  # fmt: skip
-    """log p(y') for each edit (r, a), y' = y with y_r → a: the unchanged prefix and the edited token come from
-    ``table``; only the suffix y_{r+1..R} is run, over the cached prompt ‖ y_<r state, one pass per position for
-    all of its alternatives. (C,) sequence log-likelihoods as {edit: nats}."""
+    """log p(y') for each edit (r, a), y' = y with y_r → a, as {edit: nats}.
+
+    The unchanged prefix y_<r and the edited token come from ``table`` (R, V); the suffix y_{r+1..R} is scored in
+    one batched pass per chunk of edits over the cached prompt ‖ y_<r0 state, r0 the earliest edited position: row
+    i runs y'_i[r0 : R−1] (S = R−1−r0 tokens; before its own edit a row repeats y, whose scores it ignores), and
+    log p(y') = prefix[r] + table[r, a] + Σ_{k ≥ r−r0} log p(y_{r0+1+k} | …) over the (C, S) row log-probabilities.
+    One pass instead of one per position: on short outputs the passes' fixed cost, not their arithmetic, dominated.
+    """
+    if not edits:
+        return {}
     device = next(model.parameters()).device
     own = table.gather(1, response[:, None])[:, 0]
     prefix = torch.cat([torch.zeros(1), own.cumsum(0)])
-    out: dict[tuple[int, int], float] = {}
-    by_position: dict[int, list[int]] = {}
-    for r, a in edits:
-        by_position.setdefault(r, []).append(a)
     length = len(response)
-    for r, alternatives in sorted(by_position.items()):
-        head = prefix[r] + table[r, alternatives]
-        if r == length - 1:
-            out.update({(r, a): float(h) for a, h in zip(alternatives, head, strict=True)})
-            continue
-        state = copy.deepcopy(cache)
-        state.crop(-(length - 1 - r))  # keep prompt ‖ y_<r (the cache holds prompt ‖ y_<R)
-        state.batch_repeat_interleave(len(alternatives))
-        rows = torch.tensor([[a, *response[r + 1 : length - 1].tolist()] for a in alternatives], device=device)
-        with autocast_to(device, precision):
-            logits = model(input_ids=rows, past_key_values=state, use_cache=True).logits
-        tail = (
-            logits.float().log_softmax(dim=-1).cpu().gather(2, response[None, r + 1 :, None].expand(len(rows), -1, 1))
-        )
-        total = head + tail[..., 0].sum(dim=1)
-        out.update({(r, a): float(t) for a, t in zip(alternatives, total, strict=True)})
-    return out
+    positions = torch.tensor([r for r, _ in edits])
+    totals = prefix[positions] + table[positions, torch.tensor([a for _, a in edits])]
+    r0 = int(positions.min())
+    span = length - 1 - r0  # S: suffix tokens scored per row
+    if span > 0:
+        targets = response[r0 + 1 :]
+        rows = torch.tensor([apply_edit(response.tolist(), e)[r0 : length - 1] for e in edits])
+        keep = torch.arange(span)[None, :] >= (positions - r0)[:, None]  # (C, S): targets after the row's edit
+        chunk = max(1, SCORE_CHUNK_ELEMENTS // (span * table.shape[1]))
+        for i in range(0, len(edits), chunk):
+            state = copy.deepcopy(cache)
+            state.crop(-span)  # keep prompt ‖ y_<r0 (the cache holds prompt ‖ y_<R)
+            block = rows[i : i + chunk]
+            state.batch_repeat_interleave(len(block))
+            with autocast_to(device, precision):
+                logits = model(input_ids=block.to(device), past_key_values=state, use_cache=True).logits
+            logp = logits.float().log_softmax(dim=-1).cpu()
+            picked = logp.gather(2, targets[None, :, None].expand(len(block), -1, 1))[..., 0]  # (c, S)
+            totals[i : i + chunk] += torch.where(keep[i : i + chunk], picked, 0.0).sum(dim=1)
+    return {e: float(t) for e, t in zip(edits, totals, strict=True)}
 
 
 def _score(

@@ -7,6 +7,7 @@ import functools
 import json
 
 import numpy as np
+import pytest
 import torch
 
 import tasks.counterfactual as cf
@@ -36,6 +37,23 @@ def _log_likelihoods(model, sequences: list[list[int]], n_prompt: int) -> torch.
         x = torch.tensor(sequences)
         logits = model(input_ids=x).logits[:, :-1].float().log_softmax(dim=-1)
         return logits.gather(2, x[:, 1:, None])[..., 0][:, n_prompt - 1 :].sum(dim=1)
+
+
+@pytest.mark.parametrize("chunk", [cf.SCORE_CHUNK_ELEMENTS, 1_000])
+def test_every_edit_likelihood_equals_a_plain_forward_pass_of_the_edited_sequence(small_world, monkeypatch, chunk):
+    """log p(y') of edits at every position (the last included), scored over the cached prefix in one pass or in
+    chunks of a few edits, equals Σ log p(y'_r | …) from a plain forward pass over prompt ‖ y'."""
+    monkeypatch.setattr(cf, "SCORE_CHUNK_ELEMENTS", chunk)
+    model, tokenizer = load_base_model(small_world.base_model)
+    ids, labels = encode_pair(tokenizer, PROMPT, RESPONSE, 64)
+    n = sum(1 for x in labels if x < 0)
+    response = torch.tensor(ids[n:])
+    edits = [(r, a) for r in reversed(range(len(response))) for a in (3, 7, 11) if a != int(response[r])]
+    table, cache = cf._forward(model, ids[:n], response, None)
+    got = cf._edit_likelihoods(model, ids[:n], response, table, cache, edits, None)
+    want = _log_likelihoods(model, [ids[:n] + apply_edit(response.tolist(), e) for e in edits], n)
+    assert list(got) == edits
+    assert torch.allclose(torch.tensor([got[e] for e in edits]), want, atol=1e-4)
 
 
 def test_the_derived_correction_is_the_best_single_token_edit_by_brute_force(small_world, monkeypatch):
