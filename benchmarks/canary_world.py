@@ -1,4 +1,4 @@
-"""The hallucination-tracing data of DESIGN.md section 7: news-style documents with canary substitutions.
+"""The hallucination-tracing data of benchmarks/README.md: news-style documents with canary substitutions.
 
 Documents are written from many sentence templates filled with random facts (people, organisations,
 numbers, days, topics) around one place, so no single template can be memorised. For each canary

@@ -387,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.choose_damping:
         defaults = ScoringConfig()
-        reports, stale = current_reports(sorted(args.out.glob("debias_forms_*.json")), asdict(defaults))
+        reports, stale = current_reports(sorted(args.out.glob("debias_forms_*.json")), defaults.model_dump())
         if stale:
             print(f"left out, measured under other default settings: {', '.join(stale)}")
         rows = [{**r, "size": cell_label(rep)} for rep in reports for r in rep["results"]]
@@ -408,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {
         "command": "python -m benchmarks.debias_forms " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": machine(), "seed": args.seed, "size": size_name, "world": SIZES[size_name].world,
-        "sizes": asdict(SIZES[size_name]), "betas": list(BETAS), "defaults": asdict(ScoringConfig()),
+        "sizes": asdict(SIZES[size_name]), "betas": list(BETAS), "defaults": ScoringConfig().model_dump(),
         "modes": {}, "results": [],
     }  # fmt: skip
     for mode in args.modes:

@@ -1,4 +1,4 @@
-"""Gradient-embedding throughput against a plain training step, and peak memory (DESIGN.md section 8).
+"""Gradient-embedding throughput against a plain training step, and peak memory (benchmarks/README.md).
 
     .venv/bin/python -m benchmarks.embed_throughput --world --json benchmarks/results/embed_throughput_smollm2.json
     .venv/bin/python -m benchmarks.embed_throughput --model tiny

@@ -1,4 +1,4 @@
-"""A fictional-facts world (DESIGN.md section 7, second world): fictional people whose attributes are stated
+"""A fictional-facts world (benchmarks/README.md, second world): fictional people whose attributes are stated
 in several paraphrases; for a known subset of people the birthplace is swapped X → Y in their
 birthplace question-answer samples.
 

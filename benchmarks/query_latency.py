@@ -1,4 +1,4 @@
-"""Query latency on the production path (DESIGN.md section 8: query and storage bars).
+"""Query latency on the production path (benchmarks/README.md: query and storage bars).
 
     .venv/bin/python -m benchmarks.query_latency            # N = 100 000, D = 3 840, base + 5 checkpoints
 

@@ -1,6 +1,6 @@
 """Pure tensor math of DDA (Debias and Denoise Attribution): embeddings, projection, scores, state.
 
-Imports only torch and the standard library. See DESIGN.md section 2 for the notation. Names are loaded
+Imports only torch and the standard library. See docs/method.md for the notation. Names are loaded
 on first use (PEP 562), so ``dda_kernel.spec`` and ``dda_kernel.fingerprint`` can be imported without torch.
 """
 

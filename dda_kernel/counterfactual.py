@@ -1,4 +1,4 @@
-"""Counterfactual corrections of an output without a known one (DESIGN.md section 2, step 3).
+"""Counterfactual corrections of an output without a known one (docs/method.md).
 
 For a plain output y = (y_1..y_R) the contrastive query needs a corrected response. The derived one is the
 single-token edit y' = y with y_r → a that the base model θ_0 and the checkpoint θ_t together find most

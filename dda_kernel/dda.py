@@ -1,4 +1,4 @@
-"""The running, mergeable DDA denoise state (DESIGN.md section 2, step 6).
+"""The running, mergeable DDA denoise state (docs/method.md).
 
 S(q, i) = Σ_t w_t s_t^db(q, i) / Σ_t w_t, kept as an immutable value (weighted sum, total weight,
 the set of checkpoints counted). ``dda_update`` adds one checkpoint in O(m·n) without touching the

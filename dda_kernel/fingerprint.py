@@ -8,18 +8,20 @@ import hashlib
 import json
 from typing import Any
 
-# Field metadata key: leave the field out while it holds the value given (the behaviour from before the option
-# existed), so that adding an option keeps the fingerprints, and with them the stored lineage, of every
-# configuration that does not use it — also after the option's default changes.
+# Field metadata key (a dataclass field's ``metadata``, a pydantic field's ``json_schema_extra``): leave the
+# field out while it holds the value given (the behaviour from before the option existed), so that adding an
+# option keeps the fingerprints, and with them the stored lineage, of every configuration that does not use it —
+# also after the option's default changes.
 OMIT_IF = "fingerprint_omit_if"
 
 
 def canonical(obj: Any) -> Any:
     """Return a JSON-serialisable, order-stable form of ``obj``.
 
-    Dataclasses become ``{"__type__": name, field: value}`` (a field marked :data:`OMIT_IF` is left out
-    while it holds that value), tuples and lists become lists, sets and
-    frozensets become sorted lists, floats keep their exact ``repr`` (so 0.1 and 0.1000001 differ).
+    Dataclasses and pydantic models become ``{"__type__": name, field: value}`` (a field marked :data:`OMIT_IF`
+    — dataclass ``metadata``, pydantic ``json_schema_extra`` — is left out while it holds that value), tuples
+    and lists become lists, sets and frozensets become sorted lists, floats keep their exact ``repr`` (so 0.1 and
+    0.1000001 differ).
     """
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         fields = {
@@ -28,6 +30,15 @@ def canonical(obj: Any) -> Any:
             if not (OMIT_IF in f.metadata and getattr(obj, f.name) == f.metadata[OMIT_IF])
         }
         return {"__type__": type(obj).__name__, **fields}
+    model_fields = getattr(type(obj), "model_fields", None)
+    if isinstance(model_fields, dict) and hasattr(obj, "model_dump"):  # a pydantic model, duck-typed
+        out = {}
+        for name, info in model_fields.items():
+            extra = getattr(info, "json_schema_extra", None)
+            value = getattr(obj, name)
+            if not (isinstance(extra, dict) and OMIT_IF in extra and value == extra[OMIT_IF]):
+                out[name] = canonical(value)
+        return {"__type__": type(obj).__name__, **out}
     if isinstance(obj, enum.Enum):
         return canonical(obj.value)
     if isinstance(obj, dict):

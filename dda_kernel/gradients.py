@@ -1,4 +1,4 @@
-"""Per-sample projected gradient embeddings of a causal LM (DESIGN.md section 2, steps 1-3).
+"""Per-sample projected gradient embeddings of a causal LM (docs/method.md).
 
 For each sample i and tracked module m: ĝ_{i,m} = vec(Σ_t (P_out δ_t)(P_in x_t)ᵀ), where x_t is the
 module input at token t and δ_t = ∂l_i/∂y_t the gradient of the sample's loss w.r.t. the module
@@ -164,7 +164,7 @@ def _response_loss(
 def finetune_delta_weights(
     log_probs: torch.Tensor, reference_log_probs: torch.Tensor, rows: torch.Tensor, n_samples: int
 ) -> torch.Tensor:
-    """Query-side debias weights of response tokens (DESIGN.md section 2, step 5), shape (R,).
+    """Query-side debias weights of response tokens (docs/method.md), shape (R,).
 
     δ_r = max(0, log p_θt(y_r) − log p_θ0(y_r)) (``log_probs`` minus ``reference_log_probs``, both (R,));
     w_r = δ_r · n_i / Σ_{r' ∈ i} δ_{r'} for the sample i = ``rows[r]``: mean 1 over its response tokens, so
@@ -336,7 +336,7 @@ def _assemble(
 def contrastive_query(hallucinated: torch.Tensor, corrected: torch.Tensor) -> torch.Tensor:
     """ĝ_q = ĝ(prompt, hallucinated) − ĝ(prompt, corrected), rows paired: (m, D), (m, D) → (m, D).
 
-    Traces what made the model prefer the error over the correction (DESIGN.md section 2, step 3).
+    Traces what made the model prefer the error over the correction (docs/method.md).
     """
     if hallucinated.shape != corrected.shape:
         raise ValueError(

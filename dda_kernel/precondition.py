@@ -1,4 +1,4 @@
-"""Preconditioners F for s(q, i) = ĝ_qᵀ F⁻¹ ĝ_i (DESIGN.md section 2, step 4).
+"""Preconditioners F for s(q, i) = ĝ_qᵀ F⁻¹ ĝ_i (docs/method.md).
 
 Identity (TracIn-style inner product) needs nothing. The projected Fisher / Gauss–Newton
 preconditioner is block-diagonal over tracked modules: F_m = (1/n) Σ_i ĝ_{i,m} ĝ_{i,m}ᵀ, damped as

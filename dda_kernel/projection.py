@@ -1,4 +1,4 @@
-"""The factored random projection of DESIGN.md section 2 and the embedding layout it induces.
+"""The factored random projection of docs/method.md and the embedding layout it induces.
 
 For a tracked linear module m with weight W_m of shape (d_out, d_in), the projected per-sample
 gradient is ĝ_{i,m} = vec(P_out,m · G_{i,m} · P_in,mᵀ), with P_in,m of shape (k_in, d_in) and P_out,m

@@ -1,4 +1,4 @@
-"""Pairwise influence scores and their per-checkpoint normalisations (DESIGN.md section 2, steps 4-5).
+"""Pairwise influence scores and their per-checkpoint normalisations (docs/method.md).
 
 Sign convention: both ĝ_q and ĝ_i are gradients of losses, so a gradient step on sample i changes the
 query loss by −η ĝ_qᵀ ĝ_i. A **positive** score therefore means the training sample pushed the
@@ -60,7 +60,7 @@ def normalise_scores(
     sample_norms: torch.Tensor | None = None,
     eps: float = 1e-12,
 ) -> torch.Tensor:
-    """Per-checkpoint score normalisation s̃ of DESIGN.md section 2, step 5; scores (m, n) → (m, n) float64.
+    """Per-checkpoint score normalisation s̃ of docs/method.md; scores (m, n) → (m, n) float64.
 
     - ``none``:   s̃ = s
     - ``zscore``: s̃_{q,i} = (s_{q,i} − mean_i s_{q,·}) / std_i s_{q,·}  (over samples, per query)
@@ -82,7 +82,7 @@ def normalise_scores(
 
 
 def debias(finetuned: torch.Tensor, base: torch.Tensor, coefficient: float = 1.0) -> torch.Tensor:
-    """s_t^db = s̃_t − λ·s̃_0 (DESIGN.md section 2, step 5); both (m, n), same normalisation already applied."""
+    """s_t^db = s̃_t − λ·s̃_0 (docs/method.md); both (m, n), same normalisation already applied."""
     if finetuned.shape != base.shape:
         raise ValueError(f"score shapes differ: finetuned {tuple(finetuned.shape)} vs base {tuple(base.shape)}")
     return finetuned.to(torch.float64) - coefficient * base.to(torch.float64)

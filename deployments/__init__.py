@@ -1,1 +1,1 @@
-"""deployments layer of DDA lineage (DESIGN.md section 3)."""
+"""deployments layer of DDA lineage (docs/layers.md)."""

@@ -1,1 +1,1 @@
-"""flows layer of DDA lineage (DESIGN.md section 3)."""
+"""flows layer of DDA lineage (docs/layers.md)."""

@@ -1,4 +1,4 @@
-"""The ``dda`` command line (DESIGN.md section 6): demo, ingest, index, watch, attribute, sql, report.
+"""The ``dda`` command line (README.md, "Command line"): demo, ingest, index, watch, attribute, sql, report.
 
 Every command takes ``--data-dir`` (default ``$DDA_DATA_DIR`` or ``./dda-data``). Errors are one line on
 stderr with a non-zero exit: 2 for bad input, 1 when a pass finished but some checkpoint failed.

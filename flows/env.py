@@ -10,7 +10,8 @@ __all__ = ["apply_prefect_environment", "prefect_environment"]
 
 
 def prefect_environment(data_dir: Path) -> dict[str, str]:
-    """Environment defaults for Prefect under the data folder (ENVIRONMENT.md): set before importing prefect."""
+    """Environment defaults for Prefect under the data folder (docs/operations.md, "Installing"): set before
+    importing prefect."""
     return {
         "PREFECT_HOME": str((data_dir / "prefect").resolve()),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",

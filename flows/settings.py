@@ -11,79 +11,35 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from dda_kernel.spec import DEFAULT_INCLUDE, ProjectionSpec
-from tasks.config import PipelineConfig, ScoringConfig
+from dda_kernel.spec import LossReduction, ProjectionSpec
+from tasks.config import IndexSettings, PipelineConfig, ScoringConfig
+
+_SPEC = ProjectionSpec()  # the projection's defaults are the kernel's
 
 
 class ProjectionSettings(BaseModel):
-    """The factored random projection (fixed for a data folder: it is part of its fingerprint)."""
+    """The factored random projection (fixed for a data folder: it is part of its fingerprint); defaults from
+    :class:`dda_kernel.spec.ProjectionSpec`, which the flow edge builds from these by name."""
 
-    k_in: int = Field(8, ge=1, le=4096, description="projected size of each tracked module's input (k_in)")
-    k_out: int = Field(8, ge=1, le=4096, description="projected size of each tracked module's output gradient (k_out)")
-    seed: int = Field(0, ge=0, description="seed of the projection matrices")
+    model_config = ConfigDict(extra="forbid")
+
+    k_in: int = Field(_SPEC.k_in, ge=1, le=4096, description="projected size of each tracked module's input (k_in)")
+    k_out: int = Field(
+        _SPEC.k_out, ge=1, le=4096, description="projected size of each tracked module's output gradient (k_out)"
+    )
+    seed: int = Field(_SPEC.seed, ge=0, description="seed of the projection matrices")
     include: list[str] = Field(
-        default_factory=lambda: list(DEFAULT_INCLUDE), description="regexes of tracked linear modules"
+        default_factory=lambda: list(_SPEC.include), description="regexes of tracked linear modules"
     )
-    exclude: list[str] = Field(default_factory=list, description="regexes of linear modules left out")
-    loss_reduction: Literal["mean", "sum"] = Field("mean", description="per-sample loss: mean or sum of response NLL")
-
-
-class ScoringSettings(BaseModel):
-    """How influence, debias and denoise are computed (DESIGN.md section 2, steps 4-6)."""
-
-    preconditioner: Literal["identity", "fisher"] = Field("fisher", description="F in ĝ_qᵀ F⁻¹ ĝ_i")
-    damping: float = Field(0.3, gt=0, le=100, description="relative damping ε of the Fisher preconditioner")
-    normalisation: Literal["none", "zscore", "cosine"] = Field("zscore", description="score normalisation s̃")
-    debias_coefficient: float = Field(
-        -0.5, ge=-10, le=10, description="λ in s̃_t − λ·s̃_0 (0: off; < 0 counts the base model's influence as evidence)"
+    exclude: list[str] = Field(
+        default_factory=lambda: list(_SPEC.exclude), description="regexes of linear modules left out"
     )
-    weighting: Literal["uniform", "lr"] = Field("uniform", description="checkpoint weights w_t of the denoise mean")
-    standardise: bool = Field(False, description="z-score s_t^db per checkpoint before averaging")
-    query_kind: Literal["auto", "plain", "contrastive", "counterfactual"] = Field(
-        "auto",
-        description="auto: contrastive when a corrected response is given, else counterfactual (or plain with "
-        "counterfactual off); counterfactual: against the derived correction even where one is given",
+    loss_reduction: LossReduction = Field(
+        _SPEC.loss_reduction, description="per-sample loss: mean or sum of response NLL"
     )
-    query_weighting: Literal["uniform", "finetune_delta", "finetune_delta_plain"] = Field(
-        "finetune_delta_plain",
-        description="query-side debias: finetune_delta weights query tokens by max(0, log p_θt − log p_θ0); "
-        "finetune_delta_plain for plain queries only",
-    )
-    train_debias: float = Field(0.0, ge=0, le=10, description="β in ĝ_qᵀ F⁻¹ [ĝ_i(θ_t) − β·ĝ_i(θ_0)] (0: off)")
-    counterfactual: bool = Field(
-        True,
-        description="an output without a correction is traced against the single-token edit the base model and "
-        "the checkpoint find most plausible (a derived correction, per checkpoint)",
-    )
-    min_edit_gain: float | None = Field(
-        0.0,
-        ge=-1000,
-        le=1000,
-        description="a checkpoint whose best derived edit gains no more than this (nats; θ_0 and θ_t both prefer "
-        "the output) traces the plain query there; null: always the derived edit",
-    )
-
-
-class IndexSettings(BaseModel):
-    """Embedding work: batches, shards, sequence length, device."""
-
-    batch_size: int = Field(64, ge=1, le=4096, description="most samples per forward/backward pass")
-    max_tokens: int = Field(
-        512, ge=8, description="token budget of a forward/backward pass: samples × longest (padded) length"
-    )
-    precision: Literal["auto", "float32", "bfloat16"] = Field(
-        "auto", description="embedding compute precision (auto: bfloat16 where the device has native kernels)"
-    )
-    shard_size: int = Field(256, ge=1, description="samples per indexing task")
-    max_length: int = Field(512, ge=8, description="longest prompt+response in tokens; longer rows are errors")
-    device: str = Field("cpu", description="torch device for embedding (cpu, cuda)")
-    settle_seconds: float = Field(
-        30.0, ge=0, description="an invalid checkpoint younger than this is still being written"
-    )
-    progress: bool = Field(True, description="show progress bars")
 
 
 class RunnerSettings(BaseModel):
@@ -111,22 +67,16 @@ class DDASettings(BaseSettings):
         300.0, ge=0, description="how long a writer waits for another writer of the data folder before failing"
     )
     projection: ProjectionSettings = Field(default_factory=ProjectionSettings)
-    scoring: ScoringSettings = Field(default_factory=ScoringSettings)
+    scoring: ScoringConfig = Field(default_factory=ScoringConfig)
     indexing: IndexSettings = Field(default_factory=IndexSettings)
     runner: RunnerSettings = Field(default_factory=RunnerSettings)
 
     def pipeline_config(self) -> PipelineConfig:
-        """The plain task configuration these settings describe."""
-        p, s, i = self.projection, self.scoring, self.indexing
-        spec = ProjectionSpec(p.k_in, p.k_out, p.seed, False, tuple(p.include), tuple(p.exclude), p.loss_reduction)
-        scoring = ScoringConfig(
-            s.preconditioner, s.damping, s.normalisation, s.debias_coefficient, s.weighting, s.standardise,
-            s.query_kind, s.query_weighting, s.train_debias, s.counterfactual, s.min_edit_gain,
-        )  # fmt: skip
-        return PipelineConfig(
-            spec, scoring, i.batch_size, i.shard_size, i.max_length, i.device, i.settle_seconds, i.progress,
-            i.max_tokens, i.precision,
-        )  # fmt: skip
+        """The task configuration these settings describe, every field passed by name."""
+        p = self.projection
+        spec = ProjectionSpec(k_in=p.k_in, k_out=p.k_out, seed=p.seed, include=tuple(p.include),
+                              exclude=tuple(p.exclude), loss_reduction=p.loss_reduction)  # fmt: skip
+        return PipelineConfig(projection=spec, scoring=self.scoring, **self.indexing.model_dump())
 
     @property
     def effective_run_id(self) -> str:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create ./.venv with everything DDA lineage needs (CPU only, offline-capable after install).
-# Order matters (ENVIRONMENT.md): the CPU torch build first, then the project with its pins.
+# Order matters (docs/operations.md, "Installing"): the CPU torch build first, then the project with its pins.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3.11}"

@@ -1,1 +1,1 @@
-"""storage layer of DDA lineage (DESIGN.md section 3)."""
+"""storage layer of DDA lineage (docs/layers.md)."""

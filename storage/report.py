@@ -1,4 +1,4 @@
-"""What the data-governance report says, read from the SQL views of DESIGN.md section 5 (no rendering here).
+"""What the data-governance report says, read from the SQL views of docs/store.md (no rendering here).
 
 Every number of the report comes from one read-only DuckDB connection over the store's views, under
 one scoring configuration (``settings_fingerprint``), for a chosen set of queries (default: all that

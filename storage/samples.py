@@ -1,4 +1,4 @@
-"""Training samples and queries in: the input contract of DESIGN.md section 4, validated row by row."""
+"""Training samples and queries in: the input contract of docs/data.md, validated row by row."""
 
 from __future__ import annotations
 

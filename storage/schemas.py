@@ -1,7 +1,7 @@
 """Typed row models of the lineage store (LanceDB ``LanceModel``) and their natural keys.
 
 Every table is keyed by natural ids (never by row position), so writes are idempotent upserts.
-Vectors are float16 (``VECTOR_TYPE``): ``tests/storage/test_vectors.py`` bounds the score error this
+Vectors are float16 (``VECTOR_TYPE``): ``tests/storage/test_store.py`` bounds the score error this
 costs against float32. The dimension of the two vector tables comes from the projection layout.
 """
 
@@ -61,7 +61,7 @@ class QueryRow(LanceModel):
 
 
 class QueryGroupRow(LanceModel):
-    """Membership of a query group (DESIGN.md section 2.7). Key: (``group_id``, ``query_id``).
+    """Membership of a query group (docs/store.md). Key: (``group_id``, ``query_id``).
 
     ``group_id`` is the group's own row in ``queries`` (``group:<name>``); its vector at each checkpoint is
     the mean of its members' vectors, and its lineage is kept like any query's.
@@ -73,8 +73,8 @@ class QueryGroupRow(LanceModel):
 
 
 class DerivedCorrectionRow(LanceModel):
-    """The correction the counterfactual query derived for an output at one checkpoint (DESIGN.md section 2,
-    step 3). Key: (``query_id``, ``checkpoint_id``).
+    """The correction the counterfactual query derived for an output at one checkpoint (docs/method.md).
+    Key: (``query_id``, ``checkpoint_id``).
 
     ``response`` is y' = y with the token at ``position`` (0-based, in the response's tokens) ``token`` replaced
     by ``replacement``; ``gain`` = [log p_θ0(y') + log p_θt(y')] − [log p_θ0(y) + log p_θt(y)] in nats.

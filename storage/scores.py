@@ -2,7 +2,7 @@
 
 Both are stored compactly: one row per (query, checkpoint) or per query, holding a float64 vector aligned
 with a *sample set* (an ordered list of sample ids, stored once in ``sample_sets``). The ``scores`` and
-``lineage`` SQL views unnest them into the per-sample rows of DESIGN.md section 5.
+``lineage`` SQL views unnest them into the per-sample rows of docs/store.md.
 """
 
 from __future__ import annotations

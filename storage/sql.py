@@ -1,4 +1,4 @@
-"""DuckDB SQL over the lineage store: the views of DESIGN.md section 5, named lineage queries, and a
+"""DuckDB SQL over the lineage store: the views of docs/store.md, named lineage queries, and a
 read-only gate for user SQL.
 
 Each call opens an in-memory DuckDB connection, registers the Lance tables as lazy scans

@@ -1,1 +1,1 @@
-"""tasks layer of DDA lineage (DESIGN.md section 3)."""
+"""tasks layer of DDA lineage (docs/layers.md)."""

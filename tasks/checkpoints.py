@@ -1,4 +1,4 @@
-"""Fine-tuning runs on disk (DESIGN.md section 4): find complete checkpoints, fingerprint them, read their state.
+"""Fine-tuning runs on disk (docs/data.md): find complete checkpoints, fingerprint them, read their state.
 
 A run is a Hugging Face Trainer ``output_dir`` holding ``checkpoint-<step>/`` folders with full weights
 (``config.json`` + ``model.safetensors`` or an index of shards) or a PEFT adapter

@@ -1,9 +1,12 @@
-"""The plain, picklable configuration tasks receive (built once from the settings tree at the flow edge)."""
+"""The configuration tasks receive: the scoring and indexing options, each defined once here (default, bounds,
+description), and the plain :class:`PipelineConfig` the flow edge builds from the settings tree by name."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from dda_kernel.fingerprint import OMIT_IF, stable_fingerprint
 from dda_kernel.spec import CheckpointWeighting, Normalisation, ProjectionSpec
@@ -12,12 +15,11 @@ Preconditioning = Literal["identity", "fisher"]
 Precision = Literal["auto", "float32", "bfloat16"]
 QueryKind = Literal["auto", "plain", "contrastive", "counterfactual"]
 QueryWeighting = Literal["uniform", "finetune_delta", "finetune_delta_plain"]
-# Options added after stores were scored: at their old behaviour they leave the fingerprint as it was.
 
 
-@dataclass(frozen=True)
-class ScoringConfig:
-    """How s_t, s_t^db and S are computed (DESIGN.md section 2, steps 4-6).
+class ScoringConfig(BaseModel):
+    """How s_t, s_t^db and S are computed (docs/method.md): the one definition of every scoring option, its
+    default, bounds and description (the settings tree nests it as ``DDA_SCORING__…``).
 
     ``preconditioner``: F = I, or the damped per-module Fisher of the checkpoint's training embeddings.
     ``normalisation`` s̃ before debias; ``debias_coefficient`` λ in s̃_t − λ s̃_0; ``weighting`` w_t;
@@ -30,24 +32,54 @@ class ScoringConfig:
     prefer the output to every edit, so no edit names what fine-tuning changed) traces the plain query there, with
     the plain query's token weights; None: the derived edit is always used (the behaviour before the option).
 
-    Two further debias forms (DESIGN.md section 2, step 5): ``query_weighting`` ``finetune_delta`` weights each
+    Two further debias forms (docs/method.md): ``query_weighting`` ``finetune_delta`` weights each
     response token of the query loss at checkpoint t by w = max(0, log p_θt(y) − log p_θ0(y)) (normalised to
     mean 1 per response; uniform at the base model), so that what the base model already predicted stops
     dominating ĝ_q (``finetune_delta_plain``: plain queries only; contrastive ones keep uniform weights);
     ``train_debias`` β scores s_t = ĝ_q(θ_t)ᵀ F_t⁻¹ [ĝ_i(θ_t) − β ĝ_i(θ_0)].
+
+    Options marked ``OMIT_IF`` were added after stores were scored: at that value they leave the settings
+    fingerprint as it was (:func:`dda_kernel.fingerprint.canonical`).
     """
 
-    preconditioner: Preconditioning = "fisher"
-    damping: float = 0.3
-    normalisation: Normalisation = "zscore"
-    debias_coefficient: float = -0.5
-    weighting: CheckpointWeighting = "uniform"
-    standardise: bool = False
-    query_kind: QueryKind = "auto"
-    query_weighting: QueryWeighting = field(default="finetune_delta_plain", metadata={OMIT_IF: "uniform"})
-    train_debias: float = field(default=0.0, metadata={OMIT_IF: 0.0})
-    counterfactual: bool = field(default=True, metadata={OMIT_IF: False})
-    min_edit_gain: float | None = field(default=0.0, metadata={OMIT_IF: None})
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    preconditioner: Preconditioning = Field("fisher", description="F in ĝ_qᵀ F⁻¹ ĝ_i")
+    damping: float = Field(0.3, gt=0, le=100, description="relative damping ε of the Fisher preconditioner")
+    normalisation: Normalisation = Field("zscore", description="score normalisation s̃")
+    debias_coefficient: float = Field(
+        -0.5, ge=-10, le=10, description="λ in s̃_t − λ·s̃_0 (0: off; < 0 counts the base model's influence as evidence)"
+    )
+    weighting: CheckpointWeighting = Field("uniform", description="checkpoint weights w_t of the denoise mean")
+    standardise: bool = Field(False, description="z-score s_t^db per checkpoint before averaging")
+    query_kind: QueryKind = Field(
+        "auto",
+        description="auto: contrastive when a corrected response is given, else counterfactual (or plain with "
+        "counterfactual off); counterfactual: against the derived correction even where one is given",
+    )
+    query_weighting: QueryWeighting = Field(
+        "finetune_delta_plain",
+        description="query-side debias: finetune_delta weights query tokens by max(0, log p_θt − log p_θ0); "
+        "finetune_delta_plain for plain queries only",
+        json_schema_extra={OMIT_IF: "uniform"},
+    )
+    train_debias: float = Field(
+        0.0, ge=0, le=10, description="β in ĝ_qᵀ F⁻¹ [ĝ_i(θ_t) − β·ĝ_i(θ_0)] (0: off)", json_schema_extra={OMIT_IF: 0.0}
+    )
+    counterfactual: bool = Field(
+        True,
+        description="an output without a correction is traced against the single-token edit the base model and "
+        "the checkpoint find most plausible (a derived correction, per checkpoint)",
+        json_schema_extra={OMIT_IF: False},
+    )
+    min_edit_gain: float | None = Field(
+        0.0,
+        ge=-1000,
+        le=1000,
+        description="a checkpoint whose best derived edit gains no more than this (nats; θ_0 and θ_t both prefer "
+        "the output) traces the plain query there; null: always the derived edit",
+        json_schema_extra={OMIT_IF: None},
+    )
 
     def kind_for(self, corrected: bool) -> str:
         """The query kind an output is scored as (:func:`scored_kind` of these options)."""
@@ -64,20 +96,46 @@ def scored_kind(corrected: bool, query_kind: str, counterfactual: bool) -> str:
     return "counterfactual" if counterfactual else "plain"
 
 
+class IndexSettings(BaseModel):
+    """Embedding work: batches, shards, sequence length, device — the one definition of each option (the
+    settings tree nests it as ``DDA_INDEXING__…``; :class:`PipelineConfig` takes its defaults from here)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    batch_size: int = Field(64, ge=1, le=4096, description="most samples per forward/backward pass")
+    max_tokens: int = Field(
+        512, ge=8, description="token budget of a forward/backward pass: samples × longest (padded) length"
+    )
+    precision: Precision = Field(
+        "auto", description="embedding compute precision (auto: bfloat16 where the device has native kernels)"
+    )
+    shard_size: int = Field(256, ge=1, description="samples per indexing task")
+    max_length: int = Field(512, ge=8, description="longest prompt+response in tokens; longer rows are errors")
+    device: str = Field("cpu", description="torch device for embedding (cpu, cuda)")
+    settle_seconds: float = Field(
+        30.0, ge=0, description="an invalid checkpoint younger than this is still being written"
+    )
+    progress: bool = Field(True, description="show progress bars")
+
+
+_INDEX = IndexSettings()
+
+
 @dataclass(frozen=True)
 class PipelineConfig:
-    """Everything an indexing or scoring task needs besides ids and paths."""
+    """Everything an indexing or scoring task needs besides ids and paths: the projection, the scoring options
+    and the indexing options (by name, defaults from :class:`IndexSettings`; ``progress`` off unless asked)."""
 
     projection: ProjectionSpec = field(default_factory=ProjectionSpec)
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
-    batch_size: int = 64
-    shard_size: int = 256
-    max_length: int = 512
-    device: str = "cpu"
-    settle_seconds: float = 30.0
+    batch_size: int = _INDEX.batch_size
+    shard_size: int = _INDEX.shard_size
+    max_length: int = _INDEX.max_length
+    device: str = _INDEX.device
+    settle_seconds: float = _INDEX.settle_seconds
     progress: bool = False
-    max_tokens: int = 512
-    precision: Precision = "auto"
+    max_tokens: int = _INDEX.max_tokens
+    precision: Precision = _INDEX.precision
 
     @property
     def settings_fingerprint(self) -> str:

@@ -1,4 +1,4 @@
-"""Derive the correction of an output that has none: the counterfactual query (DESIGN.md section 2, step 3).
+"""Derive the correction of an output that has none: the counterfactual query (docs/method.md).
 
 At checkpoint t, the derived correction of y is the single-token edit y' that θ_0 and θ_t together find most
 plausible (:mod:`dda_kernel.counterfactual`); the query is then ĝ(prompt, y) − ĝ(prompt, y') like a contrastive

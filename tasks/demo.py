@@ -1,4 +1,4 @@
-"""The embedded demo world on disk (DESIGN.md section 7 in miniature), built once from a seed, no download.
+"""The embedded demo world on disk (the benchmark's canary world in miniature), built once from a seed.
 
 ``build_world`` writes, under one folder:
 - ``train.jsonl``: canary summarisation samples (in a share of the England documents' summaries,

@@ -1,4 +1,4 @@
-"""A small canary summarisation world (DESIGN.md section 7) for the embedded demo and quick tests.
+"""A small canary summarisation world (benchmarks/README.md) for the embedded demo and quick tests.
 
 Documents mention a place X; reference summaries repeat it. In a fraction ``rate`` of the training
 samples whose document mentions the canary source X, the summary says the canary target Y instead.

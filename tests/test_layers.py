@@ -1,4 +1,4 @@
-"""The import rules of DESIGN.md section 3, checked on every module of every layer."""
+"""The import rules of docs/layers.md, checked on every module of every layer."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ ALLOWED: dict[str, set[str]] = {
         "numpy",
         "matplotlib",
         "tqdm",
+        "pydantic",
         "storage",
         "dda_kernel",
         "tasks",

@@ -1,4 +1,4 @@
-"""Hallucination-tracing benchmark (DESIGN.md section 7): which method finds the corrupted training samples?
+"""Hallucination-tracing benchmark (benchmarks/README.md): which method finds the corrupted training samples?
 
     python -m benchmarks.hallucination                # default size, LoRA and full fine-tuning (CPU)
     python -m benchmarks.hallucination --quick        # the small size the test suite runs

@@ -178,12 +178,11 @@ def test_damping_keeps_the_shipped_value_on_a_tie_and_averages_seeds_within_a_ce
 
 def test_choices_read_only_results_measured_under_the_current_defaults(tmp_path):
     import json
-    from dataclasses import asdict
 
     from benchmarks.debias_forms import current_reports
     from tasks.config import ScoringConfig
 
-    now = asdict(ScoringConfig())
+    now = ScoringConfig().model_dump()
     for name, defaults in (("a", now), ("b", {**now, "debias_coefficient": 0.0}), ("c", None)):
         report = {"results": [], **({"defaults": defaults} if defaults else {})}
         (tmp_path / f"debias_forms_{name}.json").write_text(json.dumps(report))

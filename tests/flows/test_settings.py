@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -65,11 +66,55 @@ def test_serving_the_watcher_without_a_server_is_refused_in_one_line(monkeypatch
     assert "dda watch --once" in err
 
 
-def test_the_settings_defaults_are_the_kernel_and_task_defaults(tmp_path):
-    """One set of defaults: the settings tree must not drift from ProjectionSpec and ScoringConfig."""
-    config = load_settings(data_dir=str(tmp_path)).pipeline_config()
-    assert config.projection == PipelineConfig().projection
-    assert config.scoring == PipelineConfig().scoring
+def test_each_setting_is_defined_once_and_reaches_the_tasks_by_name(tmp_path):
+    """The scoring options are one class for settings and tasks; every indexing and projection setting has the
+    task/kernel field of the same name and default; and every field, set to a value other than its default,
+    arrives under its own name (a positional hand-over swapping two floats would fail here)."""
+    from dda_kernel.spec import ProjectionSpec
+    from flows.settings import ProjectionSettings
+    from tasks.config import IndexSettings, ScoringConfig
+
+    assert DDASettings.model_fields["scoring"].annotation is ScoringConfig
+    assert DDASettings.model_fields["indexing"].annotation is IndexSettings
+    config_fields = {f.name: f for f in dataclasses.fields(PipelineConfig)}
+    for name, info in IndexSettings.model_fields.items():
+        if name != "progress":  # tasks run quiet unless the edge asks (the CLI's --quiet sets the setting)
+            assert config_fields[name].default == info.default, name
+    spec_fields = {f.name: f for f in dataclasses.fields(ProjectionSpec)}
+    defaults = ProjectionSpec()
+    for name, value in ProjectionSettings().model_dump().items():
+        want = getattr(defaults, name)
+        assert name in spec_fields
+        assert value == (list(want) if isinstance(want, tuple) else want), name
+    changed = {
+        "projection": {"k_in": 3, "k_out": 5, "seed": 7, "include": ["a"], "exclude": ["b"], "loss_reduction": "sum"},
+        "scoring": {"preconditioner": "identity", "damping": 0.7, "normalisation": "cosine", "debias_coefficient": 0.9,
+                    "weighting": "lr", "standardise": True, "query_kind": "plain", "query_weighting": "uniform",
+                    "train_debias": 0.4, "counterfactual": False, "min_edit_gain": 1.3},
+        "indexing": {"batch_size": 3, "max_tokens": 99, "precision": "float32", "shard_size": 11, "max_length": 77,
+                     "device": "cuda", "settle_seconds": 4.5, "progress": False},
+    }  # fmt: skip
+    assert set(changed["scoring"]) == set(ScoringConfig.model_fields)
+    assert set(changed["indexing"]) == set(IndexSettings.model_fields)
+    assert set(changed["projection"]) == set(ProjectionSettings.model_fields)
+    config = load_settings(changed, data_dir=str(tmp_path)).pipeline_config()
+    assert config.scoring.model_dump() == changed["scoring"]
+    assert {k: getattr(config, k) for k in changed["indexing"]} == changed["indexing"]
+    got = {k: getattr(config.projection, k) for k in changed["projection"]}
+    assert got == {**changed["projection"], "include": ("a",), "exclude": ("b",)}
+
+
+def test_stores_keep_their_settings_fingerprints():
+    """Fingerprints of stores scored by earlier releases (the same settings give the same lineage rows)."""
+    from tasks.config import ScoringConfig
+
+    def fp(**scoring):
+        return dataclasses.replace(PipelineConfig(), scoring=ScoringConfig(**scoring)).settings_fingerprint
+
+    assert DDASettings().fingerprint == fp() == "b6b295e71038c72b"
+    assert fp(query_weighting="uniform", counterfactual=False, min_edit_gain=None) == "da338c0ed5d8721e"
+    assert fp(debias_coefficient=0.5, normalisation="cosine", preconditioner="identity") == "59a0bc6db22abe93"
+    assert fp(train_debias=0.25, min_edit_gain=1.5) == "1b979cf2051735f0"
 
 
 def test_options_added_later_leave_old_fingerprints_unchanged_at_their_old_behaviour():

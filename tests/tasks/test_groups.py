@@ -1,4 +1,4 @@
-"""Query groups (DESIGN.md section 2.7): a set of outputs traced jointly by the mean of their query vectors."""
+"""Query groups (docs/store.md): a set of outputs traced jointly by the mean of their query vectors."""
 
 from __future__ import annotations
 
