@@ -40,11 +40,21 @@ def anchors(path: Path) -> set[str]:
     return {slug(h) for h in HEADING.findall(text)}
 
 
+SKIP_DIRS = {".git", ".venv", ".bench-work", "dda-data", "__pycache__", "build", "dist", ".cache"}
+
+
 def tracked(root: Path) -> list[Path]:
-    """The repository's tracked text files (and untracked ones not ignored), relative to ``root``."""
-    out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=root,
-                         capture_output=True, text=True, check=True).stdout.split()  # fmt: skip
-    return [Path(p) for p in out if Path(p).suffix in TEXT and (root / p).is_file()]
+    """The repository's text files, relative to ``root``: what git tracks (and untracked files it does not
+    ignore); outside a git checkout, every file under ``root`` but work, build and environment folders."""
+    try:
+        out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=root,
+                             capture_output=True, text=True, check=True).stdout.split()  # fmt: skip
+        names = [Path(p) for p in out]
+    except (OSError, subprocess.CalledProcessError):
+        names = [p.relative_to(root) for p in root.rglob("*")
+                 if not SKIP_DIRS & set(p.relative_to(root).parts) and not any(
+                     part.endswith((".egg-info", "_cache")) for part in p.relative_to(root).parts)]  # fmt: skip
+    return [p for p in names if p.suffix in TEXT and (root / p).is_file()]
 
 
 def _link_problems(root: Path, rel: Path, text: str) -> list[str]:
