@@ -1,4 +1,5 @@
-"""The ``dda`` command line (README.md, "Command line"): demo, ingest, index, watch, attribute, sql, report.
+"""The ``dda`` command line (README.md, "Command line"): demo, ingest, index, watch, attribute, sql, settings,
+report, doctor (the commands that read the store are in :mod:`flows.reading`).
 
 Every command takes ``--data-dir`` (default ``$DDA_DATA_DIR`` or ``./dda-data``). Errors are one line on
 stderr with a non-zero exit: 2 for bad input, 1 when a pass finished but some checkpoint failed.
@@ -17,33 +18,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-
-def _settings(args: argparse.Namespace, **overrides: Any) -> Any:
-    from flows.settings import load_settings
-
-    values = {"data_dir": args.data_dir, **overrides}
-    settings = load_settings(None, **values)
-    return _with_registered(settings)
-
-
-def _with_registered(settings: Any) -> Any:
-    """Fill a missing base model and run folder from what the data folder has indexed."""
-    from storage.registry import read_checkpoints
-    from storage.store import LineageStore
-
-    store_dir = settings.data_dir / "store"
-    if (settings.base_model is not None and settings.run_dir is not None) or not store_dir.exists():
-        return settings
-    rows = read_checkpoints(LineageStore.open(store_dir))
-    update: dict[str, Any] = {}
-    base = [r for r in rows if r["role"] == "base"]
-    tuned = [r for r in rows if r["role"] == "finetuned"]
-    if settings.base_model is None and base:
-        update["base_model"] = base[0]["path"]
-    if settings.run_dir is None and tuned:
-        update["run_dir"] = Path(tuned[-1]["path"]).parent
-        update["run_id"] = settings.run_id or tuned[-1]["run_id"]
-    return settings.model_copy(update=update)
+from flows.reading import (
+    default_dir,
+    doctor_command,
+    report_command,
+    settings_command,
+    settings_for,
+    sql_command,
+)
 
 
 def _run(flow_fn: Any, settings: Any, **params: Any) -> Any:
@@ -55,7 +37,7 @@ def _run(flow_fn: Any, settings: Any, **params: Any) -> Any:
 def _demo(args: argparse.Namespace) -> int:
     from flows.demo import run_demo
 
-    report = run_demo(args.data_dir or _default_dir(), seed=args.seed, model=args.model, progress=not args.quiet)
+    report = run_demo(args.data_dir or default_dir(), seed=args.seed, model=args.model, progress=not args.quiet)
     if report.first_query is None:
         return 1
     q = report.first_query
@@ -74,7 +56,7 @@ def _demo(args: argparse.Namespace) -> int:
     for name in report.auc:
         print(f"  {name:38s} {report.mean_auc(name):.3f}")
     print(f"governance report: {report.report_html} (and report.md beside it)")
-    where = Path(args.data_dir or _default_dir()).resolve()
+    where = Path(args.data_dir or default_dir()).resolve()
     print(f'everything is under {where}; try: dda sql "SELECT * FROM lineage LIMIT 5"')
     return 0
 
@@ -84,7 +66,7 @@ def _ingest(args: argparse.Namespace) -> int:
     from storage.samples import SampleIn, extra_fields, ingest_samples, read_rows
     from storage.store import LineageStore
 
-    settings = _settings(args)
+    settings = settings_for(args)
     rows = read_rows(args.file, SampleIn)
     with writing(settings, "dda ingest"):
         store = LineageStore.open(settings.data_dir / "store")
@@ -112,13 +94,13 @@ def _report_pass(report: dict[str, Any]) -> None:
 def _index(args: argparse.Namespace) -> int:
     from flows.pipeline import index_run
 
-    settings = _settings(args, base_model=args.base, run_dir=args.run, run_id=args.run_id)
+    settings = settings_for(args, base_model=args.base, run_dir=args.run, run_id=args.run_id)
     _report_pass(_run(index_run, settings))
     return 0
 
 
 def _watch(args: argparse.Namespace) -> int:
-    settings = _settings(args, base_model=args.base, run_dir=args.run, run_id=args.run_id)
+    settings = settings_for(args, base_model=args.base, run_dir=args.run, run_id=args.run_id)
     if args.once:
         from flows.pipeline import watch_checkpoints
 
@@ -142,7 +124,7 @@ def _attribute(args: argparse.Namespace) -> int:
         raise UsageError("nothing to attribute: give a queries file, --query-id ID, or --all (every registered output)")
     if args.all and (args.queries or args.query_id or args.group):
         raise UsageError("--all refreshes every registered output: give it alone, without a file or --query-id")
-    settings = _settings(args, base_model=args.base)
+    settings = settings_for(args, base_model=args.base)
     if settings.base_model is None:
         raise ValueError("no base model given: pass --base or set DDA_BASE_MODEL")
     report = _attribute_run(args, settings)
@@ -180,77 +162,8 @@ def _attribute_run(args: argparse.Namespace, settings: Any) -> dict[str, Any]:
     return report
 
 
-def _sql(args: argparse.Namespace) -> int:
-    from storage.sql import NAMED_QUERIES, named_params, render, run
-    from storage.store import open_existing
-
-    store = open_existing(Path(args.data_dir or _default_dir()) / "store")
-    if args.named:
-        pairs = [p.partition("=") for p in args.param or []]
-        bad = [k for k, eq, _ in pairs if not eq or not k]
-        if bad:
-            raise ValueError(f"--param {bad[0]!r} is not NAME=VALUE")
-        typed = named_params(args.sql, {k: v for k, _, v in pairs})
-        sql, params = NAMED_QUERIES[args.sql], {**typed, "fp": _settings(args).fingerprint}
-    else:
-        sql, params = args.sql, None
-    result = run(store, sql, params, timeout=args.timeout, max_rows=args.max_rows)
-    print(render(result.table, args.format))
-    if result.truncated:
-        print(
-            f"dda sql: only the first {args.max_rows} rows are shown: add a LIMIT or raise --max-rows", file=sys.stderr
-        )
-    return 0
-
-
-def _doctor(args: argparse.Namespace) -> int:
-    from flows.runs import writing
-    from storage.doctor import find_duplicates, repair
-    from storage.store import open_existing
-
-    data_dir = Path(args.data_dir or _default_dir())
-    store = open_existing(data_dir / "store")
-    found = find_duplicates(store)
-    for d in found:
-        key = ", ".join(f"{k}={v!r}" for k, v in d.example.items())
-        print(f"{d.table}: {d.n_keys} keys held by several rows ({d.n_surplus} surplus), e.g. ({key})")
-    if not found:
-        print(f"{data_dir}: every table holds one row per natural key")
-        return 0
-    if not args.repair:
-        print("run `dda doctor --repair` to remove the surplus rows", file=sys.stderr)
-        return 1
-    from flows.settings import load_settings
-
-    with writing(
-        load_settings(None, data_dir=str(data_dir)), "dda doctor --repair"
-    ):  # no registry read: it may be damaged
-        for line in repair(store):
-            print(f"repaired {line}")
-    return 0
-
-
-def _report(args: argparse.Namespace) -> int:
-    from storage.report import gather
-    from storage.store import open_existing
-    from tasks.report import write_report
-
-    settings = _settings(args)
-    fp = args.settings_fingerprint or settings.fingerprint
-    data = gather(open_existing(settings.data_dir / "store"), fp, args.query_id or None, top_k=args.top_k)
-    files = write_report(data, args.out or settings.data_dir / "report", progress=settings.indexing.progress,
-                         lock_timeout=settings.lock_timeout_seconds)  # fmt: skip
-    print(f"report of {len(data.queries)} traced outputs under settings {fp} ({len(files.plots)} plots):")
-    print(f"  {files.html}\n  {files.markdown}")
-    return 0
-
-
 class UsageError(ValueError):
     """The command line asks for nothing or for something contradictory (exit 2, like argparse's own errors)."""
-
-
-def _default_dir() -> str:
-    return os.environ.get("DDA_DATA_DIR", "dda-data")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -308,12 +221,19 @@ def build_parser() -> argparse.ArgumentParser:
     sql.add_argument("--named", action="store_true", help="run a named lineage query, e.g. top_sources")
     sql.add_argument("--param", action="append", help="parameter of a named query, NAME=VALUE (repeatable)")
     sql.add_argument("--timeout", type=float, default=5.0, help="seconds before the query is stopped (default 5)")
-    sql.add_argument("--max-rows", type=int, default=10000, help="rows printed at most (default 10000)")
-    sql.set_defaults(func=_sql)
+    sql.add_argument(
+        "--max-rows", type=int, help="rows at most (default: 10000 shown as a table; CSV and JSON exports are complete)"
+    )
+    sql.set_defaults(func=sql_command)
+
+    current = sub.add_parser(
+        "settings", parents=[common], help="the current settings, their fingerprint, and the fingerprints in the store"
+    )
+    current.set_defaults(func=settings_command)
 
     doctor = sub.add_parser("doctor", parents=[common], help="check every table for rows sharing a natural key")
     doctor.add_argument("--repair", action="store_true", help="remove them (holds the writer lock)")
-    doctor.set_defaults(func=_doctor)
+    doctor.set_defaults(func=doctor_command)
 
     report = sub.add_parser(
         "report", parents=[common], help="the data-governance report: self-contained HTML + Markdown"
@@ -324,17 +244,17 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument(
         "--settings-fingerprint", help="report the lineage scored under these settings (default: the current ones)"
     )
-    report.set_defaults(func=_report)
+    report.set_defaults(func=report_command)
     return parser
 
 
-READ_ONLY = ("sql", "doctor", "report")
+READ_ONLY = ("sql", "settings", "doctor", "report")
 
 
 def _prepare_environment(args: argparse.Namespace) -> None:
     from flows.env import apply_prefect_environment
 
-    data_dir = Path(args.data_dir or _default_dir())
+    data_dir = Path(args.data_dir or default_dir())
     apply_prefect_environment(data_dir)
     if args.command not in READ_ONLY:  # reading creates nothing under the data folder
         Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,7 @@ import csv
 import io
 import json
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,7 +40,7 @@ def _influence_view(column: str) -> str:
                sum(greatest(l.dda_score, 0)) / nullif(sum(sum(greatest(l.dda_score, 0)))
                    OVER (PARTITION BY l.query_id, l.settings_fingerprint), 0) AS share,
                count(*) AS n_samples, l.settings_fingerprint
-        FROM lineage l JOIN samples s USING (sample_id)
+        FROM lineage_all l JOIN samples s USING (sample_id)
         GROUP BY l.query_id, l.settings_fingerprint, coalesce(s.{column}, '(unknown)')"""
 
 
@@ -60,7 +60,7 @@ VIEWS: dict[str, str] = {
     "WHERE status = 'failed'",
     # Stored compactly (one row per query × checkpoint, or per query, holding a vector aligned with a sample
     # set); unnested here into one row per sample. s_t^db = s̃_t − λ·s̃_0 is the formula the state folded.
-    "scores": """
+    "scores_all": """
         SELECT query_id, sample_id, checkpoint_id, score, base_score,
                score - debias_coefficient * base_score AS debiased_score, weight, settings_fingerprint, written_at
         FROM (
@@ -71,7 +71,7 @@ VIEWS: dict[str, str] = {
                 AND b.checkpoint_id = 'base' AND b.sample_set_id = s.sample_set_id
             JOIN _sample_sets ss ON ss.sample_set_id = s.sample_set_id
             WHERE s.checkpoint_id <> 'base')""",
-    "lineage": """
+    "lineage_all": """
         SELECT query_id, sample_id, dda_score, n_checkpoints,
                row_number() OVER (PARTITION BY query_id, settings_fingerprint
                                   ORDER BY dda_score DESC, sample_id) AS rank,
@@ -83,15 +83,15 @@ VIEWS: dict[str, str] = {
                 SELECT d.query_id, unnest(ss.sample_ids) AS sample_id, unnest(d.weighted_sum) AS weighted_sum,
                        d.total_weight, len(d.checkpoints) AS n_checkpoints, d.updated_at, d.settings_fingerprint
                 FROM _dda_state d JOIN _sample_sets ss USING (sample_set_id)))""",
-    "source_influence": _influence_view("source"),
-    "license_influence": _influence_view("license"),
+    "source_influence_all": _influence_view("source"),
+    "license_influence_all": _influence_view("license"),
     "runs": "SELECT * FROM _runs",
 }
 
 NAMED_QUERIES: dict[str, str] = {
     "top_sources": """
         SELECT l.rank, l.sample_id, l.dda_score, s.source, s.license, s.prompt, s.response
-        FROM lineage l JOIN samples s USING (sample_id)
+        FROM lineage_all l JOIN samples s USING (sample_id)
         WHERE l.query_id = $query_id AND l.settings_fingerprint = $fp AND l.rank <= $k ORDER BY l.rank""",
     "influence_by_source": """
         SELECT source, total_score, share, n_samples FROM source_influence
@@ -123,23 +123,38 @@ NAMED_PARAMS: dict[str, dict[str, type]] = {
 }
 
 
+# Views that hold rows of every settings fingerprint (``<name>_all``); ``<name>`` shows the rows of one.
+FINGERPRINTED = ("scores", "lineage", "source_influence", "license_influence")
+
+
 def _relation(store: LineageStore, name: str) -> Any:
     if store.has_table(name):
         return store.db.open_table(name).to_lance()
     return table_schema(name, 1).empty_table()
 
 
-def connect(store: LineageStore, memory_limit: str = MEMORY_LIMIT, threads: int = THREADS) -> duckdb.DuckDBPyConnection:
+def connect(
+    store: LineageStore,
+    memory_limit: str = MEMORY_LIMIT,
+    threads: int = THREADS,
+    settings_fingerprint: str | None = None,
+) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB connection with the store's views, locked down for read-only use.
 
-    Bounded: ``memory_limit`` and ``threads``; no temporary folder (a query that outgrows the memory
-    limit fails instead of spilling to disk); extensions are never installed or auto-loaded.
+    ``scores``, ``lineage``, ``source_influence`` and ``license_influence`` show the rows of
+    ``settings_fingerprint`` (the current settings; None: of every fingerprint), their ``…_all`` twins the rows of
+    every fingerprint. Bounded: ``memory_limit`` and ``threads``; no temporary folder (a query that outgrows the
+    memory limit fails instead of spilling to disk); extensions are never installed or auto-loaded.
     """
     con = duckdb.connect(":memory:")
     for name in BASE_TABLES:
         con.register(f"_{name}", _relation(store, name))
     for name, body in VIEWS.items():
         con.execute(f"CREATE VIEW {name} AS {body}")
+    for name in FINGERPRINTED:
+        literal = None if settings_fingerprint is None else settings_fingerprint.replace("'", "''")
+        where = "" if literal is None else f" WHERE settings_fingerprint = '{literal}'"
+        con.execute(f"CREATE VIEW {name} AS SELECT * FROM {name}_all{where}")
     for setting, value in (
         ("memory_limit", f"'{memory_limit}'"), ("threads", str(int(threads))), ("temp_directory", "''"),
         ("autoinstall_known_extensions", "false"), ("autoload_known_extensions", "false"),
@@ -172,33 +187,38 @@ class Result:
     truncated: bool
 
 
-def run(
+TRUNCATED = object()  # what :func:`stream` yields last when ``max_rows`` left rows unread
+
+
+def stream(
     store: LineageStore, sql: str, params: Mapping[str, Any] | None = None, timeout: float | None = None,
-    max_rows: int | None = None,
-) -> Result:  # fmt: skip
-    """Run one read-only query over the views, stopped after ``timeout`` seconds, reading ≤ ``max_rows`` rows.
+    max_rows: int | None = None, settings_fingerprint: str | None = None, batch_rows: int = 65536,
+) -> Iterator[Any]:  # fmt: skip
+    """The rows of one read-only query over the views, as Arrow record batches of ≤ ``batch_rows`` rows, read as
+    they are consumed (memory stays bounded for an export of any size); at most ``max_rows`` rows (None: every
+    row), then :data:`TRUNCATED` if more were left. Stopped after ``timeout`` seconds.
 
     Raises :class:`ReadOnlySQLError` for anything but one SELECT or for file access, and
     :class:`StorageError` with one line for every other failure (timeout, memory limit, SQL error).
     """
-    con = connect(store)
+    con = connect(store, settings_fingerprint=settings_fingerprint)
     timer = threading.Timer(timeout, con.interrupt) if timeout is not None else None
     try:
         check_read_only(con, sql)
         if timer is not None:
             timer.start()
         relation = con.sql(sql, params=dict(params) if params else None)  # streamed: a row cap stops early
-        reader = relation.to_arrow_reader(min(max_rows or 65536, 65536) or 1)
-        batches, n = [], 0
-        truncated = False
+        reader = relation.to_arrow_reader(max(1, min(max_rows or batch_rows, batch_rows)))
+        n, empty = 0, True
         for batch in reader:
-            batches.append(batch)
-            n += batch.num_rows
-            if max_rows is not None and n > max_rows:
-                truncated = True
-                break
-        table = pa.Table.from_batches(batches, schema=reader.schema)
-        return Result(table.slice(0, max_rows) if truncated else table, truncated)
+            if max_rows is not None and n + batch.num_rows > max_rows:
+                yield batch.slice(0, max_rows - n)
+                yield TRUNCATED
+                return
+            n, empty = n + batch.num_rows, False
+            yield batch
+        if empty:  # no rows: one empty batch still carries the columns
+            yield pa.RecordBatch.from_pylist([], schema=reader.schema)
     except duckdb.InterruptException as e:
         why = f"after the {timeout:g} s timeout" if timeout is not None else "by an interrupt"
         raise StorageError(f"SQL stopped {why}: add a WHERE or LIMIT, or raise --timeout") from e
@@ -212,6 +232,16 @@ def run(
         if timer is not None:
             timer.cancel()
         con.close()
+
+
+def run(
+    store: LineageStore, sql: str, params: Mapping[str, Any] | None = None, timeout: float | None = None,
+    max_rows: int | None = None, settings_fingerprint: str | None = None,
+) -> Result:  # fmt: skip
+    """Every row of one read-only query (at most ``max_rows``) as one Arrow table; errors as :func:`stream`."""
+    got = list(stream(store, sql, params, timeout, max_rows, settings_fingerprint))
+    truncated = got[-1] is TRUNCATED
+    return Result(pa.Table.from_batches(got[:-1] if truncated else got), truncated)
 
 
 def query(store: LineageStore, sql: str, params: Mapping[str, Any] | None = None) -> pa.Table:
@@ -273,8 +303,9 @@ def _column_values(column: pa.ChunkedArray) -> list[Any]:
         return [f"({column.type} value)"] * len(column)
 
 
-def render(table: pa.Table, fmt: str = "table", max_width: int = 60) -> str:
-    """``table`` as text: an aligned text table (cells cut to ``max_width``), CSV, or JSON lines.
+def render(table: pa.Table, fmt: str = "table", max_width: int = 60, header: bool = True) -> str:
+    """``table`` as text: an aligned text table (cells cut to ``max_width``), CSV (its header line unless
+    ``header`` is False: a later batch of a streamed export), or JSON lines.
 
     Values Python cannot represent are rendered as text; any other rendering failure is a one-line
     :class:`StorageError`.
@@ -282,12 +313,12 @@ def render(table: pa.Table, fmt: str = "table", max_width: int = 60) -> str:
     if fmt not in ("table", "csv", "json"):
         raise StorageError(f"unknown output format {fmt!r}: choose table, csv or json")
     try:
-        return _render(table, fmt, max_width)
+        return _render(table, fmt, max_width, header)
     except Exception as e:  # a result DuckDB produced but we cannot print: one line, never a traceback
         raise StorageError(f"cannot render the result as {fmt}: {type(e).__name__}: {str(e).splitlines()[0]}") from e
 
 
-def _render(table: pa.Table, fmt: str, max_width: int) -> str:
+def _render(table: pa.Table, fmt: str, max_width: int, header: bool = True) -> str:
     names = table.column_names
     columns = [_column_values(table.column(i)) for i in range(table.num_columns)]
     rows = [dict(zip(names, values, strict=True)) for values in zip(*columns, strict=True)] if columns else []
@@ -296,7 +327,8 @@ def _render(table: pa.Table, fmt: str, max_width: int) -> str:
     if fmt == "csv":
         out = io.StringIO()
         writer = csv.DictWriter(out, fieldnames=names, lineterminator="\n")
-        writer.writeheader()
+        if header:
+            writer.writeheader()
         writer.writerows(rows)
         return out.getvalue().rstrip("\n")
 

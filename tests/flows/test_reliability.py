@@ -209,9 +209,10 @@ def test_sql_cli_renders_every_type_caps_rows_and_types_named_parameters(tmp_pat
         ["sql", "SELECT count(*) AS n FROM lineage"],
         ["sql", "top_sources", "--named", "--param", "query_id=q1", "--param", "k=3"],
         ["report", "--settings-fingerprint", "settings-a", "--top-k", "3"],
+        ["settings"],
         ["--help"],
     ],
-    ids=["sql", "sql-named", "report", "help"],
+    ids=["sql", "sql-named", "report", "settings", "help"],
 )
 def test_read_only_commands_import_neither_torch_transformers_nor_prefect(tmp_path, args):
     lineage_world(tmp_path / "store")

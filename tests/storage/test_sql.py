@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 
 import numpy as np
@@ -188,3 +189,64 @@ def test_named_query_parameters_follow_the_signature():
         named_params("top_sources", {"query_id": "q"})
     with pytest.raises(StorageError, match="unknown parameter 'x'"):
         named_params("top_sources", {"query_id": "q", "k": "1", "x": "2"})
+
+
+def test_the_current_views_show_one_settings_fingerprint_and_the_all_views_every_one(world):
+    """A store scored under two settings: ``lineage`` (and ``scores``, the influence views) under the current
+    fingerprint holds samples × outputs rows, ranked 1..N once per output; ``…_all`` holds both fingerprints."""
+    store = world[0]
+    other = StoredState(["q2"], SAMPLES, -np.arange(N, dtype=float)[None, :], np.array([1.0]), [frozenset({"c1"})])
+    write_dda_state(store, "other-settings", other)
+
+    def count(view: str, fp: str | None) -> int:
+        return run(store, f"SELECT count(*) AS n FROM {view}", settings_fingerprint=fp).table.to_pylist()[0]["n"]
+
+    assert count("lineage", SETTINGS) == 2 * N
+    assert count("lineage", "other-settings") == N
+    assert count("lineage_all", SETTINGS) == count("lineage", None) == 3 * N
+    assert count("scores", SETTINGS) == count("scores_all", "other-settings") == 2 * 3 * N  # 2 outputs × 3 ckpts
+    assert count("scores", "other-settings") == 0
+    assert count("source_influence", SETTINGS) == 2 * 3  # 2 outputs × 3 sources
+    ranks = run(store, "SELECT query_id, max(rank) AS top, count(DISTINCT rank) AS n FROM lineage GROUP BY query_id",
+                settings_fingerprint=SETTINGS).table.to_pylist()  # fmt: skip
+    assert sorted((r["query_id"], r["top"], r["n"]) for r in ranks) == [("q1", N, N), ("q2", N, N)]
+    quoted = run(store, "SELECT count(*) AS n FROM lineage", settings_fingerprint="x' OR '1'='1").table
+    assert quoted.to_pylist() == [{"n": 0}]  # the fingerprint is a literal, not SQL
+
+
+def test_dda_sql_exports_every_row_unless_capped_and_shows_the_current_settings(world, tmp_path, capsys):
+    """``--format csv`` / ``json`` return all 50 000 rows (a table shows 10 000 and says so); ``--max-rows`` caps
+    an export; ``dda settings`` names the current fingerprint and the fingerprints the store holds."""
+    from flows.cli import main
+
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    (data_dir / "store").symlink_to(world[0].root, target_is_directory=True)
+    args = ["--data-dir", str(data_dir), "--timeout", "60"]
+    sql = "SELECT range AS i, 'x,y' AS text FROM range(50000)"
+    assert main(["sql", sql, "--format", "csv", *args]) == 0
+    out, err = capsys.readouterr()
+    lines = out.splitlines()
+    assert len(lines) == 50_001
+    assert lines[0] == "i,text"
+    assert lines[-1] == '49999,"x,y"'
+    assert err == ""
+    assert main(["sql", sql, "--format", "json", *args]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 50_000
+    assert main(["sql", sql, "--format", "csv", "--max-rows", "100", *args]) == 0
+    out, err = capsys.readouterr()
+    assert len(out.splitlines()) == 101
+    assert "only the first 100 rows" in err
+    assert main(["sql", sql, *args]) == 0
+    out, err = capsys.readouterr()
+    assert "(10000 rows)" in out
+    assert "only the first 10000 rows" in err
+    assert main(["settings", *args[:2]]) == 0
+    out, err = capsys.readouterr()
+    current = json.loads(out)["settings_fingerprint"]
+    assert current != SETTINGS
+    assert f"lineage under {SETTINGS}: 2 outputs" in err
+    assert main(["sql", "SELECT count(*) AS n FROM lineage", *args]) == 0  # the store holds none under `current`
+    out, err = capsys.readouterr()
+    assert "0" in out.splitlines()[2]
+    assert f"no lineage under the current settings ({current}); the store holds {SETTINGS}" in err
