@@ -29,7 +29,8 @@ from storage.store import LineageStore, open_existing
 from tasks import attribution, checkpoints, indexing
 from tasks.checkpoints import CheckpointError, CheckpointInfo
 from tasks.indexing import CheckpointPlan
-from tasks.report import render_markdown, summary_table, write_report
+from tasks.report import write_report
+from tasks.report_format import render_markdown, summary_table
 
 T = TypeVar("T")
 SUMMARY_KEY = "dda-lineage-summary"
@@ -146,7 +147,7 @@ def publish_summary(settings: DDASettings, query_ids: list[str] | None = None) -
 def publish_report(data: ReportData) -> None:
     """Publish ``data`` as Prefect artifacts of the current flow run: the Markdown summary and a table.
 
-    The Markdown is :func:`tasks.report.render_markdown` without plots, with at most :data:`ARTIFACT_QUERIES`
+    The Markdown is :func:`tasks.report_format.render_markdown` without plots, with at most :data:`ARTIFACT_QUERIES`
     outputs in full (``dda report`` has every one); the table has one row per (output, top-k sample) of those.
     """
     fp = data.settings_fingerprint

@@ -77,9 +77,7 @@ def sql_command(args: argparse.Namespace) -> int:
     ``--format table`` shows at most ``--max-rows`` rows (default :data:`TABLE_ROWS`); CSV and JSON are exports,
     streamed batch by batch, complete unless ``--max-rows`` caps them. The timeout and memory limit still apply.
     """
-    import pyarrow as pa
-
-    from storage.sql import NAMED_QUERIES, TRUNCATED, named_params, render, stream
+    from storage.sql import NAMED_QUERIES, TRUNCATED, named_params, render_stream, stream
     from storage.store import open_existing
 
     store = open_existing(Path(args.data_dir or default_dir()) / "store")
@@ -95,20 +93,12 @@ def sql_command(args: argparse.Namespace) -> int:
         sql, params = args.sql, None
     cap = args.max_rows if args.max_rows is not None else (TABLE_ROWS if args.format == "table" else None)
     rows = stream(store, sql, params, timeout=args.timeout, max_rows=cap, settings_fingerprint=fp)
-    if args.format == "table":
-        got = list(rows)
-        truncated = got[-1] is TRUNCATED
-        print(render(pa.Table.from_batches(got[:-1] if truncated else got), "table"))
-    else:
-        truncated, first = False, True
-        for batch in rows:
-            if batch is TRUNCATED:
-                truncated = True
-                break
-            text = render(pa.Table.from_batches([batch]), args.format, header=first)
-            if text:
-                print(text, flush=False)
-            first = False
+    truncated = False
+    for text in render_stream(rows, args.format):
+        if text is TRUNCATED:
+            truncated = True
+        else:
+            print(text)
     if truncated:
         print(f"dda sql: only the first {cap} rows are shown: add a LIMIT or raise --max-rows", file=sys.stderr)
     _say_other_fingerprints(store, sql, fp)

@@ -14,7 +14,7 @@ import csv
 import io
 import json
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -316,6 +316,28 @@ def render(table: pa.Table, fmt: str = "table", max_width: int = 60, header: boo
         return _render(table, fmt, max_width, header)
     except Exception as e:  # a result DuckDB produced but we cannot print: one line, never a traceback
         raise StorageError(f"cannot render the result as {fmt}: {type(e).__name__}: {str(e).splitlines()[0]}") from e
+
+
+def render_stream(chunks: Iterable[Any], fmt: str = "table") -> Iterator[Any]:
+    """Text of what :func:`stream` yields, in ``fmt``: one aligned table of every batch, or CSV (one header line)
+    and JSON lines batch by batch, so that an export never holds more than a batch; :data:`TRUNCATED` passes
+    through last."""
+    if fmt == "table":
+        got = list(chunks)
+        truncated = got[-1] is TRUNCATED
+        yield render(pa.Table.from_batches(got[:-1] if truncated else got), "table")
+        if truncated:
+            yield TRUNCATED
+        return
+    first = True
+    for batch in chunks:
+        if batch is TRUNCATED:
+            yield TRUNCATED
+            return
+        text = render(pa.Table.from_batches([batch]), fmt, header=first)
+        first = False
+        if text:
+            yield text
 
 
 def _render(table: pa.Table, fmt: str, max_width: int, header: bool = True) -> str:

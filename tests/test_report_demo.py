@@ -21,7 +21,8 @@ from flows.pipeline import ARTIFACT_QUERIES, SUMMARY_KEY, TABLE_KEY
 from storage.report import gather
 from storage.sql import query
 from storage.store import LineageStore
-from tasks.report import COLOURS, SECTIONS, render_markdown
+from tasks.report_format import SECTIONS, render_markdown
+from tasks.report_plots import COLOURS
 from tests.report_html import markdown_tables, number, parse_html
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_server")]

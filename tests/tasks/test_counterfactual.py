@@ -22,7 +22,7 @@ from tasks.indexing import indexed_checkpoints
 from tasks.kinds import Kind, stored_kind
 from tasks.lineage import query_kinds
 from tasks.models import compute_precision, load_base_model, load_checkpoint, model_for
-from tasks.report import correction_line, render_markdown
+from tasks.report_format import correction_line, render_markdown
 from tasks.tokenize import encode_pair
 from tests.tasks.helpers import CONFIG, copy_run, write_queries
 from tests.tasks.test_indexing import attribute, index
