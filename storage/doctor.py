@@ -19,9 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import duckdb
-import numpy as np
 
-from storage.errors import StorageError
 from storage.schemas import TABLE_KEYS
 from storage.store import LineageStore, where_equal, where_in
 
@@ -29,10 +27,6 @@ NEWEST = {
     "samples": "ingested_at", "checkpoints": "indexed_at", "queries": "created_at", "sample_sets": "created_at",
     "scores": "written_at", "dda_state": "updated_at", "runs": "started_at",
 }  # fmt: skip
-
-
-class DamagedStoreError(StorageError):
-    """A table holds several rows for one natural key."""
 
 
 @dataclass(frozen=True)
@@ -44,18 +38,6 @@ class Duplicates:
     n_keys: int
     n_surplus: int
     example: dict[str, Any]
-
-
-def check_unique(table: str, ids: Sequence[Any] | np.ndarray, where: str = "") -> None:
-    """Raise :class:`DamagedStoreError` when ``ids`` (the natural keys read from ``table``) repeat."""
-    values = np.asarray(ids)
-    unique, counts = np.unique(values, return_counts=True)
-    if len(unique) != len(values):
-        first = str(unique[counts > 1][0])
-        raise DamagedStoreError(
-            f"table {table}{' ' + where if where else ''} holds {int(counts.max())} rows for key {first!r} "
-            f"({len(values) - len(unique)} surplus rows): two writers met without the lock; run `dda doctor --repair`"
-        )
 
 
 def _over_keys(store: LineageStore, table: str, columns: Sequence[str], sql: str) -> list[dict[str, Any]]:

@@ -21,3 +21,7 @@ class DatasetFormatError(StorageError):
 
 class ReadOnlySQLError(StorageError):
     """User SQL that is not a single read-only query."""
+
+
+class DamagedStoreError(StorageError):
+    """A table holds several rows for one natural key."""

@@ -8,7 +8,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from storage.doctor import check_unique
+from storage.keys import require_unique_keys
 from storage.store import LineageStore, utcnow, where_equal, where_in
 
 
@@ -20,7 +20,7 @@ def write_checkpoint(store: LineageStore, row: Mapping[str, Any]) -> None:
 def read_checkpoints(store: LineageStore) -> list[dict[str, Any]]:
     """Every indexed checkpoint: the base model first, then fine-tuning checkpoints by step."""
     rows: list[dict[str, Any]] = store.read("checkpoints").to_pylist()
-    check_unique("checkpoints", [r["checkpoint_id"] for r in rows])
+    require_unique_keys("checkpoints", [r["checkpoint_id"] for r in rows])
     return sorted(rows, key=lambda r: (r["role"] != "base", r["step"], r["checkpoint_id"]))
 
 
@@ -45,7 +45,7 @@ def read_derived_corrections(
         return {}
     where = f"{where_equal(checkpoint_id=checkpoint_id)} AND {where_in('query_id', list(query_ids))}"
     rows = store.read("derived_corrections", where=where).to_pylist()
-    check_unique("derived_corrections", [r["query_id"] for r in rows])
+    require_unique_keys("derived_corrections", [r["query_id"] for r in rows])
     return {r["query_id"]: r for r in rows}
 
 

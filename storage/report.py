@@ -23,8 +23,7 @@ from typing import Any
 
 import duckdb
 
-from storage.doctor import DamagedStoreError
-from storage.errors import StorageError
+from storage.errors import DamagedStoreError, StorageError
 from storage.sql import connect
 from storage.store import LineageStore, utcnow
 

@@ -13,8 +13,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
-from storage.doctor import check_unique
 from storage.errors import DatasetFormatError, SampleConflictError
+from storage.keys import require_unique_keys
 from storage.store import LineageStore, utcnow, where_equal, where_in
 
 
@@ -198,7 +198,7 @@ def ingest_samples(store: LineageStore, samples: Sequence[SampleIn], dataset: st
             "n_tokens": None, "ingested_at": utcnow(),
         }  # fmt: skip
     existing = store.read("samples", columns=["sample_id", "content_hash"])
-    check_unique("samples", existing["sample_id"].to_pylist())
+    require_unique_keys("samples", existing["sample_id"].to_pylist())
     known = dict(zip(existing["sample_id"].to_pylist(), existing["content_hash"].to_pylist(), strict=True))
     for sid, row in rows.items():
         if sid in known and known[sid] != row["content_hash"]:

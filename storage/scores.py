@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from storage.doctor import check_unique
 from storage.errors import StorageError
+from storage.keys import require_unique_keys
 from storage.schemas import BASE_CHECKPOINT
 from storage.store import LineageStore, utcnow, where_equal, where_in
 
@@ -95,7 +95,7 @@ def read_base_scores(
     """The stored s̃_0 vectors of those ``query_ids`` that have one over sample set ``set_id``."""
     where = f"{where_equal(settings_fingerprint=settings_fingerprint, checkpoint_id=BASE_CHECKPOINT, sample_set_id=set_id)} AND {where_in('query_id', list(query_ids))}"  # noqa: E501
     table = store.read("scores", ["query_id", "score"], where)
-    check_unique("scores", table["query_id"].to_pylist(), "at the base model")
+    require_unique_keys("scores", table["query_id"].to_pylist(), "at the base model")
     return dict(zip(table["query_id"].to_pylist(), _rows_of(table["score"]), strict=True))
 
 
@@ -142,7 +142,7 @@ def read_dda_states(store: LineageStore, settings_fingerprint: str, query_ids: S
     ids = table["query_id"].to_pylist()
     for q in ids:
         if ids.count(q) > 1:
-            check_unique("dda_state", ids, f"of query {q}")
+            require_unique_keys("dda_state", ids, f"of query {q}")
     sets: dict[str, list[str]] = {}
     out = {}
     for q, set_id, sums, total, ckpts in zip(

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from storage.doctor import check_unique
 from storage.errors import FingerprintMismatchError
+from storage.keys import require_unique_keys
 from storage.store import LineageStore, where_equal, where_in
 
 
@@ -96,7 +96,7 @@ def read_embeddings(store: LineageStore, checkpoint_id: str, as_of: int | str | 
     """The vectors of one checkpoint at this store's projection, as stored (see :class:`EmbeddingMatrix`)."""
     table = store.read("embeddings", ["sample_id", "vector", "grad_norm"], _at_checkpoint(store, checkpoint_id), as_of)
     ids = table["sample_id"].to_numpy(zero_copy_only=False).astype(str)
-    check_unique("embeddings", ids, f"at checkpoint {checkpoint_id}")
+    require_unique_keys("embeddings", ids, f"at checkpoint {checkpoint_id}")
     flat = table["vector"].combine_chunks().flatten().to_numpy(zero_copy_only=False)
     dim = store.meta.dim if store.meta else 0
     return EmbeddingMatrix(ids, flat.reshape(len(ids), dim), table["grad_norm"].to_numpy())
@@ -128,7 +128,7 @@ def read_query_embeddings(store: LineageStore, checkpoint_id: str, kind: str, qu
     Reads by key (a filter on the ids asked), never every stored vector of the kind."""
     where = f"{_at_checkpoint(store, checkpoint_id, kind=kind)} AND {where_in('query_id', list(query_ids))}"
     table = store.read("query_embeddings", ["query_id", "vector"], where)
-    check_unique("query_embeddings", table["query_id"].to_pylist(), f"at checkpoint {checkpoint_id} ({kind})")
+    require_unique_keys("query_embeddings", table["query_id"].to_pylist(), f"at checkpoint {checkpoint_id} ({kind})")
     index = {q: i for i, q in enumerate(table["query_id"].to_pylist())}
     missing = [q for q in query_ids if q not in index]
     if missing:

@@ -7,8 +7,8 @@ import pyarrow as pa
 import pytest
 
 from flows.cli import main
-from storage.doctor import DamagedStoreError, find_duplicates, repair
-from storage.errors import StorageError
+from storage.doctor import find_duplicates, repair
+from storage.errors import DamagedStoreError, StorageError
 from storage.registry import read_checkpoints
 from storage.report import gather
 from storage.samples import ingest_samples
