@@ -71,7 +71,7 @@ from benchmarks.hallucination import (
     study_rankings,
 )
 from benchmarks.repsim import repsim_scores
-from tasks.config import ScoringConfig
+from tasks.config import ScoringConfig, upgrade_scoring
 
 BETAS = (0.0, 0.25, 0.5, 1.0)
 # λ of the default scoring's mean_t s̃_t − λ s̃_0: negative λ counts the base model's influence as evidence.
@@ -349,7 +349,10 @@ def current_reports(paths: list[Path], defaults: dict[str, Any]) -> tuple[list[d
     stale: list[str] = []
     for path in paths:
         report = json.loads(path.read_text())
-        if report.get("defaults") == defaults:
+        recorded = report.get("defaults")
+        if isinstance(recorded, dict):  # files written before base_weight recorded λ as debias_coefficient
+            recorded = upgrade_scoring(recorded)
+        if recorded == defaults:
             reports.append(report)
         else:
             stale.append(path.name)

@@ -38,7 +38,8 @@ def canonical(obj: Any) -> Any:
             value = getattr(obj, name)
             if not (isinstance(extra, dict) and OMIT_IF in extra and value == extra[OMIT_IF]):
                 out[name] = canonical(value)
-        return {"__type__": type(obj).__name__, **out}
+        view = getattr(obj, "fingerprint_view", None)  # a renamed field keeps the name fingerprints knew it by
+        return {"__type__": type(obj).__name__, **(view(out) if callable(view) else out)}
     if isinstance(obj, enum.Enum):
         return canonical(obj.value)
     if isinstance(obj, dict):

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from dda_kernel.spec import LossReduction, ProjectionSpec
-from tasks.config import IndexSettings, PipelineConfig, ScoringConfig
+from tasks.config import IndexSettings, PipelineConfig, ScoringConfig, upgrade_scoring
 
 _SPEC = ProjectionSpec()  # the projection's defaults are the kernel's
 
@@ -95,6 +95,8 @@ def load_settings(settings: dict[str, Any] | None = None, **overrides: Any) -> D
     """The settings tree from the environment, updated by ``settings`` (nested dict) and non-None ``overrides``."""
     merged = DDASettings().model_dump()
     for key, value in {**(settings or {}), **{k: v for k, v in overrides.items() if v is not None}}.items():
+        if key == "scoring" and isinstance(value, dict):
+            value = upgrade_scoring(value)  # an old option name overrides the default under its new name
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
             merged[key] = {**merged[key], **value}
         else:

@@ -4,11 +4,11 @@ description), and the plain :class:`PipelineConfig` the flow edge builds from th
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from dda_kernel.fingerprint import OMIT_IF, stable_fingerprint
+from dda_kernel.fingerprint import OMIT_IF, canonical, stable_fingerprint
 from dda_kernel.spec import CheckpointWeighting, Normalisation, ProjectionSpec
 
 Preconditioning = Literal["identity", "fisher"]
@@ -22,7 +22,9 @@ class ScoringConfig(BaseModel):
     default, bounds and description (the settings tree nests it as ``DDA_SCORING__…``).
 
     ``preconditioner``: F = I, or the damped per-module Fisher of the checkpoint's training embeddings.
-    ``normalisation`` s̃ before debias; ``debias_coefficient`` λ in s̃_t − λ s̃_0; ``weighting`` w_t;
+    ``normalisation`` s̃ before debias; ``base_weight`` the weight of the base model's score: the debias
+    s̃_t − λ s̃_0 with λ = −``base_weight`` (:attr:`debias_coefficient`; the option's name before this release,
+    still accepted, whose default −0.5 *added* the base model's influence); ``weighting`` w_t;
     ``standardise`` z-scores s_t^db per checkpoint before averaging. ``query_kind`` ``auto`` uses the
     contrastive query when a corrected response is known; otherwise, with ``counterfactual`` (the default), the
     contrastive query against a correction derived at each checkpoint (:mod:`tasks.counterfactual`: the
@@ -47,8 +49,13 @@ class ScoringConfig(BaseModel):
     preconditioner: Preconditioning = Field("fisher", description="F in ĝ_qᵀ F⁻¹ ĝ_i")
     damping: float = Field(0.3, gt=0, le=100, description="relative damping ε of the Fisher preconditioner")
     normalisation: Normalisation = Field("zscore", description="score normalisation s̃")
-    debias_coefficient: float = Field(
-        -0.5, ge=-10, le=10, description="λ in s̃_t − λ·s̃_0 (0: off; < 0 counts the base model's influence as evidence)"
+    base_weight: float = Field(
+        0.5,
+        ge=-10,
+        le=10,
+        description="weight of the base model's score in S = mean_t s̃_t + base_weight·s̃_0 (0: off; > 0 counts the "
+        "base model's influence as evidence; < 0 subtracts it, the paper's debias); was DEBIAS_COEFFICIENT λ = "
+        "−base_weight, still read for one release",
     )
     weighting: CheckpointWeighting = Field("uniform", description="checkpoint weights w_t of the denoise mean")
     standardise: bool = Field(False, description="z-score s_t^db per checkpoint before averaging")
@@ -81,9 +88,40 @@ class ScoringConfig(BaseModel):
         json_schema_extra={OMIT_IF: None},
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _old_names(cls, data: Any) -> Any:
+        return upgrade_scoring(data) if isinstance(data, dict) else data
+
+    @property
+    def debias_coefficient(self) -> float:
+        """λ = −``base_weight``, the coefficient of the debias s̃_t − λ·s̃_0 (the kernel's and the stored λ)."""
+        return 0.0 - self.base_weight  # 0.0 − 0.0 is +0.0: λ = 0 keeps its fingerprint
+
+    def fingerprint_view(self, fields: dict[str, Any]) -> dict[str, Any]:
+        """The canonical fields as fingerprints have named them: λ as ``debias_coefficient`` (stores scored before
+        the rename keep their fingerprints, and with them their lineage)."""
+        out = {k: v for k, v in fields.items() if k != "base_weight"}
+        return {**out, "debias_coefficient": canonical(self.debias_coefficient)}
+
     def kind_for(self, corrected: bool) -> str:
         """The query kind an output is scored as (:func:`scored_kind` of these options)."""
         return scored_kind(corrected, self.query_kind, self.counterfactual)
+
+
+def upgrade_scoring(values: dict[str, Any]) -> dict[str, Any]:
+    """Scoring options under their current names: the old ``debias_coefficient`` λ becomes ``base_weight`` = −λ.
+    Both at once is an error naming them."""
+    if "debias_coefficient" not in values:
+        return values
+    out = {k: v for k, v in values.items() if k != "debias_coefficient"}
+    if "base_weight" in out:
+        raise ValueError("give base_weight, or the old debias_coefficient (λ = −base_weight), not both")
+    try:
+        out["base_weight"] = 0.0 - float(values["debias_coefficient"])
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"debias_coefficient {values['debias_coefficient']!r} is not a number") from e
+    return out
 
 
 def scored_kind(corrected: bool, query_kind: str, counterfactual: bool) -> str:

@@ -105,7 +105,7 @@ def variant(precond: str, norm: str, kind: str) -> dict[str, Any]:
     """A study scoring variant (λ = 1 is stored; every other λ follows from s̃_t and s̃_0); uniform query token
     weights, so the study reads the plain and contrastive vectors at every state."""
     return {
-        "scoring": {"preconditioner": precond, "normalisation": norm, "debias_coefficient": 1.0, "query_kind": kind,
+        "scoring": {"preconditioner": precond, "normalisation": norm, "base_weight": -1.0, "query_kind": kind,
                     "query_weighting": "uniform"}
     }  # fmt: skip
 

@@ -183,11 +183,13 @@ def test_choices_read_only_results_measured_under_the_current_defaults(tmp_path)
     from tasks.config import ScoringConfig
 
     now = ScoringConfig().model_dump()
-    for name, defaults in (("a", now), ("b", {**now, "debias_coefficient": 0.0}), ("c", None)):
+    before_rename = {**{k: v for k, v in now.items() if k != "base_weight"}, "debias_coefficient": -now["base_weight"]}
+    cases = (("a", now), ("b", {**now, "base_weight": 0.0}), ("c", None), ("d", before_rename))
+    for name, defaults in cases:
         report = {"results": [], **({"defaults": defaults} if defaults else {})}
         (tmp_path / f"debias_forms_{name}.json").write_text(json.dumps(report))
     reports, stale = current_reports(sorted(tmp_path.glob("*.json")), now)
-    assert [r["defaults"] for r in reports] == [now]
+    assert [r["defaults"] for r in reports] == [now, before_rename]
     assert stale == ["debias_forms_b.json", "debias_forms_c.json"]
 
 

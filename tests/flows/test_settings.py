@@ -88,7 +88,7 @@ def test_each_setting_is_defined_once_and_reaches_the_tasks_by_name(tmp_path):
         assert value == (list(want) if isinstance(want, tuple) else want), name
     changed = {
         "projection": {"k_in": 3, "k_out": 5, "seed": 7, "include": ["a"], "exclude": ["b"], "loss_reduction": "sum"},
-        "scoring": {"preconditioner": "identity", "damping": 0.7, "normalisation": "cosine", "debias_coefficient": 0.9,
+        "scoring": {"preconditioner": "identity", "damping": 0.7, "normalisation": "cosine", "base_weight": 0.9,
                     "weighting": "lr", "standardise": True, "query_kind": "plain", "query_weighting": "uniform",
                     "train_debias": 0.4, "counterfactual": False, "min_edit_gain": 1.3},
         "indexing": {"batch_size": 3, "max_tokens": 99, "precision": "float32", "shard_size": 11, "max_length": 77,
@@ -115,6 +115,20 @@ def test_stores_keep_their_settings_fingerprints():
     assert fp(query_weighting="uniform", counterfactual=False, min_edit_gain=None) == "da338c0ed5d8721e"
     assert fp(debias_coefficient=0.5, normalisation="cosine", preconditioner="identity") == "59a0bc6db22abe93"
     assert fp(train_debias=0.25, min_edit_gain=1.5) == "1b979cf2051735f0"
+    assert fp(base_weight=-0.5, normalisation="cosine", preconditioner="identity") == "59a0bc6db22abe93"  # λ = 0.5
+    assert fp(base_weight=0.0) == fp(debias_coefficient=0.0)  # λ = +0.0, never −0.0
+
+
+def test_the_old_debias_coefficient_is_read_as_base_weight_for_one_release(monkeypatch, tmp_path):
+    """``DDA_SCORING__DEBIAS_COEFFICIENT`` λ (whose default −0.5 added the base model's influence) sets
+    ``base_weight`` = −λ; both at once is refused naming them."""
+    monkeypatch.setenv("DDA_SCORING__DEBIAS_COEFFICIENT", "-0.25")
+    settings = load_settings(data_dir=str(tmp_path))
+    assert (settings.scoring.base_weight, settings.scoring.debias_coefficient) == (0.25, -0.25)
+    assert load_settings({"scoring": {"debias_coefficient": 1.0}}, data_dir=str(tmp_path)).scoring.base_weight == -1.0
+    monkeypatch.setenv("DDA_SCORING__BASE_WEIGHT", "1")
+    with pytest.raises(ValidationError, match="not both"):
+        DDASettings()
 
 
 def test_options_added_later_leave_old_fingerprints_unchanged_at_their_old_behaviour():

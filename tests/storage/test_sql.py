@@ -248,5 +248,13 @@ def test_dda_sql_exports_every_row_unless_capped_and_shows_the_current_settings(
     assert f"lineage under {SETTINGS}: 2 outputs" in err
     assert main(["sql", "SELECT count(*) AS n FROM lineage", *args]) == 0  # the store holds none under `current`
     out, err = capsys.readouterr()
-    assert "0" in out.splitlines()[2]
+    assert out.splitlines()[2].strip() == "0"
     assert f"no lineage under the current settings ({current}); the store holds {SETTINGS}" in err
+    state = StoredState(["q1", "q2"], SAMPLES, np.ones((2, N)), np.ones(2), [frozenset({"c1"})] * 2)
+    write_dda_state(world[0], current, state)  # now scored under two settings: SETTINGS and the current ones
+    assert main(["sql", "SELECT count(*) AS n FROM lineage", *args]) == 0
+    out, err = capsys.readouterr()
+    assert out.splitlines()[2].strip() == str(2 * N)  # samples × outputs, one ranking per output
+    assert err == ""
+    assert main(["sql", "SELECT count(*) AS n FROM lineage_all", *args]) == 0
+    assert capsys.readouterr().out.splitlines()[2].strip() == str(4 * N)
