@@ -111,17 +111,17 @@ class ScoringConfig(BaseModel):
 
 def upgrade_scoring(values: dict[str, Any]) -> dict[str, Any]:
     """Scoring options under their current names: the old ``debias_coefficient`` λ becomes ``base_weight`` = −λ.
-    Both at once is an error naming them."""
+    Both at once is an error naming them, unless they agree (settings re-read with the old variable still set)."""
     if "debias_coefficient" not in values:
         return values
     out = {k: v for k, v in values.items() if k != "debias_coefficient"}
-    if "base_weight" in out:
-        raise ValueError("give base_weight, or the old debias_coefficient (λ = −base_weight), not both")
     try:
-        out["base_weight"] = 0.0 - float(values["debias_coefficient"])
+        weight = 0.0 - float(values["debias_coefficient"])
     except (TypeError, ValueError) as e:
         raise ValueError(f"debias_coefficient {values['debias_coefficient']!r} is not a number") from e
-    return out
+    if "base_weight" in out and float(out["base_weight"]) != weight:  # the same value twice is no conflict
+        raise ValueError("give base_weight, or the old debias_coefficient (λ = −base_weight), not both")
+    return {**out, "base_weight": weight}
 
 
 def scored_kind(corrected: bool, query_kind: str, counterfactual: bool) -> str:

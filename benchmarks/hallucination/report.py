@@ -38,7 +38,9 @@ def markdown(report: dict[str, Any]) -> str:
     res = report["results"]
     out = [f"# Hallucination-tracing benchmark ({report['size']})", "", f"Command: `{report['command']}`  ",
            f"Machine: {report['machine']}  ", f"Seed {report['seed']}, sizes `{json.dumps(report['sizes'])}`  ",
-           f"Wall time: {report['wall_seconds'] / 60:.1f} min", "", "Mean ROC-AUC over the canary pairs:", "",
+           f"Wall time: {report['wall_seconds'] / 60:.1f} min  ",
+           f"Code {report.get('code', '(not recorded)')}, scoring defaults "
+           f"`{json.dumps(report.get('defaults', '(not recorded)'))}`", "", "Mean ROC-AUC over the canary pairs:", "",
            summary_table(report), ""]  # fmt: skip
     for mode, info in report["modes"].items():
         counts = ", ".join(

@@ -14,6 +14,8 @@ from benchmarks.hallucination.config import MODES, RESULTS, SIZES, log_line, mac
 from benchmarks.hallucination.evaluation import evaluate_mode
 from benchmarks.hallucination.report import markdown, plot
 from benchmarks.hallucination.worlds import prepare_mode
+from flows.settings import code_version
+from tasks.config import ScoringConfig
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {
         "command": "python -m benchmarks.hallucination " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": machine(), "seed": args.seed, "size": size_name, "sizes": asdict(size),
-        "cea_bf16": not args.cea_fp32, "modes": {}, "results": [], "study": {}, "extra": {},
+        "cea_bf16": not args.cea_fp32, "defaults": ScoringConfig().model_dump(), "code": code_version(),
+        "modes": {}, "results": [], "study": {}, "extra": {},
     }  # fmt: skip
     for mode in args.modes:
         prepared = prepare_mode(work, base_dir, mode, size, args.seed, log_line)

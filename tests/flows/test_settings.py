@@ -122,10 +122,11 @@ def test_stores_keep_their_settings_fingerprints():
 def test_the_old_debias_coefficient_is_read_as_base_weight_for_one_release(monkeypatch, tmp_path):
     """``DDA_SCORING__DEBIAS_COEFFICIENT`` λ (whose default −0.5 added the base model's influence) sets
     ``base_weight`` = −λ; both at once is refused naming them."""
-    monkeypatch.setenv("DDA_SCORING__DEBIAS_COEFFICIENT", "-0.25")
-    settings = load_settings(data_dir=str(tmp_path))
-    assert (settings.scoring.base_weight, settings.scoring.debias_coefficient) == (0.25, -0.25)
     assert load_settings({"scoring": {"debias_coefficient": 1.0}}, data_dir=str(tmp_path)).scoring.base_weight == -1.0
+    monkeypatch.setenv("DDA_SCORING__DEBIAS_COEFFICIENT", "-0.25")
+    settings = load_settings(data_dir=str(tmp_path))  # re-reads the environment with the converted value: agrees
+    assert (settings.scoring.base_weight, settings.scoring.debias_coefficient) == (0.25, -0.25)
+    assert load_settings(settings.model_dump(mode="json")).fingerprint == settings.fingerprint  # a flow's payload
     monkeypatch.setenv("DDA_SCORING__BASE_WEIGHT", "1")
     with pytest.raises(ValidationError, match="not both"):
         DDASettings()
