@@ -31,6 +31,13 @@ def settings_for(args: argparse.Namespace, **overrides: Any) -> Any:
     return with_registered(settings)
 
 
+def current_fingerprint(args: argparse.Namespace) -> str:
+    """The current settings' fingerprint (projection and scoring only: no need to read the indexed base and run)."""
+    from flows.settings import load_settings
+
+    return str(load_settings(None, data_dir=args.data_dir).fingerprint)
+
+
 def with_registered(settings: Any) -> Any:
     """Fill a missing base model and run folder from what the data folder has indexed."""
     from storage.registry import read_checkpoints
@@ -81,7 +88,7 @@ def sql_command(args: argparse.Namespace) -> int:
     from storage.store import open_existing
 
     store = open_existing(Path(args.data_dir or default_dir()) / "store")
-    fp = settings_for(args).fingerprint
+    fp = current_fingerprint(args)
     if args.named:
         pairs = [p.partition("=") for p in args.param or []]
         bad = [k for k, eq, _ in pairs if not eq or not k]
