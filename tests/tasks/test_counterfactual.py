@@ -41,19 +41,26 @@ def _log_likelihoods(model, sequences: list[list[int]], n_prompt: int) -> torch.
 
 @pytest.mark.parametrize("chunk", [cf.SCORE_CHUNK_ELEMENTS, 1_000])
 def test_every_edit_likelihood_equals_a_plain_forward_pass_of_the_edited_sequence(small_world, monkeypatch, chunk):
-    """log p(y') of edits at every position (the last included), scored over the cached prefix in one pass or in
-    chunks of a few edits, equals Σ log p(y'_r | …) from a plain forward pass over prompt ‖ y'."""
+    """log p(y') of edits at every position (the last included) of two outputs with prompts of different lengths,
+    their tables from one padded pass and their edits scored over the cached prefixes in one pass or in chunks of a
+    few rows, equals Σ log p(y'_r | …) from a plain forward pass over prompt ‖ y' of each output alone."""
     monkeypatch.setattr(cf, "SCORE_CHUNK_ELEMENTS", chunk)
     model, tokenizer = load_base_model(small_world.base_model)
-    ids, labels = encode_pair(tokenizer, PROMPT, RESPONSE, 64)
-    n = sum(1 for x in labels if x < 0)
-    response = torch.tensor(ids[n:])
-    edits = [(r, a) for r in reversed(range(len(response))) for a in (3, 7, 11) if a != int(response[r])]
-    table, cache = cf._forward(model, ids[:n], response, None)
-    got = cf._edit_likelihoods(model, ids[:n], response, table, cache, edits, None)
-    want = _log_likelihoods(model, [ids[:n] + apply_edit(response.tolist(), e) for e in edits], n)
-    assert list(got) == edits
-    assert torch.allclose(torch.tensor([got[e] for e in edits]), want, atol=1e-4)
+    pairs = [(PROMPT, RESPONSE), ("document : Kira stayed in Peru . summary :", "Kira stayed in Peru on Monday .")]
+    encoded, edits = [], []
+    for prompt, response in pairs:
+        ids, labels = encode_pair(tokenizer, prompt, response, 64)
+        n = sum(1 for x in labels if x < 0)
+        encoded.append((ids[:n], torch.tensor(ids[n:])))
+        edits.append([(r, a) for r in reversed(range(len(ids) - n)) for a in (3, 7, 11) if a != ids[n + r]])
+    assert len(encoded[0][0]) != len(encoded[1][0])
+    scored = cf._edit_likelihoods(model, cf._tables(model, encoded, None, "", False), edits, None)
+    for (prompt, response), s, wanted in zip(encoded, scored, edits, strict=True):
+        want = _log_likelihoods(model, [prompt + apply_edit(response.tolist(), e) for e in wanted], len(prompt))
+        assert list(s.likelihoods) == wanted
+        assert torch.allclose(torch.tensor([s.likelihoods[e] for e in wanted]), want, atol=1e-4)
+        own = _log_likelihoods(model, [prompt + response.tolist()], len(prompt))
+        assert torch.allclose(s.own.sum(), own[0], atol=1e-4)
 
 
 def test_the_derived_correction_is_the_best_single_token_edit_by_brute_force(small_world, monkeypatch):
