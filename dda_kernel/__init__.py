@@ -11,13 +11,25 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from dda_kernel.counterfactual import (
+        Span as Span,
+    )
+    from dda_kernel.counterfactual import (
         apply_edit as apply_edit,
+    )
+    from dda_kernel.counterfactual import (
+        apply_span as apply_span,
     )
     from dda_kernel.counterfactual import (
         best_edit as best_edit,
     )
     from dda_kernel.counterfactual import (
+        changed_words as changed_words,
+    )
+    from dda_kernel.counterfactual import (
         edit_candidates as edit_candidates,
+    )
+    from dda_kernel.counterfactual import (
+        word_spans as word_spans,
     )
     from dda_kernel.dda import (
         DDAState as DDAState,
@@ -178,7 +190,11 @@ _WHERE: dict[str, str] = {
     "Projector": "dda_kernel.projection",
     "StateError": "dda_kernel.errors",
     "TokenBatch": "dda_kernel.gradients",
+    "Span": "dda_kernel.counterfactual",
     "apply_edit": "dda_kernel.counterfactual",
+    "apply_span": "dda_kernel.counterfactual",
+    "changed_words": "dda_kernel.counterfactual",
+    "word_spans": "dda_kernel.counterfactual",
     "apply_preconditioner": "dda_kernel.precondition",
     "autocast_to": "dda_kernel.gradients",
     "best_edit": "dda_kernel.counterfactual",

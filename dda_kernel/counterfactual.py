@@ -52,3 +52,30 @@ def best_edit(candidates: torch.Tensor, gains: torch.Tensor) -> tuple[int, int]:
     """The candidate (r, a) of largest gain (first on ties); ``candidates`` (C, 2), ``gains`` (C,), C ≥ 1."""
     i = int(torch.argmax(gains))
     return int(candidates[i, 0]), int(candidates[i, 1])
+
+
+Span = tuple[int, int, tuple[int, ...]]  # (r, e, z): y[r:e] replaced by the tokens z
+
+
+def apply_span(response: list[int], span: Span) -> list[int]:
+    """y with y[r:e] replaced by z, for ``span`` = (r, e, z); a single-token edit (r, a) is (r, r + 1, (a,))."""
+    r, e, z = span
+    return [*response[:r], *z, *response[e:]]
+
+
+def word_spans(starts: list[bool], editable: int) -> list[tuple[int, int]]:
+    """The words [r, e) of a response from ``starts`` (R,) — whether token r begins a word (a leading space, a
+    punctuation mark, the first token) — over its first ``editable`` tokens: r a word start, e the next one."""
+    n = min(editable, len(starts))
+    begins = [r for r in range(n) if r == 0 or starts[r]]
+    if not begins:
+        return []
+    return [(r, e) for r, e in zip(begins, [*begins[1:], n], strict=True)]
+
+
+def changed_words(delta: torch.Tensor, words: list[tuple[int, int]], count: int) -> list[tuple[int, int]]:
+    """The words fine-tuning made most likely, those of several tokens kept: the ``count`` words of largest
+    Σ_{r in word} delta_r with a positive sum, ``delta`` (R,) = log p_θt(y_r | …) − log p_θ0(y_r | …); of those,
+    the ones longer than one token (a one-token word is covered by single-token edits). Ties by position."""
+    ranked = sorted(words, key=lambda w: (-float(delta[w[0] : w[1]].sum()), w[0]))[:count]
+    return [(r, e) for r, e in ranked if e - r > 1 and float(delta[r:e].sum()) > 0]

@@ -15,6 +15,7 @@ Preconditioning = Literal["identity", "fisher"]
 Precision = Literal["auto", "float32", "bfloat16"]
 QueryKind = Literal["auto", "plain", "contrastive", "counterfactual"]
 QueryWeighting = Literal["uniform", "finetune_delta", "finetune_delta_plain"]
+EditFallback = Literal["plain", "base_edit"]
 
 
 class ScoringConfig(BaseModel):
@@ -86,6 +87,12 @@ class ScoringConfig(BaseModel):
         description="a checkpoint whose best derived edit gains no more than this (nats; θ_0 and θ_t both prefer "
         "the output) traces the plain query there; null: always the derived edit",
         json_schema_extra={OMIT_IF: None},
+    )
+    edit_fallback: EditFallback = Field(
+        "plain",
+        description="where a checkpoint's best edit gains no more than min_edit_gain: plain traces the plain "
+        "query; base_edit contrasts with the edit derived at the base model (where it gained), else plain",
+        json_schema_extra={OMIT_IF: "plain"},
     )
 
     @model_validator(mode="before")

@@ -1,42 +1,41 @@
 """Derive the correction of an output that has none: the counterfactual query (docs/method.md).
 
-At checkpoint t, the derived correction of y is the single-token edit y' that θ_0 and θ_t together find most
-plausible (:mod:`dda_kernel.counterfactual`); the query is then ĝ(prompt, y) − ĝ(prompt, y') like a contrastive
+At checkpoint t, the derived correction of y is the edit y' that θ_0 and θ_t together find most plausible: the
+argmax over candidate edits of [log p_θ0(y') + log p_θt(y')] − [log p_θ0(y) + log p_θt(y)]. Candidates are the
+single-token edits of :func:`dda_kernel.edit_candidates` and, at a fine-tuned checkpoint where the word
+fine-tuning made most likely (among those the prompt does not contain) has several tokens (an invented name),
+whole-word replacements of it decoded by both models together (:func:`tasks.likelihoods.propose_spans`): a
+single token cannot express "another name". The query is then ĝ(prompt, y) − ĝ(prompt, y') like a contrastive
 one. Each checkpoint derives its own (its θ_t), so nothing depends on which checkpoints exist yet. No Prefect.
-
-Every pass is batched across the outputs of a call: one forward per chunk of outputs gives their per-token tables
-and key/value caches, and one forward per chunk of candidate edits (of any outputs) scores their suffixes over
-the cached prefixes. On short outputs a model's fixed cost per call, not its arithmetic, dominated.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
-from tqdm import tqdm
-from transformers import DynamicCache
 
-from dda_kernel import apply_edit, autocast_to, best_edit, edit_candidates
+from dda_kernel import Span, apply_span, changed_words, edit_candidates, word_spans
 from tasks.config import PipelineConfig
+from tasks.likelihoods import Scored, edit_likelihoods, propose_spans, tables
 from tasks.models import compute_precision, context_length, model_for
 from tasks.tokenize import encode_pair
 
 BASE_MEMO_BYTES = 1 << 30  # θ_0's tables and caches kept across checkpoints, least recently used evicted
-SCORE_CHUNK_ELEMENTS = 1 << 25  # rows × positions × vocabulary per forward pass (its float32 logits)
-
-Edit = tuple[int, int]  # (position r, replacement token a)
-KeyValues = tuple[tuple[torch.Tensor, torch.Tensor], ...]  # per layer (1, heads, L, head_dim) keys and values
+SPAN_WORDS = 1  # words per output, ranked by how much fine-tuning raised their likelihood, replaced whole
+SPAN_BEAMS = 4  # first tokens per such word (largest joint log-probability), each decoded greedily
+SPAN_TOKENS = 8  # longest decoded replacement
 
 
 @dataclass(frozen=True)
 class Derived:
-    """A derived correction: the edited ``response`` text, the edit (position, old and new token text) and its
+    """A derived correction: the edited ``response`` text, the edit (position, replaced and replacement text) and its
     gain [log p_θ0(y') + log p_θt(y')] − [log p_θ0(y) + log p_θt(y)] in nats. ``response_ids``: the edited
-    response's token ids (as the output's own encoding, the edit applied): what the query embeds, so the vector is
+    response's token ids (the output's own encoding, the edit applied): what the query embeds, so the vector is
     computed on exactly the scored sequence (decoding then re-encoding text need not give the same ids)."""
 
     response: str
@@ -47,162 +46,14 @@ class Derived:
     response_ids: tuple[int, ...] = ()
 
 
-@dataclass(frozen=True)
-class _Scored:
-    """One model's view of one output y = ``response`` (R,) after ``prompt`` (P ids): ``table`` (R, V) float32
-    log p(· | prompt, y_<r), the ``likelihoods`` Σ_r log p(y'_r | …) of the edits scored so far, and ``kv``, the
-    key/value cache of prompt ‖ y_<R (L = P + R − 1 positions), from which edits are scored (θ_0's is kept across
-    checkpoints, so that a later checkpoint's new edits cost their suffix passes only)."""
-
-    prompt: tuple[int, ...]
-    response: torch.Tensor
-    table: torch.Tensor
-    kv: KeyValues
-    likelihoods: dict[Edit, float]
-
-    @property
-    def nbytes(self) -> int:
-        """Memory held: the table and the cache."""
-        kv = sum(t.numel() * t.element_size() for layer in self.kv for t in layer)
-        return int(self.table.numel() * self.table.element_size() + kv)
-
-    @property
-    def own(self) -> torch.Tensor:
-        """(R,) log p(y_r | prompt, y_<r) of the output's own tokens."""
-        return self.table.gather(1, self.response[:, None])[:, 0]
-
-
-_BASE_MEMO: OrderedDict[tuple[Any, ...], _Scored] = OrderedDict()
-
-
-def _chunks(sizes: Sequence[int], vocab: int) -> list[list[int]]:
-    """Consecutive index chunks whose n · max(size) · vocab stays within :data:`SCORE_CHUNK_ELEMENTS` (≥ 1 each)."""
-    out: list[list[int]] = []
-    widest = 0
-    for i, size in enumerate(sizes):
-        if out and (len(out[-1]) + 1) * max(widest, size) * vocab <= SCORE_CHUNK_ELEMENTS:
-            out[-1].append(i)
-            widest = max(widest, size)
-        else:
-            out.append([i])
-            widest = size
-    return out
-
-
-@torch.no_grad()
-def _tables(
-    model: Any, encoded: Sequence[tuple[list[int], torch.Tensor]], precision: torch.dtype | None, desc: str,
-    progress: bool,
-) -> list[_Scored]:  # fmt: skip
-    """Each output's table and cache, one right-padded forward pass over prompt ‖ y_<R per chunk of outputs.
-
-    Right padding leaves every real position's logits and keys exact (causal attention never looks ahead)."""
-    device = next(model.parameters()).device
-    vocab = int(model.config.vocab_size)
-    seqs = [prompt + response[:-1].tolist() for prompt, response in encoded]
-    out: list[_Scored] = []
-    for chunk in tqdm(_chunks([len(s) for s in seqs], vocab), desc=desc, unit="pass", disable=not progress):
-        width = max(len(seqs[i]) for i in chunk)
-        start = min(len(encoded[i][0]) for i in chunk) - 1  # the first position any table needs
-        ids = torch.tensor([seqs[i] + [0] * (width - len(seqs[i])) for i in chunk], device=device)
-        with autocast_to(device, precision):
-            result = model(input_ids=ids, use_cache=True, logits_to_keep=width - start)
-        logp = result.logits.float().log_softmax(dim=-1).cpu()
-        layers = [(layer.keys, layer.values) for layer in result.past_key_values.layers]
-        for j, i in enumerate(chunk):
-            prompt, response = encoded[i]
-            first, length = len(prompt) - 1 - start, len(seqs[i])
-            kv = tuple((k[j : j + 1, :, :length].clone(), v[j : j + 1, :, :length].clone()) for k, v in layers)
-            out.append(_Scored(tuple(prompt), response, logp[j, first : first + len(response)].clone(), kv, {}))
-    return out
-
-
-@dataclass(frozen=True)
-class _Row:
-    """One edit's suffix pass: output ``index``, the ``edit`` (r, a), and the tokens y'[r : R − 1] = (a, y_{r+1},
-    …, y_{R−2}) the row runs after the cached prompt ‖ y_<r."""
-
-    index: int
-    edit: Edit
-    tokens: list[int]
-
-
-@torch.no_grad()
-def _suffix_log_probs(
-    model: Any, scored: Sequence[_Scored], rows: Sequence[_Row], precision: torch.dtype | None
-) -> torch.Tensor:
-    """(n, S) log p(y_{r+1+k} | prompt, y'_≤r+k) for each row's edit (r, a), S its longest row (shorter rows:
-    trailing positions meaningless), in one pass over the rows' cached prefixes.
-
-    Row j attends to its output's cache columns [0, P_j), P_j = |prompt| + r (the rest are masked), then to its own
-    tokens at positions P_j + k: what a forward pass over prompt ‖ y'[: R − 1] computes at those positions."""
-    device = next(model.parameters()).device
-    prefix = [len(scored[r.index].prompt) + r.edit[0] for r in rows]
-    outputs = sorted({r.index for r in rows})
-    width, span = max(scored[i].kv[0][0].shape[2] for i in outputs), max(len(r.tokens) for r in rows)
-    slot = {i: n for n, i in enumerate(outputs)}
-    pick = torch.tensor([slot[r.index] for r in rows], device=device)
-    cache = DynamicCache()
-    for layer in range(len(scored[outputs[0]].kv)):
-        parts = []
-        for kind in (0, 1):
-            first = scored[outputs[0]].kv[layer][kind]
-            stack = first.new_zeros((len(outputs), first.shape[1], width, first.shape[3]))
-            for n, i in enumerate(outputs):
-                own = scored[i].kv[layer][kind]
-                stack[n, :, : own.shape[2]] = own[0]
-            parts.append(stack.index_select(0, pick))
-        cache.update(parts[0], parts[1], layer)
-    mask = torch.zeros((len(rows), width + span), dtype=torch.long)
-    for j, p in enumerate(prefix):
-        mask[j, :p] = 1
-    mask[:, width:] = 1
-    ids = torch.tensor([r.tokens + [0] * (span - len(r.tokens)) for r in rows])
-    positions = torch.tensor(prefix)[:, None] + torch.arange(span)[None, :]
-    with autocast_to(device, precision):
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
-                       past_key_values=cache, use_cache=True).logits.float()  # fmt: skip
-    targets = torch.zeros((len(rows), span), dtype=torch.long)
-    for j, r in enumerate(rows):
-        after = scored[r.index].response[r.edit[0] + 1 :]
-        targets[j, : len(r.tokens)] = after[: len(r.tokens)]
-    picked: torch.Tensor = logits.gather(2, targets.to(device)[..., None])[..., 0] - logits.logsumexp(dim=-1)
-    return picked.cpu()
-
-
-def _edit_likelihoods(
-    model: Any, scored: Sequence[_Scored], edits: Sequence[Sequence[Edit]], precision: torch.dtype | None,
-    progress: bool = False, desc: str = "counterfactual edits",
-) -> list[_Scored]:  # fmt: skip
-    """``scored`` with log p(y') added for each output's ``edits`` (r, a) it lacks, y' = y with y_r → a.
-
-    The unchanged prefix y_<r and the edited token come from the table: prefix[r] + table[r, a]; the suffix is
-    scored over the cached prompt ‖ y_<r: the row of edit (r, a) runs y'[r : R−1] (S = R−1−r tokens) and adds
-    Σ_k log p(y_{r+1+k} | prompt, y'_≤r+k). Rows of every output, longest first, share the passes (chunks of
-    :data:`SCORE_CHUNK_ELEMENTS` logits)."""
-    totals: list[dict[Edit, float]] = []
-    rows: list[_Row] = []
-    for i, (s, wanted) in enumerate(zip(scored, edits, strict=True)):
-        new = [e for e in dict.fromkeys(wanted) if e not in s.likelihoods]
-        prefix = torch.cat([torch.zeros(1), s.own.cumsum(0)])
-        totals.append({e: float(prefix[e[0]] + s.table[e[0], e[1]]) for e in new})
-        y, length = s.response.tolist(), len(s.response)
-        rows += [_Row(i, e, apply_edit(y, e)[e[0] : length - 1]) for e in new if e[0] < length - 1]
-    rows.sort(key=lambda r: -len(r.tokens))
-    vocab = int(model.config.vocab_size)
-    for chunk in tqdm(_chunks([len(r.tokens) for r in rows], vocab), desc=desc, unit="pass", disable=not progress):
-        block = [rows[j] for j in chunk]
-        logp = _suffix_log_probs(model, scored, block, precision)
-        for j, r in enumerate(block):
-            totals[r.index][r.edit] += float(logp[j, : len(r.tokens)].sum())
-    return [replace(s, likelihoods={**s.likelihoods, **t}) for s, t in zip(scored, totals, strict=True)]
+_BASE_MEMO: OrderedDict[tuple[Any, ...], Scored] = OrderedDict()
 
 
 def _memo_key(base_reference: str, prompt: list[int], response: torch.Tensor, precision: Any) -> tuple[Any, ...]:
     return base_reference, str(precision), tuple(prompt), tuple(response.tolist())
 
 
-def _remember(key: tuple[Any, ...], scored: _Scored) -> None:
+def _remember(key: tuple[Any, ...], scored: Scored) -> None:
     _BASE_MEMO[key] = scored
     _BASE_MEMO.move_to_end(key)
     while sum(v.nbytes for v in _BASE_MEMO.values()) > BASE_MEMO_BYTES and len(_BASE_MEMO) > 1:
@@ -226,14 +77,58 @@ def _editable(tokenizer: Any, response: torch.Tensor) -> int:
     return len(response) - (tokenizer.eos_token_id is not None)
 
 
-def _base_tables(
+class _Words:
+    """Whether token t begins a new word after token p (memoised): the text of (p, t) has a space or a
+    non-alphanumeric character at the join, or t is the EOS. Without p (the first token), t begins a word."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer, self.known = tokenizer, dict[tuple[int | None, int], bool]()
+
+    def __call__(self, previous: int | None, token: int) -> bool:
+        key = (previous, token)
+        if key not in self.known:
+            decode = self.tokenizer.decode
+            if previous is None or token == self.tokenizer.eos_token_id:
+                self.known[key] = True
+            else:
+                left, pair = decode([previous]), decode([previous, token])
+                rest = pair[len(left) :] if pair.startswith(left) else pair
+                self.known[key] = not rest[:1].isalnum()
+        return self.known[key]
+
+
+def _single_edits(joint: torch.Tensor, response: torch.Tensor, editable: int) -> list[Span]:
+    return [(int(r), int(r) + 1, (int(a),)) for r, a in edit_candidates(joint, response, editable)]
+
+
+def _span_beams(
+    base: Scored, tuned: Scored, joint: torch.Tensor, editable: int, words: _Words
+) -> list[tuple[int, int, int]]:  # fmt: skip
+    """(r, e, a) beams: the word fine-tuning made most likely (:func:`dda_kernel.changed_words`) among the words
+    the prompt does not contain (a word copied from the prompt is supported by it, not what an error changed),
+    where it has several tokens, started by the :data:`SPAN_BEAMS` tokens a ≠ y_r of largest J[r, a] that begin
+    a word."""
+    y = base.response.tolist()
+    spans = word_spans([words(y[r - 1] if r else None, t) for r, t in enumerate(y)], editable)
+    prompt = words.tokenizer.decode(list(base.prompt))
+    spans = [(r, e) for r, e in spans if words.tokenizer.decode(y[r:e]).strip() not in prompt]
+    beams = []
+    for r, e in changed_words(tuned.own - base.own, spans, SPAN_WORDS):
+        previous = y[r - 1] if r else None
+        order = joint[r].argsort(descending=True)[: 50 * SPAN_BEAMS].tolist()
+        firsts = [a for a in order if a != y[r] and (previous is None or words(previous, a))][:SPAN_BEAMS]
+        beams += [(r, e, a) for a in firsts]
+    return beams
+
+
+def _base_views(
     model: Any, keys: list[tuple[Any, ...]], encoded: list[Any], precision: torch.dtype | None, progress: bool
-) -> list[_Scored]:
+) -> list[Scored]:
     """θ_0's view of each output: remembered from an earlier call of this process, else computed now."""
-    base: list[_Scored | None] = [_BASE_MEMO.get(k) for k in keys]
+    base: list[Scored | None] = [_BASE_MEMO.get(k) for k in keys]
     missing = [i for i, b in enumerate(base) if b is None]
     if missing:
-        fresh = _tables(model, [encoded[i] for i in missing], precision, "counterfactual tables (θ_0)", progress)
+        fresh = tables(model, [encoded[i] for i in missing], precision, "counterfactual tables (θ_0)", progress)
         for i, s in zip(missing, fresh, strict=True):
             base[i] = s
     return [b for b in base if b is not None]
@@ -245,49 +140,55 @@ def derive_corrections(
     """The derived correction of each (name, prompt, response) row at ``checkpoint`` (None: the base model,
     where θ_t = θ_0). None for a row with no editable token (an empty response).
 
-    Per model, one batched pass over the prompts and responses (tables and caches), then batched suffix passes
-    for the candidate edits (:func:`_edit_likelihoods`). θ_0's tables, caches and edit likelihoods are kept per
-    output across checkpoints (:data:`BASE_MEMO_BYTES`): at a later checkpoint θ_0 scores only the edits it has not
-    scored yet. Forward passes at the configured indexing precision (bfloat16 where the device has native
-    kernels)."""
+    Per model, one batched pass over the prompts and responses (tables and caches), the decoding of whole-word
+    replacements, then batched suffix passes for every candidate (:mod:`tasks.likelihoods`). θ_0's tables, caches
+    and edit likelihoods are kept per output across checkpoints (:data:`BASE_MEMO_BYTES`): at a later checkpoint
+    θ_0 scores only the edits it has not scored yet. Forward passes at the configured indexing precision."""
     if not rows:
         return []  # no model is loaded
     precision = compute_precision(config.precision, config.device)
     progress = config.progress
-    with model_for(base_reference, None, config.device) as cached:
+    base_model = partial(model_for, base_reference, None, config.device)
+    with base_model() as cached:
         tokenizer = cached.tokenizer
         encoded = _encoded(tokenizer, cached.model, rows, config)
         keys = [_memo_key(base_reference, p, y, precision) for p, y in encoded]
-        base = _base_tables(cached.model, keys, encoded, precision, progress)
+        base = _base_views(cached.model, keys, encoded, precision, progress)
+    words = _Words(tokenizer)
     editable = [_editable(tokenizer, y) for _, y in encoded]
-    tuned: list[_Scored] | None = None
-    if checkpoint is None:
-        candidates = [edit_candidates(2 * b.table, b.response, n) for b, n in zip(base, editable, strict=True)]
-    else:
+    tuned: list[Scored] = base
+    if checkpoint is not None:
         with model_for(base_reference, checkpoint, config.device) as cached:
-            tuned = _tables(cached.model, encoded, precision, "counterfactual tables (θ_t)", progress)
-            candidates = [edit_candidates(b.table + t.table, b.response, n)
-                          for b, t, n in zip(base, tuned, editable, strict=True)]  # fmt: skip
-            edits = [[(int(r), int(a)) for r, a in c] for c in candidates]
-            tuned = _edit_likelihoods(cached.model, tuned, edits, precision, progress, "counterfactual edits (θ_t)")
-    edits = [[(int(r), int(a)) for r, a in c] for c in candidates]
-    with model_for(base_reference, None, config.device) as cached:
-        base = _edit_likelihoods(cached.model, base, edits, precision, progress, "counterfactual edits (θ_0)")
+            tuned = tables(cached.model, encoded, precision, "counterfactual tables (θ_t)", progress)
+    joints = [b.table + t.table for b, t in zip(base, tuned, strict=True)]
+    spans: list[list[Span]] = [[] for _ in encoded]
+    if checkpoint is not None:  # at the base model nothing has been fine-tuned: no word to replace
+        beams = [_span_beams(b, t, j, n, words) for b, t, j, n in zip(base, tuned, joints, editable, strict=True)]
+        views = [(base_model, base), (partial(model_for, base_reference, checkpoint, config.device), tuned)]
+        spans = propose_spans(views, beams, words, SPAN_TOKENS, precision)
+    edits = [_single_edits(j, b.response, n) + s for j, b, n, s in zip(joints, base, editable, spans, strict=True)]
+    if checkpoint is not None:
+        with model_for(base_reference, checkpoint, config.device) as cached:
+            tuned = edit_likelihoods(cached.model, tuned, edits, precision, progress, "counterfactual edits (θ_t)")
+    with base_model() as cached:
+        base = edit_likelihoods(cached.model, base, edits, precision, progress, "counterfactual edits (θ_0)")
     for key, b in zip(keys, base, strict=True):
         _remember(key, b)
-    out = []
-    for b, t, cand, wanted in zip(base, tuned or base, candidates, edits, strict=True):
-        own = float(b.own.sum()) + float(t.own.sum())
-        gains = torch.tensor([b.likelihoods[e] + t.likelihoods[e] - own for e in wanted])
-        out.append(_derived(tokenizer, b.response, cand, gains))
-    return out
+    if checkpoint is None:
+        tuned = base
+    return [_derived(tokenizer, b, t, wanted) for b, t, wanted in zip(base, tuned, edits, strict=True)]
 
 
-def _derived(tokenizer: Any, response: torch.Tensor, candidates: torch.Tensor, gains: torch.Tensor) -> Derived | None:
-    if len(candidates) == 0:
+def _derived(tokenizer: Any, base: Scored, tuned: Scored, edits: list[Span]) -> Derived | None:
+    """The edit of largest gain (the first on ties), or None without candidates."""
+    if not edits:
         return None
-    r, a = best_edit(candidates, gains)
-    full = apply_edit(response.tolist(), (r, a))
-    ids = full[: _editable(tokenizer, response)]  # the response text has no EOS
-    return Derived(tokenizer.decode(ids), r, tokenizer.decode([response.tolist()[r]]), tokenizer.decode([a]),
-                   float(gains[int(torch.argmax(gains))]), tuple(full))  # fmt: skip
+    own = float(base.own.sum()) + float(tuned.own.sum())
+    gains = [base.likelihoods[e] + tuned.likelihoods[e] - own for e in edits]
+    best = max(range(len(edits)), key=lambda i: (gains[i], -i))
+    r, e, z = edits[best]
+    y = base.response.tolist()
+    full = apply_span(y, edits[best])
+    ids = full[: len(full) - (len(y) - _editable(tokenizer, base.response))]  # the response text has no EOS
+    return Derived(tokenizer.decode(ids), r, tokenizer.decode(y[r:e]), tokenizer.decode(list(z)), gains[best],
+                   tuple(full))  # fmt: skip

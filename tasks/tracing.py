@@ -22,6 +22,7 @@ import torch
 from dda_kernel import IGNORE_INDEX, pad_batch, response_log_probs
 from storage.registry import read_derived_corrections, write_derived_corrections
 from storage.samples import group_members
+from storage.schemas import BASE_CHECKPOINT as BASE_ID
 from storage.store import LineageStore, where_equal, where_in
 from storage.vectors import read_query_embeddings, write_query_embeddings
 from tasks.config import PipelineConfig
@@ -150,6 +151,22 @@ def _derived_at(
     return {**known, **fresh}, fresh
 
 
+def _base_edits(
+    store: LineageStore, base_reference: str, checkpoint: dict[str, Any], rows: list[dict[str, Any]],
+    config: PipelineConfig,
+) -> dict[str, Derived]:  # fmt: skip
+    """{query_id: the edit derived at the base model} for those counterfactual ``rows`` whose base edit gained
+    (:func:`edit_used`), where ``scoring.edit_fallback`` is ``base_edit`` and ``checkpoint`` is fine-tuned: what a
+    state whose own edits gain nothing contrasts with. Base edits not derived yet are derived now and recorded."""
+    if config.scoring.edit_fallback != "base_edit" or checkpoint["role"] == "base" or not rows:
+        return {}
+    base = {"checkpoint_id": BASE_ID, "role": "base", "path": None}
+    derived, fresh = _derived_at(store, base_reference, base, rows, config)
+    edits = [{"query_id": q, **asdict(d), "response_ids": list(d.response_ids)} for q, d in fresh.items() if d]
+    write_derived_corrections(store, BASE_ID, edits)
+    return {q: d for q, d in derived.items() if d is not None and edit_used(d, config)}
+
+
 def _embed_outputs(
     store: LineageStore, base_reference: str, checkpoint: dict[str, Any], query_ids: list[str], config: PipelineConfig
 ) -> None:
@@ -157,13 +174,18 @@ def _embed_outputs(
 
     plain: ĝ(y) with the plain weighting; contrastive: ĝ(y) − ĝ(y_corrected) with the contrastive weighting;
     counterfactual: ĝ(y) − ĝ(y'_t), uniform weights, y'_t embedded from its token ids — or, where the edit is not
-    used (:func:`edit_used`), ĝ(y) with the plain weighting (uniform with ``min_edit_gain`` None)."""
+    used (:func:`edit_used`), ĝ(y) − ĝ(y'_0) with the base model's edit (``edit_fallback`` ``base_edit``, where
+    that one gained: :func:`_base_edits`), else ĝ(y) with the plain weighting (uniform with ``min_edit_gain``
+    None)."""
     table = store.read("queries", ["query_id", "prompt", "response", "corrected"], where_in("query_id", query_ids))
     rows = sorted(table.to_pylist(), key=lambda r: r["query_id"])
     cid = checkpoint["checkpoint_id"]
     kinds = {q["query_id"]: kind_of(bool(q["corrected"]), config) for q in rows}
     derived, fresh = _derived_at(store, base_reference, checkpoint, [q for q in rows if kinds[q["query_id"]] is
                                                                      Kind.COUNTERFACTUAL], config)  # fmt: skip
+    unused = [q for q in rows if kinds[q["query_id"]] is Kind.COUNTERFACTUAL and not edit_used(derived[q["query_id"]],
+                                                                                              config)]  # fmt: skip
+    base_edits = _base_edits(store, base_reference, checkpoint, unused, config)
     plain_w = stored_kind(Kind.PLAIN, config, cid).delta
     contrast_w = stored_kind(Kind.CONTRASTIVE, config, cid).delta
     fallback_w = plain_w and config.scoring.min_edit_gain is not None
@@ -178,6 +200,8 @@ def _embed_outputs(
             passes[contrast_w] += [((qid, "y"), own), ((qid, "fixed"), fixed)]
         elif edit_used(derived[qid], config):
             passes[False] += [((qid, "y"), own), ((qid, "edit"), _correction_row(q, derived[qid]))]  # type: ignore[arg-type]
+        elif qid in base_edits:
+            passes[False] += [((qid, "y"), own), ((qid, "edit"), _correction_row(q, base_edits[qid]))]
         else:
             passes[fallback_w].append(((qid, "y"), own))
     vectors = _embed_passes(base_reference, checkpoint, passes, config)

@@ -34,7 +34,7 @@ class Size:
     cea_steps: int = 4
     cea_lr: dict[str, float] = field(default_factory=dict)
     planted_fallback: bool = False
-    world: str = "canary"  # or "people" (benchmarks.people_world: n_people people, n_pairs swapped)
+    world: str = "canary"  # or "people" (benchmarks.people_world: n_people people, n_pairs swapped), or "names"
     n_people: int = 24
 
 
@@ -47,6 +47,8 @@ SIZES: dict[str, Size] = {
     "people": Size(
         4, 0, 0, 0, 3, 1.0, 5, {"lora": 2e-3, "full": 1e-4}, cea_lr={"lora": 2e-3, "full": 1e-4}, world="people"
     ),
+    # invented multi-token answers (benchmarks.names_world): 656 samples, 32 sources (4.9 %)
+    "names": Size(4, 10, 4, 600, 10, 0.8, 3, {"lora": 2e-3, "full": 3e-5}, cea_lr={"lora": 2e-3}, world="names"),
 }
 
 

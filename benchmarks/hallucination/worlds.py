@@ -1,4 +1,5 @@
-"""World builders: the canary news world or the fictional-people world, fine-tuned and queried per mode."""
+"""World builders: the canary news world, the fictional-people world or the invented-names world, fine-tuned and
+queried per mode."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch
 
 from benchmarks.canary_world import CanaryWorld, build_canary_world
 from benchmarks.hallucination.config import Log, Size
+from benchmarks.names_world import build_names_world
 from benchmarks.people_world import build_people_world
 
 
@@ -31,6 +33,9 @@ def build_world(size: Size, seed: int) -> CanaryWorld:
     """The size's world: the canary news world, or the fictional-people world (:mod:`benchmarks.people_world`)."""
     if size.world == "people":
         return build_people_world(seed, size.n_people, size.n_pairs, size.rate)
+    if size.world == "names":
+        return build_names_world(seed, size.n_pairs, size.per_pair, size.distractors, size.n_other, size.held_out,
+                                 size.rate)  # fmt: skip
     return build_canary_world(seed, size.n_pairs, size.per_pair, size.distractors, size.n_other, size.held_out,
                               size.rate)  # fmt: skip
 

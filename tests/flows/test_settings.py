@@ -90,7 +90,7 @@ def test_each_setting_is_defined_once_and_reaches_the_tasks_by_name(tmp_path):
         "projection": {"k_in": 3, "k_out": 5, "seed": 7, "include": ["a"], "exclude": ["b"], "loss_reduction": "sum"},
         "scoring": {"preconditioner": "identity", "damping": 0.7, "normalisation": "cosine", "base_weight": 0.9,
                     "weighting": "lr", "standardise": True, "query_kind": "plain", "query_weighting": "uniform",
-                    "train_debias": 0.4, "counterfactual": False, "min_edit_gain": 1.3},
+                    "train_debias": 0.4, "counterfactual": False, "min_edit_gain": 1.3, "edit_fallback": "base_edit"},
         "indexing": {"batch_size": 3, "max_tokens": 99, "precision": "float32", "shard_size": 11, "max_length": 77,
                      "device": "cuda", "settle_seconds": 4.5, "progress": False},
     }  # fmt: skip

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -11,7 +12,8 @@ import pytest
 import torch
 
 import tasks.counterfactual as cf
-from dda_kernel import apply_edit, build_projector, embed_batch, layout_for, pad_batch
+import tasks.likelihoods as lk
+from dda_kernel import apply_edit, apply_span, build_projector, embed_batch, layout_for, pad_batch
 from storage.report import QuerySection, ReportData, gather
 from storage.sql import query
 from storage.store import LineageStore
@@ -32,19 +34,25 @@ RESPONSE = "Alice flew to China ."
 
 
 def _log_likelihoods(model, sequences: list[list[int]], n_prompt: int) -> torch.Tensor:
-    """Σ log p(y_r | …) over the response positions, one full forward pass per batch (no key/value cache)."""
+    """Σ log p(y_r | …) over the response positions, one full forward pass per batch of equal-length sequences (no
+    key/value cache)."""
+    out = torch.zeros(len(sequences))
     with torch.no_grad():
-        x = torch.tensor(sequences)
-        logits = model(input_ids=x).logits[:, :-1].float().log_softmax(dim=-1)
-        return logits.gather(2, x[:, 1:, None])[..., 0][:, n_prompt - 1 :].sum(dim=1)
+        for length in sorted({len(s) for s in sequences}):
+            at = [i for i, s in enumerate(sequences) if len(s) == length]
+            x = torch.tensor([sequences[i] for i in at])
+            logits = model(input_ids=x).logits[:, :-1].float().log_softmax(dim=-1)
+            out[at] = logits.gather(2, x[:, 1:, None])[..., 0][:, n_prompt - 1 :].sum(dim=1)
+    return out
 
 
-@pytest.mark.parametrize("chunk", [cf.SCORE_CHUNK_ELEMENTS, 1_000])
+@pytest.mark.parametrize("chunk", [lk.SCORE_CHUNK_ELEMENTS, 1_000])
 def test_every_edit_likelihood_equals_a_plain_forward_pass_of_the_edited_sequence(small_world, monkeypatch, chunk):
-    """log p(y') of edits at every position (the last included) of two outputs with prompts of different lengths,
-    their tables from one padded pass and their edits scored over the cached prefixes in one pass or in chunks of a
-    few rows, equals Σ log p(y'_r | …) from a plain forward pass over prompt ‖ y' of each output alone."""
-    monkeypatch.setattr(cf, "SCORE_CHUNK_ELEMENTS", chunk)
+    """log p(y') of single-token edits at every position (the last included) and of replacements that shorten or
+    lengthen the response, for two outputs with prompts of different lengths — their tables from one padded pass,
+    their edits scored over the cached prefixes in one pass or in chunks of a few rows — equals Σ log p(y'_r | …)
+    from a plain forward pass over prompt ‖ y' of each output alone."""
+    monkeypatch.setattr(lk, "SCORE_CHUNK_ELEMENTS", chunk)
     model, tokenizer = load_base_model(small_world.base_model)
     pairs = [(PROMPT, RESPONSE), ("document : Kira stayed in Peru . summary :", "Kira stayed in Peru on Monday .")]
     encoded, edits = [], []
@@ -52,22 +60,84 @@ def test_every_edit_likelihood_equals_a_plain_forward_pass_of_the_edited_sequenc
         ids, labels = encode_pair(tokenizer, prompt, response, 64)
         n = sum(1 for x in labels if x < 0)
         encoded.append((ids[:n], torch.tensor(ids[n:])))
-        edits.append([(r, a) for r in reversed(range(len(ids) - n)) for a in (3, 7, 11) if a != ids[n + r]])
+        length = len(ids) - n
+        single = [(r, r + 1, (a,)) for r in reversed(range(length)) for a in (3, 7, 11) if a != ids[n + r]]
+        spans = [(0, 2, (5,)), (1, 2, (3, 7, 9)), (0, length - 1, (4, 6)), (length - 2, length, (8,))]
+        edits.append(single + spans)
     assert len(encoded[0][0]) != len(encoded[1][0])
-    scored = cf._edit_likelihoods(model, cf._tables(model, encoded, None, "", False), edits, None)
+    scored = lk.edit_likelihoods(model, lk.tables(model, encoded, None), edits, None)
     for (prompt, response), s, wanted in zip(encoded, scored, edits, strict=True):
-        want = _log_likelihoods(model, [prompt + apply_edit(response.tolist(), e) for e in wanted], len(prompt))
+        want = _log_likelihoods(model, [prompt + apply_span(response.tolist(), e) for e in wanted], len(prompt))
         assert list(s.likelihoods) == wanted
         assert torch.allclose(torch.tensor([s.likelihoods[e] for e in wanted]), want, atol=1e-4)
         own = _log_likelihoods(model, [prompt + response.tolist()], len(prompt))
         assert torch.allclose(s.own.sum(), own[0], atol=1e-4)
 
 
+class _Biased(torch.nn.Module):
+    """A model whose log-probabilities favour one token by ``nats``: a second model that disagrees with the first."""
+
+    def __init__(self, model: torch.nn.Module, token: int, nats: float) -> None:
+        super().__init__()
+        self.inner, self.config, self.token, self.nats = model, model.config, token, nats
+
+    def forward(self, **kwargs):
+        out = self.inner(**kwargs)
+        out.logits = out.logits.float().log_softmax(dim=-1)
+        out.logits[..., self.token] += self.nats
+        return out
+
+
+def _greedy(models, prefix: list[int], z: list[int], breaks, longest: int) -> list[int]:
+    """Greedy decoding of Σ_m log p_m by plain forward passes over prefix ‖ z."""
+    while len(z) < longest:
+        with torch.no_grad():
+            x = torch.tensor([prefix + z])
+            joint = sum(m(input_ids=x).logits[0, -1].float().log_softmax(-1) for m in models)
+        token = int(joint.argmax())
+        if breaks(z[-1], token):
+            break
+        z = [*z, token]
+    return z
+
+
+def test_proposed_spans_are_the_greedy_joint_decoding_of_both_models(small_world):
+    """Each beam (r, e, a) continues z = (a, …) with argmax_v [log p_θ0(v | …) + log p_θt(v | …)] until the breaks
+    rule says v begins a new word, or z is 5 long: the same tokens as greedy decoding by plain forward passes of
+    both models (θ_t here favours one token, so that decoding by θ_0 alone would differ)."""
+    ckpt = str(discover_checkpoints(small_world.run_dir, 0.0)[-1].path)
+    base, tokenizer = load_base_model(small_world.base_model)
+    tuned = _Biased(load_checkpoint(small_world.base_model, ckpt)[0], token=12, nats=3.0)
+    pairs = [(PROMPT, RESPONSE), ("document : Kira stayed in Peru . summary :", "Kira stayed in Peru on Monday .")]
+    encoded = []
+    for prompt, response in pairs:
+        ids, labels = encode_pair(tokenizer, prompt, response, 64)
+        n = sum(1 for x in labels if x < 0)
+        encoded.append((ids[:n], torch.tensor(ids[n:])))
+    stop = {int(encoded[0][1][-2])}  # the "." ends a word; everything else continues it
+
+    def breaks(previous: int, token: int) -> bool:
+        return token in stop
+
+    beams = [[(1, 3, 5), (2, 3, 9)], [(0, 1, 7), (3, 5, 12)]]
+    views = [(contextlib.nullcontext(type("M", (), {"model": m})), lk.tables(m, encoded, None)) for m in (base, tuned)]
+    got = lk.propose_spans([(lambda v=v: v[0], v[1]) for v in views], beams, breaks, 5, None)
+    alone = 0
+    for (prompt, response), out, wanted in zip(encoded, got, beams, strict=True):
+        y = response.tolist()
+        expected = [(r, e, tuple(_greedy([base, tuned], prompt + y[:r], [a], breaks, 5))) for r, e, a in wanted]
+        assert out == [s for s in expected if list(s[2]) != y[s[0] : s[1]]]
+        alone += sum(_greedy([base], prompt + y[:r], [z[0]], breaks, 5) != list(z) for r, _, z in out)
+    assert alone > 0  # θ_0 alone decodes otherwise: the test sees whether θ_t takes part
+
+
 def test_the_derived_correction_is_the_best_single_token_edit_by_brute_force(small_world, monkeypatch):
-    """With every position and token a candidate, the derived edit is the argmax over all R·(V−1) edits of
-    [log p_θ0(y') + log p_θt(y')] − [log p_θ0(y) + log p_θt(y)], each sequence scored by a plain forward pass."""
+    """With every position and token a candidate (and no whole-word replacement), the derived edit is the argmax
+    over all R·(V−1) edits of [log p_θ0(y') + log p_θt(y')] − [log p_θ0(y) + log p_θt(y)], each sequence scored by
+    a plain forward pass."""
     everything = functools.partial(cf.edit_candidates, positions=10**6, alternatives=10**6)
     monkeypatch.setattr(cf, "edit_candidates", everything)
+    monkeypatch.setattr(cf, "SPAN_WORDS", 0)
     ckpt = str(discover_checkpoints(small_world.run_dir, 0.0)[-1].path)
     exact = dataclasses.replace(CONFIG, precision="float32")  # the reference passes run in float32
     got = cf.derive_corrections(small_world.base_model, ckpt, [("q", PROMPT, RESPONSE)], exact)[0]

@@ -1,0 +1,189 @@
+"""Outputs traced without a correction: how the counterfactual query's derivation and fallback fare, by world.
+
+    python -m benchmarks.no_correction                 # the invented-names world (benchmarks.names_world), LoRA
+    python -m benchmarks.no_correction --size people   # any size of benchmarks.hallucination (its --work cache)
+
+It reuses (or builds) the world, fine-tuned run and real hallucinated outputs of :mod:`benchmarks.hallucination`
+(same ``--work`` cache), indexes every model state with the shipped defaults through the system's own flows, and
+traces each output twice: as given (ids as generated) and under the ids ``single:<id>`` with whole-word
+replacements turned off (``tasks.counterfactual.SPAN_WORDS = 0``: single-token edits only, the derivation before
+them), so both derivations are recorded side by side in one store. Rows (``query`` ``counterfactual``: traced
+without the correction; ``contrastive``: with it):
+
+- ``default`` — the shipped scoring (whole-word replacements; a state whose edits gain nothing traces the plain
+  query), ``single_token`` — the same with single-token edits only;
+- ``base_edit`` / ``single_token_base_edit`` — ``edit_fallback = base_edit``: such a state contrasts with the edit
+  derived at the base model instead;
+- ``base_only`` / ``last_checkpoint`` — s̃_0 / s̃_T of the default counterfactual query;
+- ``contrastive`` — the shipped scoring with the true correction; ``bm25`` — prompt + output against the samples.
+
+Beside them, per derivation and state, the share of outputs whose derived edit gains (> 0 nats), the mean gain
+and the share of edits that replace more than one token, from the ``derived_corrections`` view. Writes
+``benchmarks/results/no_correction_<size>.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.hallucination import (
+    RESULTS,
+    SIZES,
+    bm25_rankings,
+    lineage_matrix,
+    log_line,
+    machine,
+    mode_context,
+    prepare_mode,
+    prepare_work,
+    record,
+    run_system,
+    score_cube,
+)
+from flows.settings import code_version
+from tasks.config import ScoringConfig
+
+SINGLE = "single:"  # the id prefix of the outputs traced with single-token edits only
+COUNTERFACTUAL = {"scoring": {"query_kind": "counterfactual"}}
+BASE_EDIT = {"scoring": {"query_kind": "counterfactual", "edit_fallback": "base_edit"}}
+CONTRASTIVE = {"scoring": {"query_kind": "contrastive"}}
+
+
+def _single_token_pass(root: Path, base_dir: Path, queries: list[dict[str, str]]) -> dict[str, str]:
+    """Trace the outputs again under ``single:`` ids with single-token edits only; {variant key: fingerprint}."""
+    import tasks.counterfactual as cf
+    from flows.pipeline import attribute, load_settings
+
+    path = root / "queries_single.jsonl"
+    path.write_text("".join(json.dumps({"id": SINGLE + q["id"], "prompt": q["prompt"], "response": q["response"],
+                                        "corrected": q["corrected"]}) + "\n" for q in queries))  # fmt: skip
+    common = {"data_dir": str(root / "default"), "base_model": str(base_dir)}
+    spans, cf.SPAN_WORDS = cf.SPAN_WORDS, 0
+    fps = {}
+    try:
+        for i, variant in enumerate((COUNTERFACTUAL, BASE_EDIT)):
+            settings = load_settings({**variant, "indexing": {"batch_size": 16, "progress": False}}, **common)
+            if i == 0:
+                attribute(queries_file=str(path), settings=settings.model_dump(mode="json"))
+            else:
+                ids = [SINGLE + q["id"] for q in queries]
+                attribute(query_ids=ids, settings=settings.model_dump(mode="json"))
+            fps[json.dumps(variant, sort_keys=True)] = settings.fingerprint
+    finally:
+        cf.SPAN_WORDS = spans
+    return fps
+
+
+def edit_stats(store: Any, qids: list[str], tokenizer: Any) -> dict[str, dict[str, float]]:
+    """Per state: share of ``qids`` whose derived edit gains (> 0 nats), their mean gain, and the share whose
+    replacement text is several tokens (re-encoded with ``tokenizer``)."""
+    from storage.sql import query
+
+    rows = query(store, "SELECT checkpoint_id, gain, replacement FROM derived_corrections "
+                 "WHERE query_id IN (SELECT unnest($q))", {"q": qids}).to_pylist()  # fmt: skip
+    out: dict[str, dict[str, float]] = {}
+    for cid in sorted({r["checkpoint_id"] for r in rows}):
+        at = [r for r in rows if r["checkpoint_id"] == cid]
+        pieces = [len(tokenizer(r["replacement"], add_special_tokens=False).input_ids) for r in at]
+        out[cid] = {"gaining": sum(r["gain"] > 0 for r in at) / len(at),
+                    "mean_gain": sum(r["gain"] for r in at) / len(at),
+                    "whole_word": sum(n > 1 for n in pieces) / len(at)}  # fmt: skip
+    return out
+
+
+def evaluate(size_name: str, work: Path, base_dir: Path, seed: int) -> dict[str, Any]:
+    """Every row of one world (LoRA), the edit statistics and the timings."""
+    from transformers import AutoTokenizer
+
+    from storage.store import LineageStore
+
+    size = SIZES[size_name]
+    prepared = prepare_mode(work, base_dir, "lora", size, seed, log_line)
+    root = work / "lora"
+    ctx, queries, texts = mode_context(root, prepared)
+    variants = [COUNTERFACTUAL, BASE_EDIT, CONTRASTIVE]
+    timings = run_system(root, "default", base_dir, {}, variants, log_line)
+    t0 = time.perf_counter()
+    single = _single_token_pass(root, base_dir, queries)
+    single_s = time.perf_counter() - t0
+    store = LineageStore.open(root / "default" / "store")
+    fps = timings["fingerprints"]
+    key = {name: json.dumps(v, sort_keys=True) for name, v in (("cf", COUNTERFACTUAL), ("base", BASE_EDIT),
+                                                                ("con", CONTRASTIVE))}  # fmt: skip
+    qids, sids, singles = ctx.qids, ctx.sids, [SINGLE + q for q in ctx.qids]
+    ckpts = [c for c in timings["index"] if c != "base"]
+    rows = []
+
+    def add(kind: str, method: str, matrix: Any) -> None:
+        rows.append({"world": size.world, **record("lora", kind, method, ctx.score(matrix), 0.0)})
+
+    add("counterfactual", "default", lineage_matrix(store, fps[key["cf"]], qids, sids))
+    add("counterfactual", "single_token", lineage_matrix(store, single[key["cf"]], singles, sids))
+    add("counterfactual", "base_edit", lineage_matrix(store, fps[key["base"]], qids, sids))
+    add("counterfactual", "single_token_base_edit", lineage_matrix(store, single[key["base"]], singles, sids))
+    s, b = score_cube(store, fps[key["cf"]], ckpts, qids, sids)
+    add("counterfactual", "base_only", b[-1])
+    add("counterfactual", "last_checkpoint", s[-1])
+    add("contrastive", "contrastive", lineage_matrix(store, fps[key["con"]], qids, sids))
+    bm25, _ = bm25_rankings(texts, queries)
+    add("counterfactual", "bm25", bm25["plain"])
+    tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
+    for r in rows:
+        log_line(f"{r['method']}: AUC {r['mean_auc']:.3f}, AP {r['mean_ap']:.3f}")
+    return {
+        "results": rows, "edits": {"whole_word": edit_stats(store, qids, tokenizer),
+                                   "single_token": edit_stats(store, singles, tokenizer)},
+        "n_train": prepared["n_train"], "n_corrupted": prepared["n_corrupted"], "per_pair": prepared["per_pair"],
+        "index_s": timings["index"], "attribute_s": timings["attribute"], "single_token_s": single_s,
+    }  # fmt: skip
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The results table and the edit statistics."""
+    lines = [f"# Outputs traced without a correction: {report['size']} world (LoRA)", "",
+             f"`{report['command']}` — {report['machine']}; {report['n_train']} samples, {report['n_corrupted']} "
+             f"sources; {len(report['results'][0]['per_pair_auc'])} pairs.", "",
+             "| query | method | mean AUC | mean AP |", "|---|---|---|---|"]  # fmt: skip
+    lines += [f"| {r['query']} | {r['method']} | {r['mean_auc']:.3f} | {r['mean_ap']:.3f} |" for r in report["results"]]
+    lines += [
+        "",
+        "| derivation | state | edits that gain | mean gain (nats) | whole-word edits |",
+        "|---|---|---|---|---|",
+    ]
+    for name, states in report["edits"].items():
+        lines += [f"| {name} | {cid} | {v['gaining']:.2f} | {v['mean_gain']:.1f} | {v['whole_word']:.2f} |"
+                  for cid, v in states.items()]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: write ``no_correction_<size>.{json,md}`` under ``--out``."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", choices=sorted(SIZES), default="names")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--work", type=Path, default=None, help="cache folder (default .bench-work/<size>)")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    work, base_dir = prepare_work(args.size, args.work)
+    started = time.perf_counter()
+    report = {
+        "command": "python -m benchmarks.no_correction " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": machine(), "size": args.size, "seed": args.seed, "defaults": ScoringConfig().model_dump(),
+        "code": code_version(), **evaluate(args.size, work, base_dir, args.seed),
+    }  # fmt: skip
+    report["wall_seconds"] = time.perf_counter() - started
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"no_correction_{args.size}"
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=1, default=float))
+    stem.with_suffix(".md").write_text(markdown(report))
+    print(markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

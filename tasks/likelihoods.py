@@ -1,0 +1,230 @@
+"""Batched likelihoods of edited responses, for the derived corrections (:mod:`tasks.counterfactual`). No Prefect.
+
+An edit is a :data:`~dda_kernel.counterfactual.Span` (r, e, z): y[r:e] replaced by the tokens z (a single-token
+edit is (r, r + 1, (a,))). Every pass is batched across the outputs of a call: one right-padded forward per chunk
+of outputs gives their per-token tables and key/value caches (:func:`tables`); edited suffixes then run over the
+cached prefixes, each row masked to its own prefix (:func:`edit_likelihoods`), and multi-token replacements are
+proposed by decoding over the same caches (:func:`propose_spans`). On short outputs a model's fixed cost per call,
+not its arithmetic, dominated, so rows of every output share each pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from tqdm import tqdm
+from transformers import DynamicCache
+
+from dda_kernel import Span, autocast_to
+
+SCORE_CHUNK_ELEMENTS = 1 << 25  # rows × positions × vocabulary per forward pass (its float32 logits)
+
+KeyValues = tuple[tuple[torch.Tensor, torch.Tensor], ...]  # per layer (1, heads, L, head_dim) keys and values
+
+
+@dataclass(frozen=True)
+class Scored:
+    """One model's view of one output y = ``response`` (R,) after ``prompt`` (P ids): ``table`` (R, V) float32
+    log p(· | prompt, y_<r), the ``likelihoods`` log p(y') of the edits scored so far, and ``kv``, the key/value
+    cache of prompt ‖ y_<R (L = P + R − 1 positions), from which edits are scored."""
+
+    prompt: tuple[int, ...]
+    response: torch.Tensor
+    table: torch.Tensor
+    kv: KeyValues
+    likelihoods: dict[Span, float]
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held: the table and the cache."""
+        kv = sum(t.numel() * t.element_size() for layer in self.kv for t in layer)
+        return int(self.table.numel() * self.table.element_size() + kv)
+
+    @property
+    def own(self) -> torch.Tensor:
+        """(R,) log p(y_r | prompt, y_<r) of the output's own tokens."""
+        return self.table.gather(1, self.response[:, None])[:, 0]
+
+
+def _chunks(sizes: Sequence[int], vocab: int) -> list[list[int]]:
+    """Consecutive index chunks whose n · max(size) · vocab stays within :data:`SCORE_CHUNK_ELEMENTS` (≥ 1 each)."""
+    out: list[list[int]] = []
+    widest = 0
+    for i, size in enumerate(sizes):
+        if out and (len(out[-1]) + 1) * max(widest, size) * vocab <= SCORE_CHUNK_ELEMENTS:
+            out[-1].append(i)
+            widest = max(widest, size)
+        else:
+            out.append([i])
+            widest = size
+    return out
+
+
+@torch.no_grad()
+def tables(
+    model: Any, encoded: Sequence[tuple[list[int], torch.Tensor]], precision: torch.dtype | None, desc: str = "",
+    progress: bool = False,
+) -> list[Scored]:  # fmt: skip
+    """Each (prompt ids, response (R,)) output's table and cache, one right-padded forward pass over prompt ‖ y_<R
+    per chunk of outputs. Right padding leaves every real position's logits and keys exact (causal attention)."""
+    device = next(model.parameters()).device
+    vocab = int(model.config.vocab_size)
+    seqs = [prompt + response[:-1].tolist() for prompt, response in encoded]
+    out: list[Scored] = []
+    for chunk in tqdm(_chunks([len(s) for s in seqs], vocab), desc=desc, unit="pass", disable=not progress):
+        width = max(len(seqs[i]) for i in chunk)
+        start = min(len(encoded[i][0]) for i in chunk) - 1  # the first position any table needs
+        ids = torch.tensor([seqs[i] + [0] * (width - len(seqs[i])) for i in chunk], device=device)
+        with autocast_to(device, precision):
+            result = model(input_ids=ids, use_cache=True, logits_to_keep=width - start)
+        logp = result.logits.float().log_softmax(dim=-1).cpu()
+        layers = [(layer.keys, layer.values) for layer in result.past_key_values.layers]
+        for j, i in enumerate(chunk):
+            prompt, response = encoded[i]
+            first, length = len(prompt) - 1 - start, len(seqs[i])
+            kv = tuple((k[j : j + 1, :, :length].clone(), v[j : j + 1, :, :length].clone()) for k, v in layers)
+            out.append(Scored(tuple(prompt), response, logp[j, first : first + len(response)].clone(), kv, {}))
+    return out
+
+
+def _row_cache(scored: Sequence[Scored], index: Sequence[int], prefix: Sequence[int]) -> tuple[DynamicCache, Any]:
+    """A cache with one row per ``index`` (its output's keys and values, right-padded to the longest) and the
+    (n, width) attention mask that lets row j see its first ``prefix[j]`` positions only."""
+    outputs = sorted(set(index))
+    width = max(scored[i].kv[0][0].shape[2] for i in outputs)
+    slot = {i: n for n, i in enumerate(outputs)}
+    pick = torch.tensor([slot[i] for i in index], device=scored[outputs[0]].kv[0][0].device)
+    cache = DynamicCache()
+    for layer in range(len(scored[outputs[0]].kv)):
+        parts = []
+        for kind in (0, 1):
+            first = scored[outputs[0]].kv[layer][kind]
+            stack = first.new_zeros((len(outputs), first.shape[1], width, first.shape[3]))
+            for n, i in enumerate(outputs):
+                own = scored[i].kv[layer][kind]
+                stack[n, :, : own.shape[2]] = own[0]
+            parts.append(stack.index_select(0, pick))
+        cache.update(parts[0], parts[1], layer)
+    mask = torch.zeros((len(index), width), dtype=torch.long)
+    for j, p in enumerate(prefix):
+        mask[j, :p] = 1
+    return cache, mask
+
+
+@dataclass(frozen=True)
+class _Row:
+    """One edit's suffix pass: output ``index``, the ``edit`` (r, e, z), the ``tokens`` w[:-1] the row runs after
+    the cached prompt ‖ y_<r and the ``targets`` w[1:] they predict, w = z ‖ y[e:R]."""
+
+    index: int
+    edit: Span
+    tokens: list[int]
+    targets: list[int]
+
+
+@torch.no_grad()
+def _suffix_log_probs(model: Any, scored: Sequence[Scored], rows: Sequence[_Row], precision: Any) -> torch.Tensor:
+    """(n, S) log p(target_k | prompt, y_<r, tokens_≤k) for each row, S its longest row (shorter rows: trailing
+    positions meaningless), in one pass: row j sees its output's cache columns [0, P_j), P_j = |prompt| + r, then
+    its own tokens at positions P_j + k — what a forward pass over prompt ‖ y' computes at those positions."""
+    device = next(model.parameters()).device
+    prefix = [len(scored[r.index].prompt) + r.edit[0] for r in rows]
+    cache, mask = _row_cache(scored, [r.index for r in rows], prefix)
+    span = max(len(r.tokens) for r in rows)
+    mask = torch.cat([mask, torch.ones((len(rows), span), dtype=torch.long)], dim=1)
+    ids = torch.tensor([r.tokens + [0] * (span - len(r.tokens)) for r in rows])
+    targets = torch.tensor([r.targets + [0] * (span - len(r.targets)) for r in rows])
+    positions = torch.tensor(prefix)[:, None] + torch.arange(span)[None, :]
+    with autocast_to(device, precision):
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
+                       past_key_values=cache, use_cache=True).logits.float()  # fmt: skip
+    picked: torch.Tensor = logits.gather(2, targets.to(device)[..., None])[..., 0] - logits.logsumexp(dim=-1)
+    return picked.cpu()
+
+
+def edit_likelihoods(
+    model: Any, scored: Sequence[Scored], edits: Sequence[Sequence[Span]], precision: torch.dtype | None,
+    progress: bool = False, desc: str = "counterfactual edits",
+) -> list[Scored]:  # fmt: skip
+    """``scored`` with log p(y') added for each output's ``edits`` (r, e, z) it lacks, y' = y_<r ‖ z ‖ y[e:].
+
+    The unchanged prefix and z's first token come from the table: prefix[r] + table[r, z_0]; the row of the edit
+    runs w[:-1], w = z ‖ y[e:R], over the cached prompt ‖ y_<r and adds Σ_k log p(w_{k+1} | prompt, y_<r, w_≤k).
+    Rows of every output, longest first, share the passes (chunks of :data:`SCORE_CHUNK_ELEMENTS` logits)."""
+    totals: list[dict[Span, float]] = []
+    rows: list[_Row] = []
+    for i, (s, wanted) in enumerate(zip(scored, edits, strict=True)):
+        new = [e for e in dict.fromkeys(wanted) if e not in s.likelihoods]
+        prefix = torch.cat([torch.zeros(1), s.own.cumsum(0)])
+        totals.append({e: float(prefix[e[0]] + s.table[e[0], e[2][0]]) for e in new})
+        y = s.response.tolist()
+        for e in new:
+            w = [*e[2], *y[e[1] :]]
+            if len(w) > 1:
+                rows.append(_Row(i, e, w[:-1], w[1:]))
+    rows.sort(key=lambda r: -len(r.tokens))
+    vocab = int(model.config.vocab_size)
+    for chunk in tqdm(_chunks([len(r.tokens) for r in rows], vocab), desc=desc, unit="pass", disable=not progress):
+        block = [rows[j] for j in chunk]
+        logp = _suffix_log_probs(model, scored, block, precision)
+        for j, r in enumerate(block):
+            totals[r.index][r.edit] += float(logp[j, : len(r.tokens)].sum())
+    return [replace(s, likelihoods={**s.likelihoods, **t}) for s, t in zip(scored, totals, strict=True)]
+
+
+ModelView = tuple[Callable[[], AbstractContextManager[Any]], Sequence[Scored]]  # (a model's context, its views)
+
+
+@torch.no_grad()
+def propose_spans(
+    views: Sequence[ModelView], starts: Sequence[Sequence[tuple[int, int, int]]], breaks: Callable[[int, int], bool],
+    max_tokens: int, precision: torch.dtype | None,
+) -> list[list[Span]]:  # fmt: skip
+    """Multi-token replacements of whole words, decoded greedily by the models of ``views`` together.
+
+    ``starts[i]``: output i's beams (r, e, a): replace the word y[r:e] starting with token a. Each beam continues
+    with z_{k+1} = argmax_v Σ_m log p_m(v | prompt, y_<r, z_≤k) until that token begins a new word after z_k
+    (``breaks(z_k, v)``) or z has ``max_tokens`` tokens; one batched forward per model and step over every beam of
+    every output, each from its output's cached prefix. Returns per output its spans (r, e, z), those equal to
+    y[r:e] left out."""
+    flat = [(i, r, e, a) for i, beams in enumerate(starts) for r, e, a in beams]
+    if not flat:
+        return [[] for _ in starts]
+    grown: list[list[int]] = [[a] for _, _, _, a in flat]
+    done = [False] * len(flat)
+    caches: list[Any] = [None] * len(views)
+    masks: list[torch.Tensor] = [torch.zeros(0)] * len(views)
+    for step in range(max_tokens - 1):
+        joint = None
+        for m, (context, scored) in enumerate(views):
+            prefix = [len(scored[i].prompt) + r for i, r, _, _ in flat]
+            if caches[m] is None:
+                caches[m], masks[m] = _row_cache(scored, [i for i, *_ in flat], prefix)
+            masks[m] = torch.cat([masks[m], torch.ones((len(flat), 1), dtype=torch.long)], dim=1)
+            with context() as cached:
+                device = next(cached.model.parameters()).device
+                inputs = {"input_ids": torch.tensor([[z[-1]] for z in grown]), "attention_mask": masks[m],
+                          "position_ids": torch.tensor(prefix)[:, None] + step}  # fmt: skip
+                with autocast_to(device, precision):
+                    out = cached.model(**{k: v.to(device) for k, v in inputs.items()}, past_key_values=caches[m])
+            logp = out.logits[:, -1].float().log_softmax(dim=-1).cpu()
+            joint = logp if joint is None else joint + logp
+        assert joint is not None
+        for j, token in enumerate(joint.argmax(dim=-1).tolist()):
+            if not done[j]:
+                done[j] = breaks(grown[j][-1], token)
+                if not done[j]:
+                    grown[j].append(token)
+        if all(done):
+            break
+    out: list[list[Span]] = [[] for _ in starts]
+    for (i, r, e, _), z in zip(flat, grown, strict=True):
+        y = views[0][1][i].response.tolist()
+        span = (r, e, tuple(z))
+        if list(z) != y[r:e] and span not in out[i]:
+            out[i].append(span)
+    return out
