@@ -1,7 +1,7 @@
 """Outputs traced without a correction: how the counterfactual query's derivation and fallback fare, by world.
 
     python -m benchmarks.no_correction                 # the invented-names world (benchmarks.names_world), LoRA
-    python -m benchmarks.no_correction --size people   # any size of benchmarks.hallucination (its --work cache)
+    python -m benchmarks.no_correction --size default --mode full   # any size and mode of benchmarks.hallucination
 
 It reuses (or builds) the world, fine-tuned run and real hallucinated outputs of :mod:`benchmarks.hallucination`
 (same ``--work`` cache), indexes every model state with the shipped defaults through the system's own flows, and
@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.hallucination import (
+    MODES,
     RESULTS,
     SIZES,
     bm25_rankings,
@@ -100,15 +101,15 @@ def edit_stats(store: Any, qids: list[str], tokenizer: Any) -> dict[str, dict[st
     return out
 
 
-def evaluate(size_name: str, work: Path, base_dir: Path, seed: int) -> dict[str, Any]:
-    """Every row of one world (LoRA), the edit statistics and the timings."""
+def evaluate(size_name: str, work: Path, base_dir: Path, seed: int, mode: str = "lora") -> dict[str, Any]:
+    """Every row of one world and fine-tuning mode, the edit statistics and the timings."""
     from transformers import AutoTokenizer
 
     from storage.store import LineageStore
 
     size = SIZES[size_name]
-    prepared = prepare_mode(work, base_dir, "lora", size, seed, log_line)
-    root = work / "lora"
+    prepared = prepare_mode(work, base_dir, mode, size, seed, log_line)
+    root = work / mode
     ctx, queries, texts = mode_context(root, prepared)
     timings = run_system(root, "default", base_dir, {}, [CONTRASTIVE], log_line)
     t0 = time.perf_counter()
@@ -127,7 +128,7 @@ def evaluate(size_name: str, work: Path, base_dir: Path, seed: int) -> dict[str,
     rows = []
 
     def add(kind: str, method: str, matrix: Any) -> None:
-        rows.append({"world": size.world, **record("lora", kind, method, ctx.score(matrix), 0.0)})
+        rows.append({"world": size.world, **record(mode, kind, method, ctx.score(matrix), 0.0)})
 
     add("counterfactual", "default", lineage_matrix(store, words[key["cf"]], whole, sids))
     add("counterfactual", "single_token", lineage_matrix(store, single[key["cf"]], singles, sids))
@@ -152,7 +153,7 @@ def evaluate(size_name: str, work: Path, base_dir: Path, seed: int) -> dict[str,
 
 def markdown(report: dict[str, Any]) -> str:
     """The results table and the edit statistics."""
-    lines = [f"# Outputs traced without a correction: {report['size']} world (LoRA)", "",
+    lines = [f"# Outputs traced without a correction: {report['size']} world ({report.get('mode', 'lora')})", "",
              f"`{report['command']}` — {report['machine']}; {report['n_train']} samples, {report['n_corrupted']} "
              f"sources; {len(report['results'][0]['per_pair_auc'])} pairs.", "",
              "| query | method | mean AUC | mean AP |", "|---|---|---|---|"]  # fmt: skip
@@ -172,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: write ``no_correction_<size>.{json,md}`` under ``--out``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="names")
+    parser.add_argument("--mode", choices=MODES, default="lora", help="fine-tuning mode")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", type=Path, default=None, help="cache folder (default .bench-work/<size>)")
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -180,12 +182,13 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     report = {
         "command": "python -m benchmarks.no_correction " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": machine(), "size": args.size, "seed": args.seed, "defaults": ScoringConfig().model_dump(),
-        "code": code_version(), **evaluate(args.size, work, base_dir, args.seed),
+        "machine": machine(), "size": args.size, "mode": args.mode, "seed": args.seed,
+        "defaults": ScoringConfig().model_dump(), "code": code_version(),
+        **evaluate(args.size, work, base_dir, args.seed, args.mode),
     }  # fmt: skip
     report["wall_seconds"] = time.perf_counter() - started
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"no_correction_{args.size}"
+    stem = args.out / f"no_correction_{args.size}{'' if args.mode == 'lora' else '_' + args.mode}"
     stem.with_suffix(".json").write_text(json.dumps(report, indent=1, default=float))
     stem.with_suffix(".md").write_text(markdown(report))
     print(markdown(report))
