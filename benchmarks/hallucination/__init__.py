@@ -11,8 +11,9 @@ For each fine-tuning mode (``lora``, ``full``) it
 3. runs the system's own flows (``dda-index-checkpoint`` per model state, ``dda-attribute``) on a *study*
    store that tracks every block linear at 8×8, once per scoring variant (preconditioner × normalisation
    × query kind), and reads the per-checkpoint scores s̃_t, s̃_0 back through the ``scores`` SQL view;
-4. runs the system once more with its shipped defaults (``default``), reading ``dda_score`` from the
-   ``lineage`` SQL view;
+4. runs the system once more with its shipped defaults (``default``: in the no-correction column the
+   counterfactual query, what ``dda attribute`` runs for an output without a correction), reading ``dda_score``
+   from the ``lineage`` SQL view;
 5. scores BM25 and CEA (:mod:`benchmarks.cea`) beside them;
 6. evaluates every ranking per canary pair (ROC-AUC, AP, recall@R) and chooses the data-driven settings
    (normalisation, λ, preconditioner) leave-one-pair-out.

@@ -47,6 +47,10 @@ def lopo(
     return selected.metrics, selected.chosen
 
 
+# What the shipped defaults trace per column: an output without a correction is traced by the counterfactual query
+DEFAULT_QUERY = {"plain": "counterfactual", "contrastive": "contrastive"}
+
+
 @dataclass(frozen=True)
 class Context:
     """What every ranking of one mode is evaluated against."""
@@ -227,7 +231,8 @@ def evaluate_mode(
     per_state_q = max(attr[0] - scoring_s, 0.0) / (len(ckpts) + 1)
     bm25, bm25_s = bm25_rankings(texts, queries)
     cea, cea_s = cea_all_states(root, base_dir, mode, size, seed, sids, pairs, queries, cea_bf16, log)
-    default_t = run_system(root, "default", base_dir, {}, [{"scoring": {"query_kind": k}} for k in KINDS], log)
+    shipped = {k: {"scoring": {"query_kind": DEFAULT_QUERY[k]}} for k in KINDS}
+    default_t = run_system(root, "default", base_dir, {}, list(shipped.values()), log)
     default_store = LineageStore.open(root / "default" / "store")
     costs = Costs(
         {c: t + per_state_q for c, t in study_t["index"].items()}, ckpts, scoring_s, bm25_s, cea_s,
@@ -239,7 +244,7 @@ def evaluate_mode(
     default_scoring = PipelineConfig().scoring
     result.extra["default_projection"] = default_projection(layout, model_layout(str(base_dir), PipelineConfig()))
     for kind in KINDS:
-        fp = default_t["fingerprints"][json.dumps({"scoring": {"query_kind": kind}}, sort_keys=True)]
+        fp = default_t["fingerprints"][json.dumps(shipped[kind], sort_keys=True)]
         default = lineage_matrix(default_store, fp, qids, sids)
         records, study = evaluate_kind(mode, kind, ctx, cubes, bm25[kind], cea[kind], default, costs)
         study["projection"] = projection_study(store, layout, ckpts, kind, default_scoring, ctx)
