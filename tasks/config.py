@@ -28,12 +28,13 @@ class ScoringConfig(BaseModel):
     still accepted, whose default −0.5 *added* the base model's influence); ``weighting`` w_t;
     ``standardise`` z-scores s_t^db per checkpoint before averaging. ``query_kind`` ``auto`` uses the
     contrastive query when a corrected response is known; otherwise, with ``counterfactual`` (the default), the
-    contrastive query against a correction derived at each checkpoint (:mod:`tasks.counterfactual`: the
-    single-token edit θ_0 and θ_t find most plausible), else the plain query. ``query_kind`` ``counterfactual``
-    uses the derived correction even where one is given. ``min_edit_gain``: a checkpoint whose best edit gains no
-    more than this many nats ([log p_θ0(y') + log p_θt(y')] − [log p_θ0(y) + log p_θt(y)] ≤ it: θ_0 and θ_t
-    prefer the output to every edit, so no edit names what fine-tuning changed) traces the plain query there, with
-    the plain query's token weights; None: the derived edit is always used (the behaviour before the option).
+    contrastive query against a correction derived at each checkpoint (:mod:`tasks.counterfactual`: the edit θ_0
+    and θ_t find most plausible, of one token or a whole word), else the plain query. ``query_kind``
+    ``counterfactual`` uses the derived correction even where one is given. ``min_edit_gain``: a checkpoint whose
+    best edit gains no more than this many nats ([log p_θ0(y') + log p_θt(y')] − [log p_θ0(y) + log p_θt(y)] ≤ it:
+    θ_0 and θ_t prefer the output to every edit, so no edit names what fine-tuning changed) traces the plain query
+    there, with the plain query's token weights (``edit_fallback`` ``base_edit``: the base model's edit where that
+    one gained); None: the derived edit is always used (the behaviour before the option).
 
     Two further debias forms (docs/method.md): ``query_weighting`` ``finetune_delta`` weights each
     response token of the query loss at checkpoint t by w = max(0, log p_θt(y) − log p_θ0(y)) (normalised to
@@ -76,8 +77,9 @@ class ScoringConfig(BaseModel):
     )
     counterfactual: bool = Field(
         True,
-        description="an output without a correction is traced against the single-token edit the base model and "
-        "the checkpoint find most plausible (a derived correction, per checkpoint)",
+        description="an output without a correction is traced against the edit (one token, or the whole word "
+        "fine-tuning made likely) the base model and the checkpoint find most plausible (a derived correction, per "
+        "checkpoint)",
         json_schema_extra={OMIT_IF: False},
     )
     min_edit_gain: float | None = Field(

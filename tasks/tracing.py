@@ -111,7 +111,7 @@ def embed_queries(
 
 def edit_used(derived: Derived | None, config: PipelineConfig) -> bool:
     """Whether the counterfactual query contrasts with the derived edit: there is one and its gain exceeds
-    ``scoring.min_edit_gain`` (None: any edit). Otherwise θ_0 and θ_t prefer the output to every single-token
+    ``scoring.min_edit_gain`` (None: any edit). Otherwise θ_0 and θ_t prefer the output to every candidate
     edit, the edit names nothing fine-tuning changed, and the checkpoint traces the plain query."""
     if derived is None:
         return False
