@@ -113,6 +113,22 @@ class CanaryWorld:
     held_out: list[HeldOut] = field(default_factory=list)
 
 
+Row = tuple[str, str, str | None, str, bool]  # (prompt, response, pair, kind, corrupted)
+
+
+def train_samples(rows: list[Row], rng: random.Random, prefix: str, clean_source: str) -> list[CanarySample]:
+    """The rows shuffled into training samples ``<prefix>00000``…: corrupted ones, and 30 % of the others, come from
+    the proprietary ``vendor-b``; the rest from ``clean_source`` under cc-by-4.0 (one ``rng`` draw per clean row)."""
+    rng.shuffle(rows)
+    train = []
+    for i, (prompt, response, pair, kind, corrupted) in enumerate(rows):
+        source, license_ = (
+            ("vendor-b", "proprietary") if corrupted or rng.random() < 0.3 else (clean_source, "cc-by-4.0")
+        )
+        train.append(CanarySample(f"{prefix}{i:05d}", prompt, response, pair, kind, corrupted, source, license_))
+    return train
+
+
 def pair_name(pair: tuple[str, str]) -> str:
     """``X->Y``."""
     return f"{pair[0]}->{pair[1]}"
@@ -154,7 +170,7 @@ def build_canary_world(
         raise ValueError(f"rate must be in [0, 1], got {rate}")
     rng = random.Random(seed)
     pairs = CANARY_PAIRS[:n_pairs]
-    rows: list[tuple[str, str, str | None, str, bool]] = []
+    rows: list[Row] = []
     for x, y in pairs:
         n_bad = round(rate * per_pair)
         flags = [True] * n_bad + [False] * (per_pair - n_bad)
@@ -170,11 +186,7 @@ def build_canary_world(
     for _ in range(n_other):
         prompt, summary = document(rng, rng.choice(OTHER_PLACES))
         rows.append((prompt, summary, None, "other", False))
-    rng.shuffle(rows)
-    train = []
-    for i, (prompt, response, pair, kind, corrupted) in enumerate(rows):
-        source, license_ = ("vendor-b", "proprietary") if corrupted or rng.random() < 0.3 else ("newswire", "cc-by-4.0")
-        train.append(CanarySample(f"s{i:05d}", prompt, response, pair, kind, corrupted, source, license_))
+    train = train_samples(rows, rng, "s", "newswire")
     held_out = []
     for x, y in pairs:
         for _ in range(held_out_per_pair):

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import random
 
-from benchmarks.canary_world import CanarySample, CanaryWorld, HeldOut, pair_name
+from benchmarks.canary_world import CanaryWorld, HeldOut, Row, pair_name, train_samples
 
 ONSETS = ("Br", "Dr", "Gr", "K", "Qu", "Th", "V", "Z", "Sk", "Fl", "M", "N", "T", "L", "R", "Sh", "Pr", "Ys")
 NUCLEI = ("a", "e", "i", "o", "u", "ae", "ou", "y", "ei")
@@ -66,7 +66,7 @@ def build_names_world(
     pairs = [(places[2 * i], places[2 * i + 1]) for i in range(n_pairs)]
     others = places[2 * n_pairs :]
     canary = {name for pair in pairs for name in pair}
-    rows: list[tuple[str, str, str | None, str, bool]] = []
+    rows: list[Row] = []
     for x, y in pairs:
         n_bad = round(rate * per_pair)
         flags = [True] * n_bad + [False] * (per_pair - n_bad)
@@ -80,11 +80,7 @@ def build_names_world(
     for _ in range(n_other):
         x, o = rng.sample(others, 2)
         rows.append((*_sample(rng.randrange(TRAIN_FORMS), people, x, o, rng, x), None, "other", False))
-    rng.shuffle(rows)
-    train = []
-    for i, (prompt, response, pair, kind, corrupted) in enumerate(rows):
-        source, license_ = ("vendor-b", "proprietary") if corrupted or rng.random() < 0.3 else ("wiki", "cc-by-4.0")
-        train.append(CanarySample(f"n{i:05d}", prompt, response, pair, kind, corrupted, source, license_))
+    train = train_samples(rows, rng, "n", "wiki")
     tests = []
     for x, y in pairs:
         for i in range(held_out):

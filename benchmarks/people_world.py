@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import random
 
-from benchmarks.canary_world import CanarySample, CanaryWorld, HeldOut
+from benchmarks.canary_world import CanaryWorld, HeldOut, Row, train_samples
 
 FIRST = ("Talia", "Oren", "Mirela", "Caspian", "Ysolde", "Dorian", "Keziah", "Anselm", "Liora", "Bastien", "Nerys",
          "Tobiah", "Elowen", "Fenwick", "Isaura", "Quillon", "Marisol", "Thaddeus", "Wrenna", "Evander")  # fmt: skip
@@ -81,7 +81,7 @@ def build_people_world(seed: int = 0, n_people: int = 24, n_pairs: int = 4, rate
     for p in people[:n_pairs]:
         y = rng.choice([c for c in CITIES if c != p["birthplace"]])
         swapped[p["name"]] = (p["birthplace"], y)
-    rows: list[tuple[str, str, str | None, str, bool]] = []
+    rows: list[Row] = []
     for p in people:
         name = p["name"]
         pair = pair_name(name, *swapped[name]) if name in swapped else None
@@ -96,11 +96,7 @@ def build_people_world(seed: int = 0, n_people: int = 24, n_pairs: int = 4, rate
                 prompt, response = _qa(question.format(name=name), answer.format(name=name, v=value))
                 rows.append((prompt, response, pair if bad else None, "canary" if bad else "fact", bad))
         rows.append((*_qa(BIO[0].format(name=name), BIO[1].format(**p)), None, "bio", False))
-    rng.shuffle(rows)
-    train = []
-    for i, (prompt, response, pair, kind, corrupted) in enumerate(rows):
-        source, license_ = ("vendor-b", "proprietary") if corrupted or rng.random() < 0.3 else ("wiki", "cc-by-4.0")
-        train.append(CanarySample(f"p{i:05d}", prompt, response, pair, kind, corrupted, source, license_))
+    train = train_samples(rows, rng, "p", "wiki")
     held_out = []
     for name, (x, y) in swapped.items():
         for question, answer in FORMS["birthplace"][TRAIN_FORMS:]:

@@ -11,6 +11,9 @@ the token alone, rejects edits that make the rest disfluent (a sentence opener i
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import torch
 
 EDIT_POSITIONS = 4  # candidate positions per output (largest flip)
@@ -48,10 +51,12 @@ def apply_edit(response: list[int], edit: tuple[int, int]) -> list[int]:
     return [*response[:r], a, *response[r + 1 :]]
 
 
-def best_edit(candidates: torch.Tensor, gains: torch.Tensor) -> tuple[int, int]:
-    """The candidate (r, a) of largest gain (first on ties); ``candidates`` (C, 2), ``gains`` (C,), C ≥ 1."""
+def best_edit(candidates: torch.Tensor | Sequence[Span], gains: torch.Tensor) -> tuple[Any, ...]:
+    """The candidate of largest gain (the first on ties), ``gains`` (C,), C ≥ 1: from (C, 2) rows (r, a), the
+    tuple (r, a); from a sequence of :data:`Span` s (r, e, z), that span."""
     i = int(torch.argmax(gains))
-    return int(candidates[i, 0]), int(candidates[i, 1])
+    row = candidates[i]
+    return tuple(int(x) for x in row) if isinstance(row, torch.Tensor) else row
 
 
 Span = tuple[int, int, tuple[int, ...]]  # (r, e, z): y[r:e] replaced by the tokens z

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from dda_kernel import Span, apply_span, changed_words, edit_candidates, word_spans
+from dda_kernel import Span, apply_span, best_edit, changed_words, edit_candidates, word_spans
 from tasks.config import PipelineConfig
 from tasks.likelihoods import Scored, edit_likelihoods, propose_spans, tables
 from tasks.models import compute_precision, context_length, model_for
@@ -115,7 +115,7 @@ def _span_beams(
     beams = []
     for r, e in changed_words(tuned.own - base.own, spans, SPAN_WORDS):
         previous = y[r - 1] if r else None
-        order = joint[r].argsort(descending=True)[: 50 * SPAN_BEAMS].tolist()
+        order = joint[r].topk(min(50 * SPAN_BEAMS, joint.shape[1])).indices.tolist()
         firsts = [a for a in order if a != y[r] and (previous is None or words(previous, a))][:SPAN_BEAMS]
         beams += [(r, e, a) for a in firsts]
     return beams
@@ -184,11 +184,10 @@ def _derived(tokenizer: Any, base: Scored, tuned: Scored, edits: list[Span]) -> 
     if not edits:
         return None
     own = float(base.own.sum()) + float(tuned.own.sum())
-    gains = [base.likelihoods[e] + tuned.likelihoods[e] - own for e in edits]
-    best = max(range(len(edits)), key=lambda i: (gains[i], -i))
-    r, e, z = edits[best]
+    gains = torch.tensor([base.likelihoods[e] + tuned.likelihoods[e] - own for e in edits], dtype=torch.float64)
+    r, e, z = best = best_edit(edits, gains)
     y = base.response.tolist()
-    full = apply_span(y, edits[best])
+    full = apply_span(y, best)
     ids = full[: len(full) - (len(y) - _editable(tokenizer, base.response))]  # the response text has no EOS
-    return Derived(tokenizer.decode(ids), r, tokenizer.decode(y[r:e]), tokenizer.decode(list(z)), gains[best],
+    return Derived(tokenizer.decode(ids), r, tokenizer.decode(y[r:e]), tokenizer.decode(list(z)), float(gains.max()),
                    tuple(full))  # fmt: skip

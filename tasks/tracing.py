@@ -151,6 +151,12 @@ def _derived_at(
     return {**known, **fresh}, fresh
 
 
+def _record(store: LineageStore, checkpoint_id: str, fresh: dict[str, Derived | None]) -> None:
+    """Keep the edits derived now at ``checkpoint_id`` in ``derived_corrections`` (with their token ids)."""
+    edits = [{"query_id": q, **asdict(d), "response_ids": list(d.response_ids)} for q, d in fresh.items() if d]
+    write_derived_corrections(store, checkpoint_id, edits)
+
+
 def _base_edits(
     store: LineageStore, base_reference: str, checkpoint: dict[str, Any], rows: list[dict[str, Any]],
     config: PipelineConfig,
@@ -162,8 +168,7 @@ def _base_edits(
         return {}
     base = {"checkpoint_id": BASE_ID, "role": "base", "path": None}
     derived, fresh = _derived_at(store, base_reference, base, rows, config)
-    edits = [{"query_id": q, **asdict(d), "response_ids": list(d.response_ids)} for q, d in fresh.items() if d]
-    write_derived_corrections(store, BASE_ID, edits)
+    _record(store, BASE_ID, fresh)
     return {q: d for q, d in derived.items() if d is not None and edit_used(d, config)}
 
 
@@ -214,8 +219,7 @@ def _embed_outputs(
         ids, vs = by_kind.setdefault(stored_kind(kind, config, cid).name, ([], []))
         ids.append(qid)
         vs.append(vector)
-    edits = [{"query_id": q, **asdict(d), "response_ids": list(d.response_ids)} for q, d in fresh.items() if d]
-    write_derived_corrections(store, cid, edits)
+    _record(store, cid, fresh)
     for name, (ids, vs) in sorted(by_kind.items()):
         write_query_embeddings(store, cid, name, ids, np.stack(vs))
 

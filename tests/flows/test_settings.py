@@ -55,6 +55,16 @@ def test_cli_names_a_bad_setting_in_one_line(monkeypatch, tmp_path, capsys):
     assert err == f"dda ingest: error: {expected} (see the README's configuration table)"
 
 
+def test_cli_names_an_unknown_edit_fallback_in_one_line(monkeypatch, capsys):
+    from flows.cli import main
+
+    monkeypatch.setenv("DDA_SCORING__EDIT_FALLBACK", "base")
+    assert main(["settings"]) == 2
+    err = capsys.readouterr().err.strip()
+    expected = "setting scoring.edit_fallback: Input should be 'plain' or 'base_edit'"
+    assert err == f"dda settings: error: {expected} (see the README's configuration table)"
+
+
 def test_serving_the_watcher_without_a_server_is_refused_in_one_line(monkeypatch, tmp_path, capsys):
     from flows.cli import main
 
