@@ -44,6 +44,7 @@ def _task(fn: Callable[..., T], name: str) -> Any:
 
 
 discover_task = _task(checkpoints.discover_checkpoints, "discover-checkpoints")
+wait_written_task = _task(checkpoints.wait_until_written, "wait-until-written")
 plan_task = _task(indexing.plan_checkpoint, "plan-checkpoint")
 embed_shard_task = _task(indexing.embed_shard, "embed-shard")
 finish_task = _task(indexing.finish_checkpoint, "finish-checkpoint")
@@ -159,13 +160,18 @@ def publish_report(data: ReportData) -> None:
     )
 
 
-def _index_pass(settings: DDASettings) -> dict[str, Any]:
-    """Base model, then every complete checkpoint in step order; failures are collected, the others go on."""
+def _index_pass(settings: DDASettings, upto: CheckpointInfo | None = None) -> dict[str, Any]:
+    """Base model, then every complete checkpoint in step order; failures are collected, the others go on.
+
+    ``upto``: an announced checkpoint (already waited for): the pass stops at its step and takes it as given.
+    """
     _require(settings, "base_model", "run_dir")
     logger = get_run_logger()
     report: dict[str, Any] = {"indexed": [], "pending": [], "failed": {}}
     with recorded_run(settings, report):
         infos = discover_task(str(settings.run_dir), settings.indexing.settle_seconds)
+        if upto is not None:
+            infos = [i for i in infos if i.step < upto.step and Path(i.path) != Path(upto.path)] + [upto]
         base_plan = _index_one(settings, None)
         if not base_plan.already_indexed:
             report["indexed"].append(base_plan.checkpoint_id)
@@ -218,6 +224,29 @@ def watch_checkpoints(
     """
     s = load_settings(settings, data_dir=data_dir, base_model=base_model, run_dir=run_dir, run_id=run_id)
     return _index_pass(s)
+
+
+@flow(name="dda-index-saved-checkpoint")
+def index_saved_checkpoint(
+    checkpoint_path: str, run_dir: str | None = None, data_dir: str | None = None, base_model: str | None = None,
+    settings: dict[str, Any] | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """The flow of the ``dda.checkpoint.saved`` event (:mod:`flows.checkpoint_events`): wait until the announced
+    checkpoint is written (re-checked while it is still being written, failed only once it is corrupt), index it
+    and every earlier checkpoint of its run not yet indexed, in step order, then refresh lineage.
+
+    The watcher's pass bounded at the announced step, under the same writer lock: a checkpoint that the watcher
+    (or an earlier event) indexed is not indexed again. ``run_dir`` defaults to the checkpoint's parent folder;
+    the run id of the settings applies only when they name that same run folder.
+    """
+    folder = Path(checkpoint_path).resolve()
+    served = load_settings(settings, data_dir=data_dir, base_model=base_model)
+    s = load_settings(served.model_dump(mode="json"), run_dir=run_dir or str(folder.parent))
+    if served.run_dir != s.run_dir:
+        s = s.model_copy(update={"run_id": None})
+    _require(s, "base_model")
+    info: CheckpointInfo = wait_written_task(folder, s.indexing.settle_seconds)
+    return _index_pass(s, upto=info)
 
 
 @flow(name="dda-attribute")
@@ -274,4 +303,7 @@ def governance_report(
             "queries": len(data.queries), "plots": len(files.plots), "settings_fingerprint": fp}  # fmt: skip
 
 
-FLOWS = (index_checkpoint, index_run, watch_checkpoints, attribute, refresh_lineage, governance_report)
+FLOWS = (
+    index_checkpoint, index_run, watch_checkpoints, index_saved_checkpoint, attribute, refresh_lineage,
+    governance_report,
+)  # fmt: skip

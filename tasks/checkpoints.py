@@ -124,6 +124,25 @@ def inspect_checkpoint(folder: Path, settle_seconds: float = 30.0, now: float | 
     return CheckpointInfo(str(folder), step, kind, status, problem)
 
 
+def wait_until_written(folder: str | Path, settle_seconds: float = 30.0, poll_seconds: float = 0.5) -> CheckpointInfo:
+    """An announced checkpoint once it is complete; re-checked every ``poll_seconds`` while it is pending.
+
+    A folder that does not exist yet, or is incomplete and was modified in the last ``settle_seconds``, is still
+    being written: wait and look again. Returns the complete checkpoint, or the ``corrupt`` one (incomplete and
+    unchanged for ``settle_seconds``, or still missing after them).
+    """
+    folder, started = Path(folder), time.time()
+    while True:
+        if folder.is_dir():
+            info = inspect_checkpoint(folder, settle_seconds)
+            if info.status != "pending":
+                return info
+        elif time.time() - started >= settle_seconds:
+            step = int(m.group(1)) if (m := CHECKPOINT_DIR.match(folder.name)) else -1
+            return CheckpointInfo(str(folder), step, None, "corrupt", f"{folder} does not exist")
+        time.sleep(poll_seconds)
+
+
 def discover_checkpoints(run_dir: str | Path, settle_seconds: float = 30.0) -> list[CheckpointInfo]:
     """Every ``checkpoint-<step>`` folder of a Trainer ``output_dir``, in step order, each classified.
 

@@ -31,6 +31,7 @@ ALLOWED: dict[str, set[str]] = {
     "flows": {
         "prefect",
         "prefect_dask",
+        "openlineage",
         "pydantic",
         "pydantic_settings",
         "tqdm",
@@ -41,6 +42,9 @@ ALLOWED: dict[str, set[str]] = {
     },
     "deployments": {"prefect", "flows", "deployments"},
 }
+# One module beyond its layer's rule: the Trainer callback subclasses transformers' TrainerCallback (the training
+# process has transformers already; the callback imports nothing else of the project's heavy parts).
+EXCEPTIONS: dict[str, set[str]] = {"flows/callback.py": {"transformers"}}
 
 
 def imported_roots(path: Path, layer: str) -> set[str]:
@@ -56,7 +60,8 @@ def imported_roots(path: Path, layer: str) -> set[str]:
 
 def forbidden(path: Path, layer: str) -> set[str]:
     """Imports of ``path`` that are neither the standard library nor allowed for ``layer``."""
-    return imported_roots(path, layer) - STDLIB - ALLOWED[layer]
+    extra = EXCEPTIONS.get(path.relative_to(ROOT).as_posix(), set()) if path.is_relative_to(ROOT) else set()
+    return imported_roots(path, layer) - STDLIB - ALLOWED[layer] - extra
 
 
 @pytest.mark.parametrize("layer", sorted(ALLOWED))

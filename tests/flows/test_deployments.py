@@ -3,14 +3,9 @@ the Dask task runner (configuration only) writes the same tables as the default 
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from itertools import pairwise
 from pathlib import Path
 
@@ -19,13 +14,14 @@ import yaml
 from prefect import Flow
 from prefect.utilities.importtools import import_object
 
+from flows.checkpoint_events import EVENT
 from flows.pipeline import load_settings
 from storage.store import LineageStore
+from tests.flows.servers import BIN, prefect_env, stop, wait_for
 from tests.tasks.helpers import copy_run
 
 ROOT = Path(__file__).resolve().parents[2]
 PREFECT_YAML = ROOT / "deployments" / "prefect.yaml"
-BIN = Path(sys.executable).parent
 
 
 def test_every_prefect_yaml_entry_point_imports_to_a_flow():
@@ -50,54 +46,17 @@ def test_served_deployments_match_prefect_yaml(tmp_path):
     declared = next(d for d in yaml.safe_load(PREFECT_YAML.read_text())["deployments"] if d["name"] == "dda-watcher")
     assert watcher.concurrency_limit == declared["concurrency_limit"]["limit"] == 1
     assert watcher.concurrency_options.collision_strategy.value == declared["concurrency_limit"]["collision_strategy"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _stop(proc: subprocess.Popen, sig: int = signal.SIGINT) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, sig)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
-@pytest.fixture(scope="module")
-def local_server(tmp_path_factory):
-    """A real `prefect server start` on a free local port, stopped (by its own process group) afterwards."""
-    home = tmp_path_factory.mktemp("server-home")
-    port = _free_port()
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
-    env.pop("PREFECT_API_URL", None)
-    proc = subprocess.Popen(
-        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}/api"
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        _stop(proc, signal.SIGKILL)
-        pytest.fail("prefect server did not become healthy in 180 s")
-    yield url
-    _stop(proc, signal.SIGTERM)
-
-
-def _env(url: str, home: Path, **extra: str) -> dict[str, str]:
-    fixed = {"PREFECT_API_URL": url, "PREFECT_HOME": str(home), "DO_NOT_TRACK": "1", "DDA_INDEXING__PROGRESS": "false"}
-    return {**os.environ, **fixed, "DDA_PROJECTION__K_IN": "4", "DDA_PROJECTION__K_OUT": "4", **extra}
+    on_event = next(d for d in served if d.name == "dda-on-checkpoint")
+    yaml_event = next(d for d in yaml.safe_load(PREFECT_YAML.read_text())["deployments"] if d["name"] == on_event.name)
+    (trigger,) = on_event.triggers
+    (declared_trigger,) = yaml_event["triggers"]
+    assert trigger.expect == set(declared_trigger["expect"]) == {EVENT}
+    assert trigger.match.model_dump() == declared_trigger["match"]
+    assert trigger.parameters == declared_trigger["parameters"]
+    assert (
+        on_event.concurrency_options.collision_strategy.value == yaml_event["concurrency_limit"]["collision_strategy"]
+    )
+    assert "dda-watcher" not in {d.name for d in deployments(load_settings(data_dir=str(tmp_path)), 30, watcher=False)}
 
 
 def _indexed(data_dir: Path) -> set[str]:
@@ -112,17 +71,6 @@ def _completed(data_dir: Path) -> int:
     return LineageStore.open(data_dir / "store").read("runs")["status"].to_pylist().count("completed")
 
 
-def _wait_for(predicate, timeout: float, proc: subprocess.Popen) -> bool:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return True
-        if proc.poll() is not None:
-            return False
-        time.sleep(1)
-    return False
-
-
 @pytest.mark.integration
 @pytest.mark.slow
 def test_served_watcher_indexes_a_dropped_checkpoint_on_schedule(small_world, tmp_path, local_server):
@@ -131,25 +79,25 @@ def test_served_watcher_indexes_a_dropped_checkpoint_on_schedule(small_world, tm
     data_dir = tmp_path / "data"
     ingest = subprocess.run(
         [str(BIN / "dda"), "ingest", small_world.train_file, "--data-dir", str(data_dir)],
-        env=_env(local_server, tmp_path / "home"), capture_output=True, text=True, timeout=120,
+        env=prefect_env(local_server, tmp_path / "home"), capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert ingest.returncode == 0, ingest.stderr
-    env = _env(local_server, tmp_path / "home", DDA_DATA_DIR=str(data_dir), DDA_BASE_MODEL=small_world.base_model,
-               DDA_RUN_DIR=str(run), DDA_RUN_ID="run")  # fmt: skip
+    env = prefect_env(local_server, tmp_path / "home", DDA_DATA_DIR=str(data_dir),
+                      DDA_BASE_MODEL=small_world.base_model, DDA_RUN_DIR=str(run), DDA_RUN_ID="run")  # fmt: skip
     serve = subprocess.Popen(
         [sys.executable, "-m", "deployments.serve", "--interval", "5"], cwd=ROOT, env=env,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )  # fmt: skip
     try:
         first = {"base", f"run/{sorted(run.iterdir())[0].name}"}
-        assert _wait_for(lambda: _indexed(data_dir) >= first, 150, serve), "first scheduled pass did not index"
+        assert wait_for(lambda: _indexed(data_dir) >= first, 150, serve), "first scheduled pass did not index"
         shutil.copytree(later, tmp_path / "staging")
         (tmp_path / "staging").rename(run / later.name)
-        assert _wait_for(lambda: f"run/{later.name}" in _indexed(data_dir), 150, serve), "dropped checkpoint not seen"
+        assert wait_for(lambda: f"run/{later.name}" in _indexed(data_dir), 150, serve), "dropped checkpoint not seen"
         # One pass at a time: the pass that indexed it finishes (refresh, artifacts) before the server stops.
-        assert _wait_for(lambda: _completed(data_dir) >= 2, 150, serve), "the second pass did not complete"
+        assert wait_for(lambda: _completed(data_dir) >= 2, 150, serve), "the second pass did not complete"
     finally:
-        _stop(serve)
+        stop(serve)
     runs = LineageStore.open(data_dir / "store").read("runs").to_pylist()
     assert {r["flow_name"] for r in runs} == {"dda-watch-checkpoints"}
     statuses = [r["status"] for r in runs]
@@ -171,7 +119,7 @@ def _table(data_dir: Path, name: str, drop: tuple[str, ...]) -> list[dict]:
 def test_dask_runner_writes_the_same_tables_as_the_default_runner(small_world, tmp_path, local_server):
     for runner in ("threads", "dask"):
         data_dir = tmp_path / runner
-        env = _env(local_server, tmp_path / "home", DDA_RUNNER__KIND=runner, DDA_RUNNER__DASK_WORKERS="2",
+        env = prefect_env(local_server, tmp_path / "home", DDA_RUNNER__KIND=runner, DDA_RUNNER__DASK_WORKERS="2",
                    DDA_INDEXING__SHARD_SIZE="8")  # fmt: skip
         for args in (("ingest", small_world.train_file), ("index", "--base", small_world.base_model, "--run",
                      small_world.run_dir, "--run-id", "run")):  # fmt: skip

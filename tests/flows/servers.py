@@ -1,0 +1,80 @@
+"""Real Prefect servers and served processes for the integration tests and the event benchmark: start on a free
+local port, wait until healthy, stop by process group."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def stop(proc: subprocess.Popen, sig: int = signal.SIGINT) -> None:
+    """Stop ``proc``'s process group with ``sig`` (SIGKILL after 30 s)."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@contextmanager
+def prefect_server(home: Path, timeout: float = 180) -> Iterator[str]:
+    """A real ``prefect server start`` on a free local port; yields its API URL; stopped afterwards."""
+    port = free_port()
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
+    env.pop("PREFECT_API_URL", None)
+    proc = subprocess.Popen(
+        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}/api"
+    deadline = time.time() + timeout
+    try:
+        while time.time() < deadline:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            raise RuntimeError(f"prefect server did not become healthy in {timeout} s")
+        yield url
+    finally:
+        stop(proc, signal.SIGTERM)
+
+
+def prefect_env(url: str, home: Path, **extra: str) -> dict[str, str]:
+    """The environment of a process that talks to the server at ``url`` (small projection, no progress bars)."""
+    fixed = {"PREFECT_API_URL": url, "PREFECT_HOME": str(home), "DO_NOT_TRACK": "1", "DDA_INDEXING__PROGRESS": "false"}
+    return {**os.environ, **fixed, "DDA_PROJECTION__K_IN": "4", "DDA_PROJECTION__K_OUT": "4", **extra}
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, proc: subprocess.Popen | None = None) -> bool:
+    """Poll ``predicate`` every 0.25 s until it holds (True), ``timeout`` passes or ``proc`` exits (False)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        if proc is not None and proc.poll() is not None:
+            return False
+        time.sleep(0.25)
+    return False

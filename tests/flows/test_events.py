@@ -1,0 +1,146 @@
+"""Lineage on save: the Trainer callback announces each checkpoint as a Prefect event, the served
+``dda-on-checkpoint`` deployment indexes it and folds it into every registered output's lineage (no interval
+watcher), and a training run goes on when the server is down."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from flows.checkpoint_events import EVENT
+from storage.store import LineageStore
+from tasks.checkpoints import wait_until_written
+from tests.flows.servers import BIN, free_port, prefect_env, stop, wait_for
+from tests.flows.train_with_callback import train
+from tests.tasks.helpers import copy_run, write_queries
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _dda(env: dict[str, str], *args: str) -> None:
+    done = subprocess.run([str(BIN / "dda"), *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def _folded(data_dir: Path) -> dict[str, set[str]]:
+    """Per registered output, the checkpoints its lineage folded."""
+    store = LineageStore.open(data_dir / "store")
+    if not store.has_table("dda_state"):
+        return {}
+    return {r["query_id"]: set(r["checkpoints"]) for r in store.read("dda_state").to_pylist()}
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_each_saved_checkpoint_is_indexed_and_folded_on_its_event(small_world, tmp_path, local_server):
+    data_dir, run = tmp_path / "data", tmp_path / "run"
+    run.mkdir()
+    env = prefect_env(local_server, tmp_path / "home", DDA_DATA_DIR=str(data_dir),
+                      DDA_BASE_MODEL=small_world.base_model)  # fmt: skip
+    _dda(env, "ingest", small_world.train_file)
+    _dda(env, "index", "--run", str(run))  # the base model; the run has no checkpoint yet
+    _dda(env, "attribute", str(write_queries(tmp_path / "q.jsonl", n=2)))
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "deployments.serve", "--no-watcher"], cwd=ROOT, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        time.sleep(10)  # the served deployments and their trigger are registered
+        times = tmp_path / "times.json"
+        trained = subprocess.run(
+            [sys.executable, "-m", "tests.flows.train_with_callback", small_world.base_model, small_world.train_file,
+             str(run), "--epochs", "2", "--times", str(times)],
+            env=env, cwd=ROOT, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert trained.returncode == 0, trained.stderr[-3000:]
+        saved = json.loads(times.read_text())
+        ids = {f"run/checkpoint-{step}" for step, _ in saved["saves"]}
+        assert len(ids) == 2
+        assert len(saved["announced"]) == 2
+        done = wait_for(lambda: all(ids <= c for c in _folded(data_dir).values()), 240, serve)
+        assert done, f"lineage did not fold {sorted(ids)}: {_folded(data_dir)}"
+        assert wait_for(lambda: _runs(data_dir).count("completed") >= 4, 60, serve)  # index, attribute, two events
+    finally:
+        stop(serve)
+    runs = LineageStore.open(data_dir / "store").read("runs").to_pylist()
+    event_runs = [r for r in runs if r["flow_name"] == "dda-index-saved-checkpoint"]
+    assert "dda-watch-checkpoints" not in {r["flow_name"] for r in runs}
+    assert [r["status"] for r in event_runs] == ["completed", "completed"]
+    indexed = [c for r in event_runs for c in json.loads(r["wrote_json"])["indexed"]]
+    assert sorted(indexed) == sorted(ids)  # one run per checkpoint; none indexed twice
+
+
+def _runs(data_dir: Path) -> list[str]:
+    store = LineageStore.open(data_dir / "store")
+    return store.read("runs")["status"].to_pylist() if store.has_table("runs") else []
+
+
+def test_training_goes_on_when_the_server_is_down(small_world, tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("PREFECT_API_URL", f"http://127.0.0.1:{free_port()}/api")  # nothing listens there
+    with caplog.at_level("WARNING", logger="dda.callback"):
+        out = train(small_world.base_model, small_world.train_file, tmp_path / "run", epochs=2, announce=True)
+    assert [s for s, _ in out["saves"]] == sorted(int(p.name.split("-")[1]) for p in (tmp_path / "run").iterdir())
+    assert len(out["saves"]) == 2
+    assert out["announced"] == []
+    warnings = [r.getMessage() for r in caplog.records if r.name == "dda.callback"]
+    assert len(warnings) == 1  # one line per outage, not one per save
+    assert "does not answer" in warnings[0]
+
+
+def test_without_a_server_the_callback_does_nothing_and_imports_nothing(tmp_path):
+    probe = (
+        "import sys\nfrom types import SimpleNamespace as N\nfrom flows.callback import LineageCallback\n"
+        "cb = LineageCallback()\n"
+        "cb.on_save(N(output_dir='run'), N(global_step=3, epoch=1.0, is_world_process_zero=True), N())\n"
+        "print(sorted(m for m in ('prefect', 'lancedb', 'duckdb', 'tasks', 'storage') if m in sys.modules))\n"
+    )
+    env = {k: v for k, v in prefect_env("", tmp_path).items() if k != "PREFECT_API_URL"}
+    done = subprocess.run([sys.executable, "-c", probe], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+def test_an_announced_checkpoint_is_waited_for_while_it_is_written(small_world, tmp_path):
+    source = next(Path(small_world.run_dir).glob("checkpoint-*"))
+    folder = copy_run(small_world, tmp_path / "run", steps=1) / source.name
+    weights = folder / "model.safetensors"
+    whole = weights.read_bytes()
+    weights.write_bytes(whole[: len(whole) // 2])  # the Trainer is still writing it
+
+    def finish() -> None:
+        time.sleep(1.5)
+        weights.write_bytes(whole)
+
+    writer = threading.Thread(target=finish)
+    started = time.time()
+    writer.start()
+    info = wait_until_written(folder, settle_seconds=30, poll_seconds=0.1)
+    writer.join()
+    assert info.status == "complete"
+    assert time.time() - started >= 1.5
+
+
+def test_an_announced_checkpoint_that_stays_broken_or_missing_fails(small_world, tmp_path):
+    folder = copy_run(small_world, tmp_path / "run", steps=1) / next(Path(small_world.run_dir).glob("ch*")).name
+    (folder / "model.safetensors").write_bytes(b"\0" * 64)
+    broken = wait_until_written(folder, settle_seconds=0.5, poll_seconds=0.1)
+    assert broken.status == "corrupt"
+    assert "safetensors" in str(broken.problem)
+    missing = wait_until_written(tmp_path / "run" / "checkpoint-999", settle_seconds=0.3, poll_seconds=0.1)
+    assert (missing.status, missing.step) == ("corrupt", 999)
+    assert "does not exist" in str(missing.problem)
+
+
+def test_the_event_names_the_contract_of_flows_checkpoint_events():
+    from flows.checkpoint_events import payload, resource
+
+    folder, run = Path("/r/run/checkpoint-7"), Path("/r/run")
+    assert resource(folder, run, 7)["prefect.resource.id"] == "dda.checkpoint./r/run/checkpoint-7"
+    assert payload(folder, run, 7, 1.0) == {"checkpoint": str(folder), "run_dir": str(run), "step": 7, "epoch": 1.0}
+    assert EVENT == "dda.checkpoint.saved"
