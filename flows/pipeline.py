@@ -21,7 +21,7 @@ from prefect.futures import wait
 from prefect.runtime import flow_run
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
-from flows.runs import new_run_id, recorded, writing
+from flows.runs import new_run_id, observed, recorded, writing
 from flows.settings import DDASettings, load_settings
 from storage.errors import StorageError
 from storage.report import ReportData, gather
@@ -85,7 +85,7 @@ def recorded_run(settings: DDASettings, wrote: dict[str, Any]) -> Iterator[None]
     """Hold the writer lock and record the current flow run in the store's ``runs`` table
     (:func:`flows.runs.recorded`)."""
     name = str(flow_run.flow_name or "flow")
-    with writing(settings, name), recorded(settings, name, str(flow_run.id or new_run_id()), wrote):
+    with writing(settings, name), recorded(settings, name, _run_id(), wrote):
         yield
 
 
@@ -117,9 +117,16 @@ def index_checkpoint(
     s = load_settings(settings, data_dir=data_dir, base_model=base_model, run_id=run_id)
     _require(s, "base_model")
     info = None if checkpoint_path is None else checkpoints.inspect_checkpoint(Path(checkpoint_path), 0.0)
-    with writing(s, "dda-index-checkpoint"):
+    wrote: dict[str, Any] = {}
+    with writing(s, "dda-index-checkpoint"), observed(s, "dda-index-checkpoint", _run_id(), wrote):
         plan = _index_one(s, info)
-    return {"checkpoint": plan.checkpoint_id, "embedded": sum(len(x) for x in plan.shards)}
+        wrote.update({"checkpoint": plan.checkpoint_id, "embedded": sum(len(x) for x in plan.shards)})
+    return wrote
+
+
+def _run_id() -> str:
+    """The current Prefect flow run's id (a fresh one outside a flow run)."""
+    return str(flow_run.id or new_run_id())
 
 
 def _refresh(settings: DDASettings, query_ids: list[str] | None = None) -> dict[str, Any]:
@@ -294,13 +301,17 @@ def governance_report(
     """
     s = load_settings(settings, data_dir=data_dir)
     fp = settings_fingerprint or s.fingerprint
-    data = gather(_open_existing_store(s), fp, query_ids, top_k=top_k)
-    files = write_report(
-        data, out_dir or Path(s.data_dir) / "report", progress=s.indexing.progress, lock_timeout=s.lock_timeout_seconds
-    )
+    wrote: dict[str, Any] = {}
+    with observed(s, "dda-report", _run_id(), wrote):
+        data = gather(_open_existing_store(s), fp, query_ids, top_k=top_k)
+        files = write_report(
+            data, out_dir or Path(s.data_dir) / "report", progress=s.indexing.progress,
+            lock_timeout=s.lock_timeout_seconds,
+        )  # fmt: skip
+        wrote.update({"folder": str(files.folder), "html": str(files.html), "markdown": str(files.markdown),
+                      "queries": len(data.queries), "plots": len(files.plots), "settings_fingerprint": fp})  # fmt: skip
     publish_report(data)
-    return {"folder": str(files.folder), "html": str(files.html), "markdown": str(files.markdown),
-            "queries": len(data.queries), "plots": len(files.plots), "settings_fingerprint": fp}  # fmt: skip
+    return wrote
 
 
 FLOWS = (

@@ -64,15 +64,19 @@ def default_dir() -> str:
 
 
 def report_command(args: argparse.Namespace) -> int:
+    from flows.runs import new_run_id, observed
     from storage.report import gather
     from storage.store import open_existing
     from tasks.report import write_report
 
     settings = settings_for(args)
     fp = args.settings_fingerprint or settings.fingerprint
-    data = gather(open_existing(settings.data_dir / "store"), fp, args.query_id or None, top_k=args.top_k)
-    files = write_report(data, args.out or settings.data_dir / "report", progress=settings.indexing.progress,
-                         lock_timeout=settings.lock_timeout_seconds)  # fmt: skip
+    wrote: dict[str, str] = {}
+    with observed(settings, "dda-report", new_run_id(), wrote):
+        data = gather(open_existing(settings.data_dir / "store"), fp, args.query_id or None, top_k=args.top_k)
+        files = write_report(data, args.out or settings.data_dir / "report", progress=settings.indexing.progress,
+                             lock_timeout=settings.lock_timeout_seconds)  # fmt: skip
+        wrote.update({"html": str(files.html), "markdown": str(files.markdown)})
     print(f"report of {len(data.queries)} traced outputs under settings {fp} ({len(files.plots)} plots):")
     print(f"  {files.html}\n  {files.markdown}")
     return 0

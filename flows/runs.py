@@ -2,12 +2,13 @@
 
 A flow records its Prefect flow-run id; a command run without a Prefect server (``dda attribute`` when no
 ``PREFECT_API_URL`` is set) records a fresh id under the same flow name, so the ``runs`` table is the
-audit trail either way.
+audit trail either way. The same run id is the OpenLineage run id of :func:`observed`.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -35,14 +36,42 @@ def writing(settings: DDASettings, purpose: str) -> Iterator[None]:
         yield
 
 
+def openlineage_configured() -> bool:
+    """Whether the OpenLineage client has a destination by its own conventions, and is not disabled:
+    ``OPENLINEAGE_URL``, ``OPENLINEAGE_CONFIG``, ``OPENLINEAGE__TRANSPORT__…`` variables, or an ``openlineage.yml``
+    in the working folder or ``~/.openlineage``; ``OPENLINEAGE_DISABLED=true`` wins."""
+    if os.environ.get("OPENLINEAGE_DISABLED", "").strip().lower() == "true":
+        return False
+    if os.environ.get("OPENLINEAGE_URL") or os.environ.get("OPENLINEAGE_CONFIG"):
+        return True
+    if any(k.startswith("OPENLINEAGE__TRANSPORT") for k in os.environ):
+        return True
+    return any(p.is_file() for p in (Path.cwd() / "openlineage.yml", Path.home() / ".openlineage" / "openlineage.yml"))
+
+
+@contextmanager
+def observed(settings: DDASettings, job: str, run_id: str, wrote: dict[str, Any]) -> Iterator[None]:
+    """OpenLineage run events around the ``with`` block (:mod:`flows.openlineage_runs`) when configured; else
+    nothing (and the client is not imported)."""
+    if not openlineage_configured():
+        yield
+        return
+    from flows.openlineage_runs import run_events
+
+    with run_events(settings, job, run_id, wrote):
+        yield
+
+
 @contextmanager
 def recorded(settings: DDASettings, flow_name: str, run_id: str, wrote: dict[str, Any]) -> Iterator[None]:
     """Record the ``with`` block as run ``run_id`` of ``flow_name`` in the ``runs`` table: status (completed,
-    failed or interrupted), settings, code version and ``wrote`` (filled by the block)."""
+    failed or interrupted), settings, code version and ``wrote`` (filled by the block); with OpenLineage events
+    (:func:`observed`)."""
     started = utcnow()
     status = "failed"
     try:
-        yield
+        with observed(settings, flow_name, run_id, wrote):
+            yield
         status = "completed"
     except (KeyboardInterrupt, SystemExit):
         status = "interrupted"

@@ -24,6 +24,7 @@ from typing import Any
 import duckdb
 
 from storage.errors import DamagedStoreError, StorageError
+from storage.provenance import DATASET_VERSION
 from storage.sql import connect
 from storage.store import LineageStore, utcnow
 
@@ -56,8 +57,8 @@ SQL: dict[str, str] = {
         SELECT checkpoint_id, run_id, role, step, epoch, learning_rate, fingerprint, projection_fingerprint, path,
                indexed_at
         FROM checkpoints ORDER BY role <> 'base', step, checkpoint_id""",
-    "datasets": """
-        SELECT dataset, count(*) AS n_samples, md5(string_agg(content_hash, ',' ORDER BY content_hash)) AS version,
+    "datasets": f"""
+        SELECT dataset, count(*) AS n_samples, {DATASET_VERSION} AS version,
                string_agg(DISTINCT coalesce(source, '(unknown)'), ', ' ORDER BY coalesce(source, '(unknown)'))
                    AS sources,
                string_agg(DISTINCT coalesce(license, '(unknown)'), ', ' ORDER BY coalesce(license, '(unknown)'))

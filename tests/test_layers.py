@@ -32,6 +32,7 @@ ALLOWED: dict[str, set[str]] = {
         "prefect",
         "prefect_dask",
         "openlineage",
+        "attr",
         "pydantic",
         "pydantic_settings",
         "tqdm",
