@@ -10,10 +10,11 @@ to the Prefect server of ``PREFECT_API_URL`` (the environment, or ``api_url=``);
 deployment indexes that checkpoint and refreshes lineage. Nothing is indexed inside the training process.
 
 Cost to training: with no server configured the callback does nothing and imports nothing beyond this module.
-With one, ``prefect.events`` is imported when the callback is built (before training), and each save hands the
-event to one background thread, which checks that the server answers (``/health``, :data:`PROBE_TIMEOUT_S`) and
-then queues it with Prefect's own events client. An unreachable server costs a log line per outage, never an
-exception in the training loop; the interval watcher (``dda watch``) still finds every checkpoint.
+With one, ``prefect.events`` is imported when the callback is built (before training), and Prefect's events
+client is started then if the server answers ``/health`` within :data:`PROBE_TIMEOUT_S`. Each save hands the
+event to one background thread, which queues it with that client (probing the server first until it has
+answered once). An unreachable server costs a log line, never an exception in the training loop; the interval
+watcher (``dda watch``) still finds every checkpoint.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ class LineageCallback(TrainerCallback):  # type: ignore[misc]
         self._pending: list[Future[None]] = []
         self._pool: ThreadPoolExecutor | None = None
         self._down = False
+        self._connected = False
         if self.api_url is None:
             log.info("no Prefect server configured (PREFECT_API_URL): checkpoints are not announced")
             return
@@ -52,6 +54,11 @@ class LineageCallback(TrainerCallback):  # type: ignore[misc]
         import prefect.events  # noqa: F401  (imported here, before training, not inside a save)
 
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dda-announce")
+        if self._reachable():  # start Prefect's events client now, not during the first save
+            from prefect.events.worker import EventsWorker
+
+            EventsWorker.instance()
+            self._connected = True
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """After the Trainer wrote ``checkpoint-<global_step>``: queue its announcement (no network call here)."""
@@ -81,14 +88,18 @@ class LineageCallback(TrainerCallback):  # type: ignore[misc]
             return False
 
     def _announce(self, folder: Path, run_dir: Path, step: int, epoch: float | None) -> None:
-        """Emit the event for one checkpoint (in the background thread); a log line, not an error, when down."""
-        if not self._reachable():
+        """Emit the event for one checkpoint (in the background thread); a log line, not an error, when down.
+
+        The server is probed until it first answers, then Prefect's events client keeps its connection (and
+        retries on its own): no request per save beyond the event itself.
+        """
+        if not self._connected and not self._reachable():
             if not self._down:
                 log.warning("Prefect server %s does not answer: %s not announced (dda watch still finds it); "
                             "announcing again once it answers", self.api_url, folder.name)  # fmt: skip
             self._down = True
             return
-        self._down = False
+        self._down, self._connected = False, True
         from prefect.events import emit_event
 
         about = resource(folder, run_dir, step)

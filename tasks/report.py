@@ -19,7 +19,6 @@ from pathlib import Path
 from storage.lock import announce_wait, exclusive
 from storage.report import ReportData
 from tasks.report_format import render_html, render_markdown
-from tasks.report_plots import make_plots
 
 MARKER = "report.json"
 
@@ -55,6 +54,8 @@ def write_report(
     """
     out_dir = Path(out_dir).resolve()
     _check_target(out_dir)
+    from tasks.report_plots import make_plots  # matplotlib: imported by the report only
+
     plots = make_plots(data, progress)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with exclusive(out_dir.with_name(f".{out_dir.name}.lock"), "dda report", lock_timeout, announce_wait):
