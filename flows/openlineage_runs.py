@@ -1,10 +1,11 @@
 """OpenLineage run events for every index, attribute and report run, so that a data catalog (Marquez, DataHub, …)
 shows what each checkpoint was trained on and where each traced output comes from, without reading our SQL.
 
-Off unless configured by the client's own conventions (:func:`flows.runs.openlineage_configured`): ``OPENLINEAGE_URL``,
-``OPENLINEAGE_CONFIG``, an ``openlineage.yml`` in the working folder or ``~/.openlineage``, or
-``OPENLINEAGE__TRANSPORT__…`` variables; ``OPENLINEAGE_DISABLED=true`` turns it off. Per run (``run_id`` = the
-Prefect flow-run id, or the id the ``runs`` table records for a run without a server):
+Off unless configured by the client's own conventions (:func:`flows.runs.openlineage_configured`):
+``OPENLINEAGE_URL``, ``OPENLINEAGE_CONFIG``, an ``openlineage.yml`` in the working folder or ``~/.openlineage``,
+or ``OPENLINEAGE__TRANSPORT__TYPE`` (with the other ``OPENLINEAGE__TRANSPORT__…`` variables);
+``OPENLINEAGE_DISABLED=true`` turns it off. Per run (``run_id`` = the Prefect flow-run id, or the id the ``runs``
+table records for a run without a server):
 
 - START, then COMPLETE, FAIL (with the error message) or ABORT (interrupted); job = the flow's name in the
   namespace ``OPENLINEAGE_NAMESPACE`` (default ``dda-lineage``);

@@ -38,13 +38,14 @@ def writing(settings: DDASettings, purpose: str) -> Iterator[None]:
 
 def openlineage_configured() -> bool:
     """Whether the OpenLineage client has a destination by its own conventions, and is not disabled:
-    ``OPENLINEAGE_URL``, ``OPENLINEAGE_CONFIG``, ``OPENLINEAGE__TRANSPORT__…`` variables, or an ``openlineage.yml``
+    ``OPENLINEAGE_URL``, ``OPENLINEAGE_CONFIG``, ``OPENLINEAGE__TRANSPORT__TYPE`` (and the other
+    ``OPENLINEAGE__TRANSPORT__…`` variables), or an ``openlineage.yml``
     in the working folder or ``~/.openlineage``; ``OPENLINEAGE_DISABLED=true`` wins."""
     if os.environ.get("OPENLINEAGE_DISABLED", "").strip().lower() == "true":
         return False
     if os.environ.get("OPENLINEAGE_URL") or os.environ.get("OPENLINEAGE_CONFIG"):
         return True
-    if any(k.startswith("OPENLINEAGE__TRANSPORT") for k in os.environ):
+    if os.environ.get("OPENLINEAGE__TRANSPORT__TYPE"):  # what the client needs of its variables (a type)
         return True
     return any(p.is_file() for p in (Path.cwd() / "openlineage.yml", Path.home() / ".openlineage" / "openlineage.yml"))
 

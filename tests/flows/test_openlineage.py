@@ -27,6 +27,17 @@ SCHEMA = json.loads((ROOT / "docs" / "openlineage" / "DDALineageRunFacet.json").
 SMALL = {"projection": {"k_in": 4, "k_out": 4}, "indexing": {"progress": False}}
 
 
+@pytest.fixture(autouse=True)
+def _restore_openlineage_environment():
+    """The OpenLineage client writes variables of its own into ``os.environ`` (``OPENLINEAGE_URL`` aliased as
+    ``OPENLINEAGE__TRANSPORT__TRANSPORTS__…``): put every ``OPENLINEAGE*`` variable back as it was."""
+    before = {k: v for k, v in os.environ.items() if k.startswith("OPENLINEAGE")}
+    yield
+    for k in [k for k in os.environ if k.startswith("OPENLINEAGE")]:
+        del os.environ[k]
+    os.environ.update(before)
+
+
 def _file_transport(monkeypatch, path: Path) -> None:
     for k in ("OPENLINEAGE_URL", "OPENLINEAGE_CONFIG", "OPENLINEAGE_DISABLED"):
         monkeypatch.delenv(k, raising=False)
@@ -183,4 +194,9 @@ def test_not_configured_means_no_event_and_no_client(small_world, tmp_path, monk
     assert out.stdout.split() == ["True", "False"], out.stderr
     out = subprocess.run([sys.executable, "-c", probe], env={**env, "OPENLINEAGE_DISABLED": "true"}, cwd=tmp_path,
                          capture_output=True, text=True)  # fmt: skip
+    assert out.stdout.split() == ["False", "False"], out.stderr
+    (tmp_path / "openlineage.yml").unlink()
+    leftovers = {"OPENLINEAGE__TRANSPORT__TRANSPORTS__DEFAULT_HTTP__URL": "http://x"}  # no transport type: no client
+    out = subprocess.run([sys.executable, "-c", probe], env={**env, **leftovers}, cwd=tmp_path, capture_output=True,
+                         text=True)  # fmt: skip
     assert out.stdout.split() == ["False", "False"], out.stderr

@@ -1,0 +1,120 @@
+"""Bergson's TrackStar beside DDA lineage, on the same world, fine-tuning run and traced outputs as the
+hallucination benchmark (benchmarks/README.md, "The field's tools").
+
+    python -m benchmarks.bergson_trackstar --size default [--mode lora] [--venv .bench-work/tda-venv]
+
+Bergson (EleutherAI, PyPI ``bergson==2.5.1``) is a benchmark-only dependency in its own virtual environment,
+never imported by this project: this script calls its command line (``<venv>/bin/bergson trackstar``) and reads
+the scores it writes. Make the environment once (torch pinned, or pip resolves a CUDA build)::
+
+    python3 -m venv .bench-work/tda-venv
+    .bench-work/tda-venv/bin/pip install torch==2.13.0
+    printf 'torch==2.13.0\\ntransformers==5.23.0\\n' > constraints.txt
+    .bench-work/tda-venv/bin/pip install -c constraints.txt bergson==2.5.1
+    .bench-work/tda-venv/bin/pip uninstall -y torchvision torchaudio
+
+Per checkpoint of the cached fine-tuning run (``.bench-work/<size>/<mode>/run``, the LoRA adapters as they are):
+TrackStar end to end (Hessian statistics on the training set, query and training gradients, scores) with every
+traced output as its own query (``--score individual``) and the loss on the response only (prompt and completion
+columns). Rows: ``bergson_trackstar`` (the mean of the per-checkpoint scores, Bergson's own per-checkpoint use)
+and ``bergson_trackstar_last`` (the last checkpoint), each on the plain query (the output as it is). TrackStar's
+contrastive query set aggregates all queries into one (``--contrast`` needs ``--query.aggregation mean``), so it
+has no per-output contrastive row here. Time-to-scores is Bergson's wall time, start-up included.
+
+Results: ``benchmarks/results/bergson_<size>_<mode>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.hallucination.config import RESULTS, SIZES, log_line, machine
+from benchmarks.hallucination.evaluation import mode_context, record
+from benchmarks.hallucination.worlds import prepare_mode
+
+VENV = Path(".bench-work/tda-venv")
+PROJECTION_DIM = 16  # TrackStar's per-module random projection (its default is 0: no projection)
+
+
+def trackstar(bergson: Path, checkpoint: Path, train: Path, queries: Path, out: Path) -> float:
+    """Run ``bergson trackstar`` for one checkpoint into ``out``; its wall seconds."""
+    cmd = [
+        str(bergson), "trackstar", str(out), "--model", str(checkpoint), "--overwrite", "true",
+        "--data.dataset", str(train), "--data.prompt_column", "prompt", "--data.completion_column", "response",
+        "--query.dataset", str(queries), "--query.prompt_column", "prompt", "--query.completion_column", "response",
+        "--score", "individual", "--projection_dim", str(PROJECTION_DIM), "--token_batch_size", "512",
+        "--precision", "fp32",
+    ]  # fmt: skip
+    started = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"bergson trackstar failed on {checkpoint.name}: {done.stderr[-3000:]}")
+    return time.perf_counter() - started
+
+
+def load_scores(folder: Path) -> np.ndarray:
+    """Bergson's ``scores.bin`` under ``folder`` as a (queries, training items) array (every cell written)."""
+    paths = [p.parent for p in folder.rglob("scores.bin")]
+    if len(paths) != 1:
+        raise RuntimeError(f"expected one scores.bin under {folder}, found {len(paths)}")
+    info = json.loads((paths[0] / "info.json").read_text())
+    table = np.memmap(paths[0] / "scores.bin", dtype=np.dtype(info["dtype"]), mode="r", shape=(info["num_rows"],))
+    columns = [np.asarray(table[f"score_{i}"], dtype=np.float64) for i in range(info["num_scores"])]
+    if not all(bool(np.asarray(table[f"written_{i}"]).all()) for i in range(info["num_scores"])):
+        raise RuntimeError(f"{paths[0]}: some scores were not written")
+    return np.stack(columns)
+
+
+def main() -> None:
+    """Command-line entry point (see the module docstring)."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", default="default", choices=sorted(SIZES))
+    p.add_argument("--mode", default="lora", choices=["lora", "full"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--venv", type=Path, default=VENV)
+    a = p.parse_args()
+    work = Path(".bench-work") / a.size
+    prepared = prepare_mode(work, work / "base-model", a.mode, SIZES[a.size], a.seed, log_line)
+    root = work / a.mode
+    ctx, queries, _ = mode_context(root, prepared)
+    qfile = root / "bergson_queries.jsonl"
+    qfile.write_text("".join(json.dumps({"id": q["id"], "prompt": q["prompt"], "response": q["response"]}) + "\n"
+                             for q in queries))  # fmt: skip
+    train_ids = [json.loads(line)["id"] for line in (root / "train.jsonl").read_text().splitlines() if line.strip()]
+    order = [train_ids.index(s) for s in ctx.sids]
+    ckpts = sorted((root / "run").glob("checkpoint-*"), key=lambda c: int(c.name.split("-")[1]))
+    cubes, seconds = [], {}
+    for ckpt in ckpts:
+        out = root / "bergson" / ckpt.name
+        seconds[ckpt.name] = round(trackstar(a.venv / "bin" / "bergson", ckpt, root / "train.jsonl", qfile, out), 1)
+        scores = load_scores(out)
+        if scores.shape != (len(queries), len(train_ids)):
+            raise RuntimeError(f"scores of shape {scores.shape}, expected {(len(queries), len(train_ids))}")
+        cubes.append(scores[:, order])
+        log_line(f"{ckpt.name}: TrackStar in {seconds[ckpt.name]} s")
+    total = sum(seconds.values())
+    rows = [{"world": SIZES[a.size].world, **record(a.mode, "plain", "bergson_trackstar", ctx.score(np.mean(cubes, 0)),
+                                                    total)},
+            {"world": SIZES[a.size].world, **record(a.mode, "plain", "bergson_trackstar_last", ctx.score(cubes[-1]),
+                                                    seconds[ckpts[-1].name])}]  # fmt: skip
+    for r in rows:
+        log_line(f"{r['method']}: AUC {r['mean_auc']:.3f}, AP {r['mean_ap']:.3f}")
+    report: dict[str, Any] = {
+        "command": f"python -m benchmarks.bergson_trackstar --size {a.size} --mode {a.mode}", "machine": machine(),
+        "bergson": "2.5.1", "projection_dim": PROJECTION_DIM, "results": rows, "seconds_per_checkpoint": seconds,
+        "n_queries": len(queries), "n_train": len(train_ids),
+    }  # fmt: skip
+    out_file = RESULTS / f"bergson_{a.size}_{a.mode}.json"
+    out_file.write_text(json.dumps(report, indent=1) + "\n")
+    log_line(f"wrote {out_file}")
+
+
+if __name__ == "__main__":
+    main()
