@@ -43,10 +43,12 @@ VENV = Path(".bench-work/tda-venv")
 PROJECTION_DIM = 16  # TrackStar's per-module random projection (its default is 0: no projection)
 
 
-def trackstar(bergson: Path, checkpoint: Path, train: Path, queries: Path, out: Path) -> float:
-    """Run ``bergson trackstar`` for one checkpoint into ``out``; its wall seconds."""
+def trackstar(bergson: Path, checkpoint: Path, tokenizer: Path, train: Path, queries: Path, out: Path) -> float:
+    """Run ``bergson trackstar`` for one checkpoint into ``out`` (the tokenizer from the base model's folder: an
+    adapter folder has none); its wall seconds."""
     cmd = [
-        str(bergson), "trackstar", str(out), "--model", str(checkpoint), "--overwrite", "true",
+        str(bergson), "trackstar", str(out), "--model", str(checkpoint), "--tokenizer", str(tokenizer),
+        "--overwrite", "true",
         "--data.dataset", str(train), "--data.prompt_column", "prompt", "--data.completion_column", "response",
         "--query.dataset", str(queries), "--query.prompt_column", "prompt", "--query.completion_column", "response",
         "--score", "individual", "--projection_dim", str(PROJECTION_DIM), "--token_batch_size", "512",
@@ -93,7 +95,8 @@ def main() -> None:
     cubes, seconds = [], {}
     for ckpt in ckpts:
         out = root / "bergson" / ckpt.name
-        seconds[ckpt.name] = round(trackstar(a.venv / "bin" / "bergson", ckpt, root / "train.jsonl", qfile, out), 1)
+        took = trackstar(a.venv / "bin" / "bergson", ckpt, work / "base-model", root / "train.jsonl", qfile, out)
+        seconds[ckpt.name] = round(took, 1)
         scores = load_scores(out)
         if scores.shape != (len(queries), len(train_ids)):
             raise RuntimeError(f"scores of shape {scores.shape}, expected {(len(queries), len(train_ids))}")
