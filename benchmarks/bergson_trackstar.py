@@ -1,7 +1,7 @@
 """Bergson's TrackStar beside DDA lineage, on the same world, fine-tuning run and traced outputs as the
 hallucination benchmark (benchmarks/README.md, "The field's tools").
 
-    python -m benchmarks.bergson_trackstar --size default [--mode lora] [--venv .bench-work/tda-venv]
+    python -m benchmarks.bergson_trackstar --size default [--mode lora] [--venv .bench-work/tda-venv] [--reuse]
 
 Bergson (EleutherAI, PyPI ``bergson==2.5.1``) is a benchmark-only dependency in its own virtual environment,
 never imported by this project: this script calls its command line (``<venv>/bin/bergson trackstar``) and reads
@@ -19,7 +19,8 @@ traced output as its own query (``--score individual``) and the loss on the resp
 columns). Rows: ``bergson_trackstar`` (the mean of the per-checkpoint scores, Bergson's own per-checkpoint use)
 and ``bergson_trackstar_last`` (the last checkpoint), each on the plain query (the output as it is). TrackStar's
 contrastive query set aggregates all queries into one (``--contrast`` needs ``--query.aggregation mean``), so it
-has no per-output contrastive row here. Time-to-scores is Bergson's wall time, start-up included.
+has no per-output contrastive row here. Time-to-scores is Bergson's wall time, start-up included. ``ci95``:
+bootstrap interval of the mean AUC over outputs (:func:`benchmarks.evaluate.bootstrap_ci`).
 
 Results: ``benchmarks/results/bergson_<size>_<mode>.json``.
 """
@@ -81,6 +82,7 @@ def main() -> None:
     p.add_argument("--mode", default="lora", choices=["lora", "full"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--venv", type=Path, default=VENV)
+    p.add_argument("--reuse", action="store_true", help="evaluate the scores of the last run again (no Bergson run)")
     a = p.parse_args()
     work = Path(".bench-work") / a.size
     prepared = prepare_mode(work, work / "base-model", a.mode, SIZES[a.size], a.seed, log_line)
@@ -93,10 +95,15 @@ def main() -> None:
     order = [train_ids.index(s) for s in ctx.sids]
     ckpts = sorted((root / "run").glob("checkpoint-*"), key=lambda c: int(c.name.split("-")[1]))
     cubes, seconds = [], {}
+    out_file = RESULTS / f"bergson_{a.size}_{a.mode}.json"
+    earlier = json.loads(out_file.read_text())["seconds_per_checkpoint"] if a.reuse and out_file.is_file() else {}
     for ckpt in ckpts:
         out = root / "bergson" / ckpt.name
-        took = trackstar(a.venv / "bin" / "bergson", ckpt, work / "base-model", root / "train.jsonl", qfile, out)
-        seconds[ckpt.name] = round(took, 1)
+        if ckpt.name in earlier and any(out.rglob("scores.bin")):  # --reuse: the scores and time of the last run
+            seconds[ckpt.name] = earlier[ckpt.name]
+        else:
+            took = trackstar(a.venv / "bin" / "bergson", ckpt, work / "base-model", root / "train.jsonl", qfile, out)
+            seconds[ckpt.name] = round(took, 1)
         scores = load_scores(out)
         if scores.shape != (len(queries), len(train_ids)):
             raise RuntimeError(f"scores of shape {scores.shape}, expected {(len(queries), len(train_ids))}")
@@ -114,7 +121,6 @@ def main() -> None:
         "bergson": "2.5.1", "projection_dim": PROJECTION_DIM, "results": rows, "seconds_per_checkpoint": seconds,
         "n_queries": len(queries), "n_train": len(train_ids),
     }  # fmt: skip
-    out_file = RESULTS / f"bergson_{a.size}_{a.mode}.json"
     out_file.write_text(json.dumps(report, indent=1) + "\n")
     log_line(f"wrote {out_file}")
 

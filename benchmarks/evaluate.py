@@ -28,6 +28,7 @@ class PairMetrics:
     recall_at_r: float
     recall_at_10: float = float("nan")
     mrr: float = float("nan")
+    row_aucs: tuple[float, ...] = ()  # one per row (traced output), for intervals over outputs
 
 
 def recall_at_k(scores: np.ndarray, positives: np.ndarray, k: int) -> float:
@@ -46,7 +47,23 @@ def pair_metrics(scores: np.ndarray, positives: np.ndarray) -> PairMetrics:
     recalls = [recall_at_k(row, positives, r) for row in rows]
     at_10 = [recall_at_k(row, positives, 10) for row in rows]
     mrr = [reciprocal_rank(row, positives) for row in rows]
-    return PairMetrics(*(float(np.mean(x)) for x in (aucs, aps, recalls, at_10, mrr)))
+    return PairMetrics(*(float(np.mean(x)) for x in (aucs, aps, recalls, at_10, mrr)), row_aucs=tuple(aucs))
+
+
+def bootstrap_ci(
+    metrics: Mapping[str, PairMetrics], n_boot: int = 2000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float] | None:
+    """Percentile bootstrap interval of the mean AUC over outputs: each resample draws every pair's outputs with
+    replacement (as many as it has), then takes the mean over pairs of the per-pair mean, the estimator the
+    tables report. None when a pair has no per-output AUCs."""
+    rows = [np.asarray(m.row_aucs, dtype=np.float64) for m in metrics.values()]
+    if not rows or any(r.size == 0 for r in rows):
+        return None
+    rng = np.random.default_rng(seed)
+    means = np.mean([r[rng.integers(0, r.size, size=(n_boot, r.size))].mean(axis=1) for r in rows], axis=0)
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(means, [tail, 100 - tail])
+    return float(low), float(high)
 
 
 def reciprocal_rank(scores: np.ndarray, positives: np.ndarray) -> float:

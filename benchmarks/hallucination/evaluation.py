@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.evaluate import PairMetrics, Selected, evaluate, leave_one_pair_out, mean_of
+from benchmarks.evaluate import PairMetrics, Selected, bootstrap_ci, evaluate, leave_one_pair_out, mean_of
 from benchmarks.hallucination.config import KINDS, Log, Size
 from benchmarks.hallucination.methods import (
     LAMBDAS,
@@ -89,7 +89,8 @@ def record(
         "mean_ap": mean_of(metrics, "ap"), "mean_recall_at_r": mean_of(metrics, "recall_at_r"),
         "mean_recall_at_10": mean_of(metrics, "recall_at_10"), "mean_mrr": mean_of(metrics, "mrr"),
         "per_pair_auc": {p: m.auc for p, m in metrics.items()}, "per_pair_ap": {p: m.ap for p, m in metrics.items()},
-        "per_pair_recall_at_r": {p: m.recall_at_r for p, m in metrics.items()}, "seconds": seconds, **more,
+        "per_pair_recall_at_r": {p: m.recall_at_r for p, m in metrics.items()}, "ci95": bootstrap_ci(metrics),
+        "seconds": seconds, **more,
     }  # fmt: skip
 
 

@@ -239,3 +239,30 @@ def test_no_cea_carries_the_committed_cea_rows_of_cells_this_run_lacks_only():
                 {"mode": "lora", "query": "contrastive", "method": "cea", "mean_auc": 0.9}]  # fmt: skip
     assert carried_cea(run, previous) == [{"mode": "lora", "query": "plain", "method": "cea", "mean_auc": 0.6,
                                            "carried": True}]  # fmt: skip
+
+
+def test_bootstrap_interval_resamples_outputs_within_each_pair():
+    from benchmarks.evaluate import bootstrap_ci
+
+    # Every output of pair a scores 1.0 and of pair b 0.0: resampling within pairs always gives 0.5; a bootstrap
+    # that pooled the outputs would not.
+    split = {"a": PairMetrics(1.0, 1.0, 1.0, row_aucs=(1.0,) * 5), "b": PairMetrics(0.0, 0.0, 0.0, row_aucs=(0.0,) * 2)}
+    assert bootstrap_ci(split) == (0.5, 0.5)
+    rng = np.random.default_rng(3)
+    spread = {p: PairMetrics(0.0, 0.0, 0.0, row_aucs=tuple(rng.uniform(0.6, 1.0, 12))) for p in ("a", "b", "c")}
+    low, high = bootstrap_ci(spread)
+    estimate = np.mean([np.mean(m.row_aucs) for m in spread.values()])
+    assert low < estimate < high
+    assert high - low < 0.2
+    wider = bootstrap_ci({p: PairMetrics(0.0, 0.0, 0.0, row_aucs=m.row_aucs[:3]) for p, m in spread.items()})
+    assert wider[1] - wider[0] > high - low  # fewer outputs, a wider interval
+    assert bootstrap_ci({"a": PairMetrics(1.0, 1.0, 1.0)}) is None  # no per-output AUCs, no interval
+
+
+def test_pair_metrics_keep_each_outputs_auc():
+    from benchmarks.evaluate import pair_metrics
+
+    positives = np.array([True, False, False])
+    m = pair_metrics(np.array([[3.0, 2.0, 1.0], [1.0, 2.0, 3.0]]), positives)
+    assert m.row_aucs == (1.0, 0.0)
+    assert m.auc == 0.5
