@@ -190,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, func, text in (
         ("index", _index, "embed the base model and every checkpoint of a run not yet indexed"),
-        ("watch", _watch, "serve the scheduled checkpoint watcher (--once: a single pass)"),
+        ("watch", _watch, "serve the checkpoint watcher and the checkpoint-saved trigger (--once: a single pass)"),
     ):
         p = sub.add_parser(name, parents=[common], help=text)
         p.add_argument("--base", help="base model: HF folder, .gguf file or hub name (default: the indexed one)")
