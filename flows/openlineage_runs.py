@@ -45,7 +45,7 @@ from openlineage.client.facet_v2 import (
 
 from flows.settings import DDASettings, code_version
 from storage.provenance import Provenance, read_provenance, top_sources
-from storage.store import LineageStore, store_exists
+from storage.store import LineageStore, store_exists, where_equal
 
 log = logging.getLogger("dda.openlineage")
 DEFAULT_NAMESPACE = "dda-lineage"
@@ -101,9 +101,10 @@ def _inputs(namespace: str, prov: Provenance) -> list[InputDataset]:
     return datasets + states
 
 
-def _tables(prov: Provenance, names: list[str]) -> list[OutputDataset]:
+def _tables(prov: Provenance, names: list[str], kind: type[Any] = OutputDataset) -> list[Any]:
+    """The store's Lance tables ``names`` as datasets (``kind``: output or input) at their versions."""
     root = Path(prov.root) / "lance"
-    return [OutputDataset("file", str(root / f"{n}.lance"), facets=_version(str(prov.tables[n]))) for n in names]
+    return [kind("file", str(root / f"{n}.lance"), facets=_version(str(prov.tables[n]))) for n in names]
 
 
 def _provenance(settings: DDASettings) -> Provenance:
@@ -145,7 +146,7 @@ class _Emitter:
         inputs, outputs = _inputs(self.namespace, after), _tables(after, changed)
         facets: dict[str, RunFacet] = {}
         if self.job in REPORT_JOBS:
-            inputs += [InputDataset(d.namespace, d.name, facets=d.facets) for d in _tables(after, sorted(after.tables))]
+            inputs += _tables(after, sorted(after.tables), InputDataset)
             outputs = [OutputDataset("file", str(Path(wrote[k]).resolve())) for k in ("html", "markdown") if k in wrote]
         if error is not None:
             message = str(error).splitlines()[0] if str(error) else type(error).__name__
@@ -160,9 +161,9 @@ class _Emitter:
         """The facet of the outputs an attribute (or refresh) run traced, with their top sources."""
         store = LineageStore.open(Path(self.settings.data_dir) / "store")
         fp = self.settings.fingerprint
-        ids = list(wrote.get("query_ids") or []) or sorted(
-            store.read("dda_state", ["query_id"])["query_id"].to_pylist()
-        )
+        if not (ids := list(wrote.get("query_ids") or [])):  # a refresh: every output with lineage under fp
+            states = store.read("dda_state", ["query_id"], where=where_equal(settings_fingerprint=fp))
+            ids = sorted(set(states["query_id"].to_pylist()))
         tops = top_sources(store, fp, ids[:FACET_MAX_OUTPUTS], TOP_SOURCES)
         outputs = [{"queryId": q, "topSources": [
             {"source": t["source"], "share": t["share"], "totalScore": t["total_score"], "nSamples": t["n_samples"]}

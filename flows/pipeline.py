@@ -178,7 +178,7 @@ def _index_pass(settings: DDASettings, upto: CheckpointInfo | None = None) -> di
     with recorded_run(settings, report):
         infos = discover_task(str(settings.run_dir), settings.indexing.settle_seconds)
         if upto is not None:
-            infos = [i for i in infos if i.step < upto.step and Path(i.path) != Path(upto.path)] + [upto]
+            infos = [i for i in infos if i.step < upto.step] + [upto]
         base_plan = _index_one(settings, None)
         if not base_plan.already_indexed:
             report["indexed"].append(base_plan.checkpoint_id)
@@ -247,10 +247,11 @@ def index_saved_checkpoint(
     the run id of the settings applies only when they name that same run folder.
     """
     folder = Path(checkpoint_path).resolve()
+    run = Path(run_dir).resolve() if run_dir else folder.parent
+    if run != folder.parent:
+        raise CheckpointError(f"checkpoint {folder} is not in the announced run folder {run}: announce its parent")
     served = load_settings(settings, data_dir=data_dir, base_model=base_model)
-    s = load_settings(served.model_dump(mode="json"), run_dir=run_dir or str(folder.parent))
-    if served.run_dir != s.run_dir:
-        s = s.model_copy(update={"run_id": None})
+    s = served.model_copy(update={"run_dir": run, "run_id": served.run_id if served.run_dir == run else None})
     _require(s, "base_model")
     info: CheckpointInfo = wait_written_task(folder, s.indexing.settle_seconds)
     return _index_pass(s, upto=info)

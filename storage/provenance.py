@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from storage.schemas import TABLE_KEYS
-from storage.sql import connect
+from storage.sql import run
 from storage.store import LineageStore
 
 DATASET_VERSION = "md5(string_agg(content_hash, ',' ORDER BY content_hash))"
@@ -30,22 +30,12 @@ class Provenance:
     tables: dict[str, int]
 
 
-def _rows(con: Any, sql: str, params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-    cursor = con.execute(sql, params or {})
-    names = [d[0] for d in cursor.description]
-    return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
-
-
 def read_provenance(store: LineageStore) -> Provenance:
     """Datasets with their versions, the indexed checkpoints (base first, then by step) and table versions."""
-    con = connect(store)
-    try:
-        datasets = _rows(con, f"SELECT dataset, count(*) AS n_samples, {DATASET_VERSION} AS version "
-                              "FROM samples GROUP BY dataset ORDER BY dataset")  # fmt: skip
-        checkpoints = _rows(con, "SELECT checkpoint_id, role, step, path, fingerprint, run_id FROM checkpoints "
-                                 "ORDER BY role <> 'base', step, checkpoint_id")  # fmt: skip
-    finally:
-        con.close()
+    datasets = run(store, f"SELECT dataset, count(*) AS n_samples, {DATASET_VERSION} AS version "
+                          "FROM samples GROUP BY dataset ORDER BY dataset").table.to_pylist()  # fmt: skip
+    checkpoints = run(store, "SELECT checkpoint_id, role, step, path, fingerprint, run_id FROM checkpoints "
+                             "ORDER BY role <> 'base', step, checkpoint_id").table.to_pylist()  # fmt: skip
     tables = {name: int(store.db.open_table(name).version) for name in TABLE_KEYS if store.has_table(name)}
     return Provenance(str(store.root), datasets, checkpoints, tables)
 
@@ -57,15 +47,12 @@ def top_sources(
     total_score, n_samples), from the ``source_influence`` view under ``settings_fingerprint``."""
     if not query_ids:
         return {}
-    con = connect(store, settings_fingerprint=settings_fingerprint)
-    try:
-        rows = _rows(con, """
-            SELECT query_id, source, share, total_score, n_samples FROM source_influence
-            WHERE list_contains($ids, query_id)
-            QUALIFY row_number() OVER (PARTITION BY query_id ORDER BY share DESC NULLS LAST, source) <= $k
-            ORDER BY query_id, share DESC NULLS LAST, source""", {"ids": list(query_ids), "k": k})  # fmt: skip
-    finally:
-        con.close()
+    rows = run(store, """
+        SELECT query_id, source, share, total_score, n_samples FROM source_influence
+        WHERE list_contains($ids, query_id)
+        QUALIFY row_number() OVER (PARTITION BY query_id ORDER BY share DESC NULLS LAST, source) <= $k
+        ORDER BY query_id, share DESC NULLS LAST, source""", {"ids": list(query_ids), "k": k},
+        settings_fingerprint=settings_fingerprint).table.to_pylist()  # fmt: skip
     out: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
         out.setdefault(r.pop("query_id"), []).append(r)

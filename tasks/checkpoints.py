@@ -129,17 +129,19 @@ def wait_until_written(folder: str | Path, settle_seconds: float = 30.0, poll_se
 
     A folder that does not exist yet, or is incomplete and was modified in the last ``settle_seconds``, is still
     being written: wait and look again. Returns the complete checkpoint, or the ``corrupt`` one (incomplete and
-    unchanged for ``settle_seconds``, or still missing after them).
+    unchanged for ``settle_seconds``, or still missing after them). A folder not named ``checkpoint-<step>`` is
+    refused (:class:`CheckpointError`): it has no step to order it by.
     """
     folder, started = Path(folder), time.time()
+    if not (match := CHECKPOINT_DIR.match(folder.name)):
+        raise CheckpointError(f"{folder} is not a checkpoint-<step> folder: announce the folder the Trainer saved")
     while True:
         if folder.is_dir():
             info = inspect_checkpoint(folder, settle_seconds)
             if info.status != "pending":
                 return info
         elif time.time() - started >= settle_seconds:
-            step = int(m.group(1)) if (m := CHECKPOINT_DIR.match(folder.name)) else -1
-            return CheckpointInfo(str(folder), step, None, "corrupt", f"{folder} does not exist")
+            return CheckpointInfo(str(folder), int(match.group(1)), None, "corrupt", f"{folder} does not exist")
         time.sleep(poll_seconds)
 
 

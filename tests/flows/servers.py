@@ -3,6 +3,7 @@ local port, wait until healthy, stop by process group."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -78,3 +79,15 @@ def wait_for(predicate: Callable[[], bool], timeout: float, proc: subprocess.Pop
             return False
         time.sleep(0.25)
     return False
+
+
+def trigger_ready(url: str, event: str) -> bool:
+    """Whether the server at ``url`` holds an automation (a deployment trigger) expecting ``event``."""
+    request = urllib.request.Request(f"{url}/automations/filter", data=b"{}", method="POST",
+                                     headers={"Content-Type": "application/json"})  # fmt: skip
+    try:
+        with urllib.request.urlopen(request, timeout=5) as r:
+            automations = json.loads(r.read())
+    except OSError:
+        return False
+    return any(event in a.get("trigger", {}).get("expect", []) for a in automations)

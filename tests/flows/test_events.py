@@ -15,8 +15,8 @@ import pytest
 
 from flows.checkpoint_events import EVENT
 from storage.store import LineageStore
-from tasks.checkpoints import wait_until_written
-from tests.flows.servers import BIN, free_port, prefect_env, stop, wait_for
+from tasks.checkpoints import CheckpointError, wait_until_written
+from tests.flows.servers import BIN, free_port, prefect_env, stop, trigger_ready, wait_for
 from tests.flows.train_with_callback import train
 from tests.tasks.helpers import copy_run, write_queries
 
@@ -51,7 +51,7 @@ def test_each_saved_checkpoint_is_indexed_and_folded_on_its_event(small_world, t
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )  # fmt: skip
     try:
-        time.sleep(10)  # the served deployments and their trigger are registered
+        assert wait_for(lambda: trigger_ready(local_server, EVENT), 120, serve), "the trigger was not registered"
         times = tmp_path / "times.json"
         trained = subprocess.run(
             [sys.executable, "-m", "tests.flows.train_with_callback", small_world.base_model, small_world.train_file,
@@ -144,3 +144,19 @@ def test_the_event_names_the_contract_of_flows_checkpoint_events():
     assert resource(folder, run, 7)["prefect.resource.id"] == "dda.checkpoint./r/run/checkpoint-7"
     assert payload(folder, run, 7, 1.0) == {"checkpoint": str(folder), "run_dir": str(run), "step": 7, "epoch": 1.0}
     assert EVENT == "dda.checkpoint.saved"
+
+
+@pytest.mark.parametrize("name", ["model", "checkpoint-x", ""])
+def test_an_announced_folder_that_is_not_a_checkpoint_is_refused(tmp_path, name):
+    with pytest.raises(CheckpointError, match="is not a checkpoint-<step> folder"):
+        wait_until_written(tmp_path / name if name else Path(name), settle_seconds=0.1)
+
+
+def test_a_checkpoint_announced_with_another_run_folder_is_refused(small_world, tmp_path, prefect_server):
+    from flows.pipeline import index_saved_checkpoint
+
+    folder = copy_run(small_world, tmp_path / "run", steps=1) / next(Path(small_world.run_dir).glob("ch*")).name
+    settings = {"data_dir": str(tmp_path / "data"), "base_model": small_world.base_model}
+    with pytest.raises(CheckpointError, match="is not in the announced run folder"):
+        index_saved_checkpoint(checkpoint_path=str(folder), run_dir=str(tmp_path / "elsewhere"), settings=settings)
+    assert not (tmp_path / "data" / "store").exists()  # refused before anything was written

@@ -17,7 +17,14 @@ from typing import ClassVar
 import jsonschema
 import pytest
 
-from flows.pipeline import attribute, governance_report, index_checkpoint, index_run, load_settings
+from flows.pipeline import (
+    attribute,
+    governance_report,
+    index_checkpoint,
+    index_run,
+    load_settings,
+    refresh_lineage,
+)
 from storage.sql import named_query
 from storage.store import LineageStore
 from tests.tasks.helpers import copy_run, write_queries
@@ -200,3 +207,15 @@ def test_not_configured_means_no_event_and_no_client(small_world, tmp_path, monk
     out = subprocess.run([sys.executable, "-c", probe], env={**env, **leftovers}, cwd=tmp_path, capture_output=True,
                          text=True)  # fmt: skip
     assert out.stdout.split() == ["False", "False"], out.stderr
+
+
+def test_a_refresh_lists_each_output_once_under_its_settings(traced, monkeypatch, tmp_path):
+    data, _, settings = traced
+    base = {**SMALL, "data_dir": str(data), "base_model": settings.base_model}
+    attribute(query_ids=["q0", "q1", "q2"], settings={**base, "scoring": {"normalisation": "cosine"}})
+    log = tmp_path / "events.jsonl"
+    _file_transport(monkeypatch, log)
+    refresh_lineage(settings=base)  # the store now holds lineage under two settings fingerprints
+    facet = _run(_events(log), "dda-refresh-lineage")["COMPLETE"]["run"]["facets"]["ddaLineage"]
+    assert facet["nOutputs"] == 3
+    assert [o["queryId"] for o in facet["outputs"]] == ["q0", "q1", "q2"]
