@@ -15,12 +15,21 @@ the scores it writes. Make the environment once (torch pinned, or pip resolves a
 
 Per checkpoint of the cached fine-tuning run (``.bench-work/<size>/<mode>/run``, the LoRA adapters as they are):
 TrackStar end to end (Hessian statistics on the training set, query and training gradients, scores) with every
-traced output as its own query (``--score individual``) and the loss on the response only (prompt and completion
-columns). Rows: ``bergson_trackstar`` (the mean of the per-checkpoint scores, Bergson's own per-checkpoint use)
-and ``bergson_trackstar_last`` (the last checkpoint), each on the plain query (the output as it is). TrackStar's
-contrastive query set aggregates all queries into one (``--contrast`` needs ``--query.aggregation mean``), so it
-has no per-output contrastive row here. Time-to-scores is Bergson's wall time, start-up included. ``ci95``:
-bootstrap interval of the mean AUC over outputs (:func:`benchmarks.evaluate.bootstrap_ci`).
+query its own (``--score individual``) and the loss on the response only (prompt and completion columns). The
+queries at checkpoint t are each traced output y, its known correction y_c, and the correction y'_t that DDA
+lineage derived for it at t (the ``derived_corrections`` of ``benchmarks.no_correction``'s run on the same
+store, ids ``words:<id>``; run that first). Rows, each the mean of the per-checkpoint scores (Bergson's own
+per-checkpoint use) and ``…_last`` (the last checkpoint):
+
+- ``bergson_trackstar`` on the plain query: s_t(y);
+- ``bergson_trackstar@counterfactual``: s_t(y) − s_t(y'_t), the same counterfactual contrast the default traces for
+  an output without a correction;
+- ``bergson_trackstar@contrastive``: s_t(y) − s_t(y_c), the contrast the default traces with a known correction.
+
+TrackStar's own contrastive query set aggregates all queries into one (``--contrast`` needs
+``--query.aggregation mean``); the differences of per-query scores above are the per-output form. Time-to-scores
+is Bergson's wall time, start-up included (three query sets per run). ``ci95``: bootstrap interval of the mean AUC
+over outputs (:func:`benchmarks.evaluate.bootstrap_ci`).
 
 Results: ``benchmarks/results/bergson_<size>_<mode>.json``.
 """
@@ -75,6 +84,17 @@ def load_scores(folder: Path) -> np.ndarray:
     return np.stack(columns)
 
 
+def derived_corrections(store_root: Path) -> dict[tuple[str, str], str]:
+    """(output id, checkpoint id) → the response DDA lineage derived there (``benchmarks.no_correction``'s ``words:``
+    outputs)."""
+    from storage.store import LineageStore
+
+    rows = LineageStore.open(store_root).read("derived_corrections", ["query_id", "checkpoint_id", "response"])
+    prefix = "words:"
+    return {(r["query_id"][len(prefix) :], r["checkpoint_id"]): r["response"] for r in rows.to_pylist()
+            if r["query_id"].startswith(prefix)}  # fmt: skip
+
+
 def main() -> None:
     """Command-line entry point (see the module docstring)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -88,38 +108,49 @@ def main() -> None:
     prepared = prepare_mode(work, work / "base-model", a.mode, SIZES[a.size], a.seed, log_line)
     root = work / a.mode
     ctx, queries, _ = mode_context(root, prepared)
-    qfile = root / "bergson_queries.jsonl"
-    qfile.write_text("".join(json.dumps({"id": q["id"], "prompt": q["prompt"], "response": q["response"]}) + "\n"
-                             for q in queries))  # fmt: skip
+    derived = derived_corrections(root / "default" / "store")
     train_ids = [json.loads(line)["id"] for line in (root / "train.jsonl").read_text().splitlines() if line.strip()]
-    order = [train_ids.index(s) for s in ctx.sids]
+    order = [train_ids.index(sid) for sid in ctx.sids]
     ckpts = sorted((root / "run").glob("checkpoint-*"), key=lambda c: int(c.name.split("-")[1]))
-    cubes, seconds = [], {}
     out_file = RESULTS / f"bergson_{a.size}_{a.mode}.json"
     earlier = json.loads(out_file.read_text())["seconds_per_checkpoint"] if a.reuse and out_file.is_file() else {}
+    cubes: dict[str, list[np.ndarray]] = {"plain": [], "counterfactual": [], "contrastive": []}
+    seconds = {}
     for ckpt in ckpts:
         out = root / "bergson" / ckpt.name
+        qfile = root / "bergson" / f"{ckpt.name}-queries.jsonl"
+        qfile.parent.mkdir(parents=True, exist_ok=True)
+        texts = [q["response"] for q in queries] + [q["corrected"] for q in queries]
+        texts += [derived[(q["id"], f"run/{ckpt.name}")] for q in queries]
+        qfile.write_text("".join(json.dumps({"prompt": q["prompt"], "response": t}) + "\n"
+                                 for q, t in zip(queries * 3, texts, strict=True)))  # fmt: skip
         if ckpt.name in earlier and any(out.rglob("scores.bin")):  # --reuse: the scores and time of the last run
             seconds[ckpt.name] = earlier[ckpt.name]
         else:
             took = trackstar(a.venv / "bin" / "bergson", ckpt, work / "base-model", root / "train.jsonl", qfile, out)
             seconds[ckpt.name] = round(took, 1)
         scores = load_scores(out)
-        if scores.shape != (len(queries), len(train_ids)):
-            raise RuntimeError(f"scores of shape {scores.shape}, expected {(len(queries), len(train_ids))}")
-        cubes.append(scores[:, order])
+        m = len(queries)
+        if scores.shape != (3 * m, len(train_ids)):
+            raise RuntimeError(f"scores of shape {scores.shape}, expected {(3 * m, len(train_ids))}")
+        plain, corrected, counter = (scores[i * m : (i + 1) * m, order] for i in range(3))
+        cubes["plain"].append(plain)
+        cubes["contrastive"].append(plain - corrected)
+        cubes["counterfactual"].append(plain - counter)
         log_line(f"{ckpt.name}: TrackStar in {seconds[ckpt.name]} s")
-    total = sum(seconds.values())
-    rows = [{"world": SIZES[a.size].world, **record(a.mode, "plain", "bergson_trackstar", ctx.score(np.mean(cubes, 0)),
-                                                    total)},
-            {"world": SIZES[a.size].world, **record(a.mode, "plain", "bergson_trackstar_last", ctx.score(cubes[-1]),
-                                                    seconds[ckpts[-1].name])}]  # fmt: skip
+    total, last = sum(seconds.values()), seconds[ckpts[-1].name]
+    world = SIZES[a.size].world
+    rows = []
+    for query, cube in cubes.items():
+        name = "bergson_trackstar" + ("" if query == "plain" else f"@{query}")
+        rows.append({"world": world, **record(a.mode, query, name, ctx.score(np.mean(cube, 0)), total)})
+        rows.append({"world": world, **record(a.mode, query, f"{name}_last", ctx.score(cube[-1]), last)})
     for r in rows:
         log_line(f"{r['method']}: AUC {r['mean_auc']:.3f}, AP {r['mean_ap']:.3f}")
     report: dict[str, Any] = {
         "command": f"python -m benchmarks.bergson_trackstar --size {a.size} --mode {a.mode}", "machine": machine(),
         "bergson": "2.5.1", "projection_dim": PROJECTION_DIM, "results": rows, "seconds_per_checkpoint": seconds,
-        "n_queries": len(queries), "n_train": len(train_ids),
+        "n_outputs": len(queries), "n_train": len(train_ids),
     }  # fmt: skip
     out_file.write_text(json.dumps(report, indent=1) + "\n")
     log_line(f"wrote {out_file}")
