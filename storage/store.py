@@ -21,12 +21,14 @@ from typing import Any
 
 import lancedb
 import pyarrow as pa
+from filelock import FileLock
 from lancedb.index import Bitmap
 
 from storage.errors import FingerprintMismatchError, StorageError
 from storage.schemas import SCHEMA_VERSION, TABLE_KEYS, table_schema
 
 _CREATE_GUARD = threading.Lock()
+CREATE_LOCK_FILE = ".tables.lock"  # under <root>: the guard across processes (Dask workers of one flow run)
 # Scalar indexes on the columns every read of a table filters by (built by LineageStore.compact).
 # Tables of long float64 vectors use Lance file format 2.0: measured writing 64 × 100 000 float64 lists,
 # 2.0 took 0.06 s and the default 2.1 0.57 s (its list encoding), reads 0.08 s vs 0.17 s.
@@ -161,7 +163,9 @@ class LineageStore:
         dim = self._dim() if name in ("embeddings", "query_embeddings") else 1
         version = FILE_VERSION.get(name)
         schema = table_schema(name, dim)
-        with _CREATE_GUARD:  # two task threads creating one table race (Lance: "incompatible with Overwrite")
+        # Two task threads or Dask worker processes creating one table race: the loser's create commits as an
+        # Overwrite and the winner's first write fails (Lance: "incompatible with concurrent transaction Overwrite").
+        with _CREATE_GUARD, FileLock(self.root / CREATE_LOCK_FILE):
             table = self.db.create_table(name, schema=schema, exist_ok=True, data_storage_version=version)
             have = set(table.schema.names)
             added = [f for f in schema if f.name not in have and f.nullable]

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def free_port() -> int:
@@ -36,11 +37,32 @@ def stop(proc: subprocess.Popen, sig: int = signal.SIGINT) -> None:
             proc.wait()
 
 
+def start_serve(env: dict[str, str], log: Path, *args: str) -> subprocess.Popen[bytes]:
+    """``python -m deployments.serve ARGS`` in its own process group, its output (and its flow runs') in ``log``.
+
+    Never a pipe nobody reads: once 64 KiB of log lines fill it, the runner and its flow-run processes block on
+    their next log line, and a run stops before it records its state.
+    """
+    with log.open("wb") as out:  # the child holds its own descriptor
+        return subprocess.Popen([sys.executable, "-m", "deployments.serve", *args], cwd=ROOT, env=env, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+
+
+def tail(log: Path, n: int = 4000) -> str:
+    """The last ``n`` characters of ``log`` (for an assertion's message)."""
+    return log.read_text(errors="replace")[-n:] if log.exists() else ""
+
+
 @contextmanager
-def prefect_server(home: Path, timeout: float = 180) -> Iterator[str]:
-    """A real ``prefect server start`` on a free local port; yields its API URL; stopped afterwards."""
+def prefect_server(home: Path, timeout: float = 180, slot_wait_s: int | None = None) -> Iterator[str]:
+    """A real ``prefect server start`` on a free local port; yields its API URL; stopped afterwards.
+
+    ``slot_wait_s``: the server's ``PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS`` (Prefect's default
+    when None)."""
     port = free_port()
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
+    if slot_wait_s is not None:  # a queued run is retried this long after it found its deployment's slot taken
+        env["PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS"] = str(slot_wait_s)  # Prefect's default: 30
     env.pop("PREFECT_API_URL", None)
     proc = subprocess.Popen(
         [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],

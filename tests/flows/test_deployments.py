@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import sys
 from itertools import pairwise
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from prefect.utilities.importtools import import_object
 from flows.checkpoint_events import EVENT
 from flows.pipeline import load_settings
 from storage.store import LineageStore
-from tests.flows.servers import BIN, prefect_env, stop, wait_for
+from tests.flows.servers import BIN, prefect_env, start_serve, stop, tail, wait_for
 from tests.tasks.helpers import copy_run
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -84,18 +83,16 @@ def test_served_watcher_indexes_a_dropped_checkpoint_on_schedule(small_world, tm
     assert ingest.returncode == 0, ingest.stderr
     env = prefect_env(local_server, tmp_path / "home", DDA_DATA_DIR=str(data_dir),
                       DDA_BASE_MODEL=small_world.base_model, DDA_RUN_DIR=str(run), DDA_RUN_ID="run")  # fmt: skip
-    serve = subprocess.Popen(
-        [sys.executable, "-m", "deployments.serve", "--interval", "5"], cwd=ROOT, env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-    )  # fmt: skip
+    log = tmp_path / "serve.log"
+    serve = start_serve(env, log, "--interval", "5")
     try:
         first = {"base", f"run/{sorted(run.iterdir())[0].name}"}
-        assert wait_for(lambda: _indexed(data_dir) >= first, 150, serve), "first scheduled pass did not index"
+        assert wait_for(lambda: _indexed(data_dir) >= first, 150, serve), f"first pass did not index: {tail(log)}"
         shutil.copytree(later, tmp_path / "staging")
         (tmp_path / "staging").rename(run / later.name)
-        assert wait_for(lambda: f"run/{later.name}" in _indexed(data_dir), 150, serve), "dropped checkpoint not seen"
+        assert wait_for(lambda: f"run/{later.name}" in _indexed(data_dir), 150, serve), f"not seen: {tail(log)}"
         # One pass at a time: the pass that indexed it finishes (refresh, artifacts) before the server stops.
-        assert wait_for(lambda: _completed(data_dir) >= 2, 150, serve), "the second pass did not complete"
+        assert wait_for(lambda: _completed(data_dir) >= 2, 150, serve), f"second pass not completed: {tail(log)}"
     finally:
         stop(serve)
     runs = LineageStore.open(data_dir / "store").read("runs").to_pylist()

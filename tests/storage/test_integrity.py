@@ -77,3 +77,36 @@ def test_task_threads_creating_one_table_at_once_all_land(tmp_path):
             t.join()
         assert errors == []
         assert store.read("query_embeddings").num_rows == 6
+
+
+N_RACE = 30
+
+
+def test_worker_processes_creating_one_table_at_once_all_land(tmp_path):
+    """Three Dask worker processes of one flow run (which holds the writer lock; they take none) write the first
+    query embeddings of three checkpoints into a fresh store at the same moment, N_RACE times.
+
+    Measured with a thread lock only (no guard across processes): 20 of 180 writes failed ("This Update
+    transaction is incompatible with concurrent transaction Overwrite"); CI saw ``dda index`` with the Dask
+    runner exit 2 on it.
+    """
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "tests.storage.writer", str(tmp_path), f"c{i}", str(N_RACE), "--race"],
+                         cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        for i in range(3)
+    ]  # fmt: skip
+    outcomes: list[str] = []
+    for _ in range(N_RACE):
+        for p in procs:
+            assert p.stdout is not None
+            assert p.stdout.readline().strip() == "ready"
+        for p in procs:
+            assert p.stdin is not None
+            p.stdin.write("go\n")
+            p.stdin.flush()
+        outcomes += [p.stdout.readline().strip() for p in procs if p.stdout is not None]
+    for p in procs:
+        p.communicate(timeout=60)
+    assert [o for o in outcomes if o != "ok"] == []
+    for trial in range(N_RACE):
+        assert LineageStore.open(tmp_path / f"t{trial}").read("query_embeddings").num_rows == 6
