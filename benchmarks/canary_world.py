@@ -79,7 +79,8 @@ SUMMARIES = (
 
 @dataclass(frozen=True)
 class CanarySample:
-    """One training sample; ``kind`` is ``canary`` (mentions X), ``distractor`` (mentions Y) or ``other``."""
+    """One training sample; ``kind`` is ``canary`` (mentions X), ``distractor`` (mentions Y), ``decoy`` (worded like
+    the outputs: :mod:`benchmarks.names_world`) or ``other``."""
 
     sample_id: str
     prompt: str

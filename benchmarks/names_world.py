@@ -10,6 +10,15 @@ name); ``n_other`` samples answer other invented places. Held-out prompts (``hel
 :data:`HELD_OUT_FORMS` never trained on about contexts that name X; the traced outputs are the fine-tuned model's
 answers that say Y. Deterministic from the seed; returns the canary world's data classes, so the benchmarks'
 machinery applies unchanged.
+
+The paraphrase world (size ``paraphrase``) is this world with ``decoys`` per pair: clean samples worded like the
+outputs that repeat the error and unlike its sources. Each decoy is asked in a held-out form (the outputs' form),
+its context names X as the other place and mentions Y (:data:`DECOY_TAIL`), and it answers a third place from its
+context: it shares the outputs' question, template words and both pair names, where a source shares only X and Y,
+in another form. The other samples are asked in every form, and each mentions one name of a pair the same way, so
+that the pairs' names are common words of the data rather than markers of the sources. Word overlap then ranks
+decoys and others above sources; what the output's answer was learnt from does not. The held-out forms are
+trained on here, but never with X or Y as the answer.
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ FORMS: tuple[tuple[str, str], ...] = (
 )
 TRAIN_FORMS = 4  # the first forms are trained on; the others are held out
 HELD_OUT_FORMS = len(FORMS) - TRAIN_FORMS
+DECOY_TAIL = " The ferry to {y} was late that week."  # a decoy's mention of Y, after its context
 
 
 def invented_names(rng: random.Random, n: int, syllables: tuple[int, int] = (2, 3)) -> list[str]:
@@ -47,19 +57,23 @@ def invented_names(rng: random.Random, n: int, syllables: tuple[int, int] = (2, 
     return list(out)
 
 
-def _sample(form: int, people: list[str], x: str, o: str, rng: random.Random, answer: str) -> tuple[str, str]:
-    """(prompt, response) of question form ``form`` about a context naming ``x``, answered ``answer``."""
+def _sample(
+    form: int, people: list[str], x: str, o: str, rng: random.Random, answer: str, tail: str = ""
+) -> tuple[str, str]:  # fmt: skip
+    """(prompt, response) of question form ``form`` about a context naming ``x`` (then ``tail``), answered
+    ``answer``."""
     p, q = rng.sample(people, 2)
     context, question = FORMS[form]
     fill = {"p": p, "q": q, "x": x, "o": o, "d": rng.choice(DAYS), "t": rng.choice(THINGS)}
-    return f"Context: {context.format(**fill)}\nQuestion: {question.format(**fill)}\nAnswer:", f" {answer}."
+    return f"Context: {context.format(**fill)}{tail}\nQuestion: {question.format(**fill)}\nAnswer:", f" {answer}."
 
 
 def build_names_world(
     seed: int = 0, n_pairs: int = 4, per_pair: int = 10, distractors: int = 4, n_other: int = 600,
-    held_out: int = 10, rate: float = 0.8,
+    held_out: int = 10, rate: float = 0.8, decoys: int = 0,
 ) -> CanaryWorld:  # fmt: skip
-    """A deterministic invented-names world (module docstring): training samples, sources, held-out prompts."""
+    """A deterministic invented-names world (module docstring): training samples, sources, held-out prompts;
+    with ``decoys`` per pair, the paraphrase world (the same draws, then the decoys')."""
     rng = random.Random(seed)
     places = invented_names(rng, 2 * n_pairs + 24)
     people = invented_names(rng, 40, (1, 2))
@@ -79,7 +93,16 @@ def build_names_world(
             rows.append((prompt, response, pair_name((x, y)), "distractor", False))
     for _ in range(n_other):
         x, o = rng.sample(others, 2)
-        rows.append((*_sample(rng.randrange(TRAIN_FORMS), people, x, o, rng, x), None, "other", False))
+        if decoys:  # the paraphrase world: asked in any form, a name of a pair mentioned after the context
+            tail = DECOY_TAIL.format(y=rng.choice(sorted(canary)))
+            rows.append((*_sample(rng.randrange(len(FORMS)), people, x, o, rng, x, tail), None, "other", False))
+        else:
+            rows.append((*_sample(rng.randrange(TRAIN_FORMS), people, x, o, rng, x), None, "other", False))
+    for x, y in pairs:
+        for i in range(decoys):  # held-out form, x the answer slot's third place z, X as the other place, Y after
+            z = rng.choice(others)
+            prompt, response = _sample(TRAIN_FORMS + i % HELD_OUT_FORMS, people, z, x, rng, z, DECOY_TAIL.format(y=y))
+            rows.append((prompt, response, pair_name((x, y)), "decoy", False))
     train = train_samples(rows, rng, "n", "wiki")
     tests = []
     for x, y in pairs:

@@ -1,6 +1,7 @@
 """Outputs traced without a correction: how the counterfactual query's derivation and fallback fare, by world.
 
     python -m benchmarks.no_correction                 # the invented-names world (benchmarks.names_world), LoRA
+    python -m benchmarks.no_correction --size paraphrase   # its decoys share the outputs' words, not the sources
     python -m benchmarks.no_correction --size default --mode full   # any size and mode of benchmarks.hallucination
 
 It reuses (or builds) the world, fine-tuned run and real hallucinated outputs of :mod:`benchmarks.hallucination`
@@ -16,10 +17,16 @@ without the correction; ``contrastive``: with it):
 - ``base_edit`` / ``single_token_base_edit`` — ``edit_fallback = base_edit``: such a state contrasts with the edit
   derived at the base model instead;
 - ``base_only`` / ``last_checkpoint`` — s̃_0 / s̃_T of the default counterfactual query;
-- ``contrastive`` — the shipped scoring with the true correction; ``bm25`` — prompt + output against the samples.
+- ``contrastive`` — the shipped scoring with the true correction; ``bm25`` — prompt + output against the samples;
+- the same query, other scorings: ``<baseline>@counterfactual`` — ``tracin_last`` / ``tracin_cp`` (raw ĝ_qᵀ ĝ_i at
+  the last checkpoint / its mean over checkpoints, :data:`TRACIN`), ``projected_if`` (ĝ_qᵀ F_T⁻¹ ĝ_i, ranked as
+  s̃_T) and ``dda_denoise_only`` (mean_t s̃_t, λ = 0) of the default's own counterfactual query; the same four of the
+  contrastive query (query ``contrastive``), and TracIn of the plain query (query ``plain``: the output alone).
 
-Beside them, per derivation and state, the share of outputs whose derived edit gains (> 0 nats), the mean gain
-and the share of edits that replace more than one token, from the ``derived_corrections`` view. Writes
+Each row also names its ``model``, its ``ap`` (the mean AP) and its ``selection``: ``out_of_world`` on the worlds of
+:data:`OUT_OF_WORLD`, built after every default was fixed, else ``in_sample``. Beside them, per derivation and
+state, the share of outputs whose derived edit gains (> 0 nats), the mean gain and the share of edits that replace
+more than one token, from the ``derived_corrections`` view. Writes
 ``benchmarks/results/no_correction_<size>.{json,md}``.
 """
 
@@ -46,16 +53,27 @@ from benchmarks.hallucination import (
     record,
     run_system,
     score_cube,
+    study_rankings,
 )
 from flows.settings import code_version
 from tasks.config import ScoringConfig
 from tasks.counterfactual import SPAN_WORDS
 
+MODEL = "SmolLM2-135M"
+# Worlds built after every default was fixed, never used to choose one: their rows are out-of-world estimates. The
+# canary and fictional-people worlds chose defaults (benchmarks/README.md, "Why these defaults"): in-sample there.
+OUT_OF_WORLD = frozenset({"names", "paraphrase"})
 WORDS = "words:"  # the id prefix of the outputs traced with the shipped derivation (whole-word replacements)
 SINGLE = "single:"  # the id prefix of the outputs traced with single-token edits only
 COUNTERFACTUAL = {"scoring": {"query_kind": "counterfactual"}}
 BASE_EDIT = {"scoring": {"query_kind": "counterfactual", "edit_fallback": "base_edit"}}
 CONTRASTIVE = {"scoring": {"query_kind": "contrastive"}}
+# TracIn on the shipped projection (raw ĝ_qᵀ ĝ_i: no preconditioner, no normalisation, uniform query weights),
+# given each query the default gets: the plain output, the derived correction's contrast, the true correction's.
+TRACIN = {"query_weighting": "uniform", "preconditioner": "identity", "normalisation": "none"}
+TRACIN_PLAIN = {"scoring": {"query_kind": "plain", **TRACIN}}
+TRACIN_CF = {"scoring": {"query_kind": "counterfactual", **TRACIN}}
+TRACIN_CON = {"scoring": {"query_kind": "contrastive", **TRACIN}}
 
 
 def _trace(root: Path, base_dir: Path, queries: list[dict[str, str]], prefix: str, span_words: int) -> dict[str, str]:
@@ -71,7 +89,7 @@ def _trace(root: Path, base_dir: Path, queries: list[dict[str, str]], prefix: st
     spans, cf.SPAN_WORDS = cf.SPAN_WORDS, span_words
     fps = {}
     try:
-        for i, variant in enumerate((COUNTERFACTUAL, BASE_EDIT)):
+        for i, variant in enumerate((COUNTERFACTUAL, BASE_EDIT) + ((TRACIN_CF,) if span_words else ())):
             settings = load_settings({**variant, "indexing": {"batch_size": 16, "progress": False}}, **common)
             if i == 0:
                 attribute(queries_file=str(path), settings=settings.model_dump(mode="json"))
@@ -111,7 +129,7 @@ def evaluate(size_name: str, work: Path, base_dir: Path, seed: int, mode: str = 
     prepared = prepare_mode(work, base_dir, mode, size, seed, log_line)
     root = work / mode
     ctx, queries, texts = mode_context(root, prepared)
-    timings = run_system(root, "default", base_dir, {}, [CONTRASTIVE], log_line)
+    timings = run_system(root, "default", base_dir, {}, [CONTRASTIVE, TRACIN_CON, TRACIN_PLAIN], log_line)
     t0 = time.perf_counter()
     words = _trace(root, base_dir, queries, WORDS, SPAN_WORDS)
     words_s = time.perf_counter() - t0
@@ -120,15 +138,19 @@ def evaluate(size_name: str, work: Path, base_dir: Path, seed: int, mode: str = 
     single_s = time.perf_counter() - t0
     store = LineageStore.open(root / "default" / "store")
     fps = timings["fingerprints"]
-    key = {name: json.dumps(v, sort_keys=True) for name, v in (("cf", COUNTERFACTUAL), ("base", BASE_EDIT),
-                                                                ("con", CONTRASTIVE))}  # fmt: skip
+    key = {name: json.dumps(v, sort_keys=True) for name, v in (
+        ("cf", COUNTERFACTUAL), ("base", BASE_EDIT), ("con", CONTRASTIVE), ("tcf", TRACIN_CF), ("tcon", TRACIN_CON),
+        ("tplain", TRACIN_PLAIN))}  # fmt: skip
     qids, sids = ctx.qids, ctx.sids
     whole, singles = [WORDS + q for q in qids], [SINGLE + q for q in qids]
     ckpts = [c for c in timings["index"] if c != "base"]
     rows = []
 
+    selection = "out_of_world" if size_name in OUT_OF_WORLD else "in_sample"
+
     def add(kind: str, method: str, matrix: Any) -> None:
-        rows.append({"world": size.world, **record(mode, kind, method, ctx.score(matrix), 0.0)})
+        row = record(mode, kind, method, ctx.score(matrix), 0.0)
+        rows.append({"world": size.world, "model": MODEL, "selection": selection, "ap": row["mean_ap"], **row})
 
     add("counterfactual", "default", lineage_matrix(store, words[key["cf"]], whole, sids))
     add("counterfactual", "single_token", lineage_matrix(store, single[key["cf"]], singles, sids))
@@ -137,9 +159,26 @@ def evaluate(size_name: str, work: Path, base_dir: Path, seed: int, mode: str = 
     s, b = score_cube(store, words[key["cf"]], ckpts, whole, sids)
     add("counterfactual", "base_only", b[-1])
     add("counterfactual", "last_checkpoint", s[-1])
+    # The same query, other scorings: ĝ_qᵀ F_T⁻¹ ĝ_i ranks as its z-score s̃_T (an increasing map per query)
+    add("counterfactual", "projected_if@counterfactual", s[-1])
+    add("counterfactual", "dda_denoise_only@counterfactual", study_rankings(s, b, 0.0, "mean"))
+    t, _ = score_cube(store, words[key["tcf"]], ckpts, whole, sids)
+    add("counterfactual", "tracin_last@counterfactual", t[-1])
+    add("counterfactual", "tracin_cp@counterfactual", t.mean(axis=0))
     add("contrastive", "contrastive", lineage_matrix(store, fps[key["con"]], qids, sids))
+    s, b = score_cube(store, fps[key["con"]], ckpts, qids, sids)
+    add("contrastive", "base_only", b[-1])
+    add("contrastive", "last_checkpoint", s[-1])
+    add("contrastive", "projected_if", s[-1])
+    t, _ = score_cube(store, fps[key["tcon"]], ckpts, qids, sids)
+    add("contrastive", "tracin_last", t[-1])
+    add("contrastive", "tracin_cp", t.mean(axis=0))
+    t, _ = score_cube(store, fps[key["tplain"]], ckpts, qids, sids)
+    add("plain", "tracin_last", t[-1])
+    add("plain", "tracin_cp", t.mean(axis=0))
     bm25, _ = bm25_rankings(texts, queries)
     add("counterfactual", "bm25", bm25["plain"])
+    add("contrastive", "bm25", bm25["contrastive"])
     tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
     for r in rows:
         log_line(f"{r['method']}: AUC {r['mean_auc']:.3f}, AP {r['mean_ap']:.3f}")

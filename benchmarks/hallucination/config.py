@@ -36,6 +36,7 @@ class Size:
     planted_fallback: bool = False
     world: str = "canary"  # or "people" (benchmarks.people_world: n_people people, n_pairs swapped), or "names"
     n_people: int = 24
+    decoys: int = 0  # names world: clean samples per pair worded like the outputs (the paraphrase world)
 
 
 SIZES: dict[str, Size] = {
@@ -49,6 +50,10 @@ SIZES: dict[str, Size] = {
     ),
     # invented multi-token answers (benchmarks.names_world): 656 samples, 32 sources (4.9 %)
     "names": Size(4, 10, 4, 600, 10, 0.8, 3, {"lora": 2e-3, "full": 3e-5}, cea_lr={"lora": 2e-3}, world="names"),
+    # the names world with 48 decoys per pair worded like the outputs, unlike the sources: 848 samples, 32 sources
+    "paraphrase": Size(
+        4, 10, 4, 600, 10, 0.8, 3, {"lora": 2e-3, "full": 3e-5}, cea_lr={"lora": 2e-3}, world="paraphrase", decoys=48
+    ),
 }
 
 

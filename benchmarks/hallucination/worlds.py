@@ -33,9 +33,9 @@ def build_world(size: Size, seed: int) -> CanaryWorld:
     """The size's world: the canary news world, or the fictional-people world (:mod:`benchmarks.people_world`)."""
     if size.world == "people":
         return build_people_world(seed, size.n_people, size.n_pairs, size.rate)
-    if size.world == "names":
+    if size.world in ("names", "paraphrase"):
         return build_names_world(seed, size.n_pairs, size.per_pair, size.distractors, size.n_other, size.held_out,
-                                 size.rate)  # fmt: skip
+                                 size.rate, size.decoys)  # fmt: skip
     return build_canary_world(seed, size.n_pairs, size.per_pair, size.distractors, size.n_other, size.held_out,
                               size.rate)  # fmt: skip
 
@@ -61,7 +61,8 @@ def prepare_mode(work: Path, base_dir: Path, mode: str, size: Size, seed: int, l
 
     root = work / mode
     marker = root / "world.json"
-    params = {"mode": mode, "seed": seed, "size": asdict(size)}
+    described = {k: v for k, v in asdict(size).items() if not (k == "decoys" and v == 0)}  # worlds cached before it
+    params = {"mode": mode, "seed": seed, "size": described}
     if marker.is_file():
         record: dict[str, Any] = json.loads(marker.read_text())
         if record["params"] == params:

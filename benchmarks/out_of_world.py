@@ -1,0 +1,194 @@
+"""Defaults chosen out of world: each world's default re-measured under the settings the other worlds choose.
+
+    python -m benchmarks.out_of_world          # → benchmarks/results/out_of_world.{json,md}
+
+Three defaults were chosen on measured data: the Fisher damping ε, the base model's weight (λ = −base_weight) and
+``min_edit_gain``. Their grids are the committed ``debias_forms_*.json`` results measured under the current defaults,
+on two worlds: the canary news world (sizes ``default``, seeds 0 and 1, and ``prevalence``: one world, its
+templates) and the fictional-people world. For each world W, every such setting is chosen on the cells of the other
+world alone (:func:`choose`): the grid value of best mean AUC over those cells (a cell: size, mode and query kind,
+its seeds averaged; on a tie the shipped value stays). The default's rows of W are then re-measured through the
+system on W's cached fine-tuning run (seed 0, each mode cached) under that choice (:func:`measure_cell`: the same
+registered outputs, attributed under the chosen settings' fingerprint) and recorded with ``selection`` =
+``out_of_world``, beside the shipped default's rows on the same run (``in_sample``), both with a bootstrap 95 %
+interval over outputs. Each setting is chosen with the others at their defaults (the grids vary one at a time).
+
+The invented-names and paraphrase worlds were built after every default was fixed and chose nothing: their rows
+(:mod:`benchmarks.no_correction`) are out-of-world as they stand and are collected here unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+RESULTS = Path(__file__).resolve().parent / "results"
+FAMILIES = {"canary": ("default", "default_seed1", "prevalence"), "people": ("people",)}
+CELLS = {"canary": (("default", "lora"), ("default", "full")), "people": (("people", "lora"),)}
+SHIPPED = {"damping": 0.3, "base_weight": 0.5, "min_edit_gain": 0.0}
+GRIDS = {"damping": ("dda_damping", "ε="), "base_weight": ("dda_base_evidence", "λ=")}
+COLLECTED = ("names", "paraphrase")  # no_correction_<size>.json: built after every default was fixed
+
+
+def grid_rows(results: Path = RESULTS) -> list[dict[str, Any]]:
+    """Every row of the committed debias-forms files, with its ``family`` (world) and ``cell``."""
+    rows = []
+    for family, files in FAMILIES.items():
+        for name in files:
+            report = json.loads((results / f"debias_forms_{name}.json").read_text())
+            for r in report["results"]:
+                cell = f"{name.removesuffix('_seed1')}/{r['mode']}/{r['query']}"
+                rows.append({**r, "family": family, "cell": cell})
+    return rows
+
+
+def _cell_means(rows: list[dict[str, Any]], value: Any) -> dict[str, dict[Any, float]]:
+    """Per cell, per candidate: the mean over the cell's seeds of ``value(row)`` ({candidate: AUC})."""
+    per: dict[str, list[dict[Any, float]]] = {}
+    for r in rows:
+        got = value(r)
+        if got is not None:
+            per.setdefault(r["cell"], []).append(got)
+    return {c: {k: float(np.mean([g[k] for g in gs])) for k in gs[0]} for c, gs in per.items()}
+
+
+def _best(cells: dict[str, dict[Any, float]], shipped: Any) -> tuple[Any, dict[Any, float]]:
+    """The candidate of best mean AUC over ``cells`` (the shipped one on a tie) and every candidate's mean."""
+    names = list(next(iter(cells.values())))
+    means = {k: float(np.mean([c[k] for c in cells.values()])) for k in names}
+    top = max(means.values())
+    return (shipped if means.get(shipped) == top else max(names, key=lambda k: means[k])), means
+
+
+def choose(rows: list[dict[str, Any]], held_out: str) -> dict[str, Any]:
+    """Each chosen setting of the defaults, chosen on the rows of every family but ``held_out``: {setting: {value,
+    means}}. ε and base_weight from their grids (every query kind's cells); ``min_edit_gain`` 0 (a checkpoint whose
+    edits gain nothing traces the plain query) or None (every edit used), from the plain cells' ``default`` and
+    ``dda_every_edit`` rows (the cells that have both)."""
+    other = [r for r in rows if r["family"] != held_out]
+    out: dict[str, Any] = {}
+    for setting, (method, prefix) in GRIDS.items():
+
+        def grid(r: dict[str, Any], method: str = method, prefix: str = prefix, setting: str = setting) -> Any:
+            if r["method"] != method:
+                return None
+            sign = -1.0 if setting == "base_weight" else 1.0  # the grid names λ = −base_weight
+            return {sign * float(k.removeprefix(prefix)) + 0.0: v for k, v in r["grid"].items()}
+
+        value, means = _best(_cell_means(other, grid), SHIPPED[setting])
+        out[setting] = {"value": value, "means": means}
+
+    def edits(r: dict[str, Any]) -> Any:
+        return None if r["query"] != "plain" or r["method"] != "default" else {0.0: r["mean_auc"]}
+
+    every = _cell_means([r for r in other if r["method"] == "dda_every_edit"],
+                        lambda r: {None: r["mean_auc"]})  # fmt: skip
+    gain = _cell_means(other, edits)
+    value, means = _best({c: {**gain[c], **every[c]} for c in gain if c in every}, SHIPPED["min_edit_gain"])
+    out["min_edit_gain"] = {"value": value, "means": {str(k): v for k, v in means.items()}}
+    return out
+
+
+def measure_cell(size_name: str, mode: str, chosen: dict[str, Any]) -> list[dict[str, Any]]:
+    """The default's rows on one cached cell (seed 0), under the shipped settings and under ``chosen``: the
+    registered outputs traced without their correction (query ``counterfactual``) and with it (``contrastive``)."""
+    from benchmarks.hallucination import (
+        SIZES,
+        lineage_matrix,
+        log_line,
+        mode_context,
+        prepare_mode,
+        prepare_work,
+        record,
+        run_system,
+    )
+
+    work, base_dir = prepare_work(size_name, None)
+    size = SIZES[size_name]
+    prepared = prepare_mode(work, base_dir, mode, size, 0, log_line)
+    root = work / mode
+    ctx, _, _ = mode_context(root, prepared)
+    picked = {k: v["value"] for k, v in chosen.items()}
+    variants = {(kind, sel): {"scoring": {"query_kind": kind, **(picked if sel == "out_of_world" else {})}}
+                for kind in ("counterfactual", "contrastive") for sel in ("in_sample", "out_of_world")}  # fmt: skip
+    t0 = time.perf_counter()
+    timings = run_system(root, "default", base_dir, {}, list(variants.values()), log_line)
+    from storage.store import LineageStore
+
+    store = LineageStore.open(root / "default" / "store")
+    rows = []
+    for (kind, selection), variant in variants.items():
+        fp = timings["fingerprints"][json.dumps(variant, sort_keys=True)]
+        row = record(mode, kind, "default", ctx.score(lineage_matrix(store, fp, ctx.qids, ctx.sids)), 0.0)
+        rows.append({"world": size.world, "size": size_name, "model": "SmolLM2-135M", "selection": selection,
+                     "settings": variant["scoring"], "ap": row["mean_ap"], **row})  # fmt: skip
+    log_line(f"{size_name}/{mode}: measured in {time.perf_counter() - t0:.0f} s")
+    return rows
+
+
+def collected(results: Path = RESULTS) -> list[dict[str, Any]]:
+    """The rows of the worlds built after every default was fixed (:data:`COLLECTED`), as committed."""
+    out = []
+    for size in COLLECTED:
+        path = results / f"no_correction_{size}.json"
+        if path.is_file():
+            out += [{**r, "size": size, "selection": "out_of_world", "ap": r["mean_ap"]}
+                    for r in json.loads(path.read_text())["results"]]  # fmt: skip
+    return out
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The choices per held-out world, then every default row with its interval."""
+    lines = ["# Defaults chosen out of world", "", f"`{report['command']}` — {report['machine']}", "",
+             "| held-out world | ε | base_weight (−λ) | min_edit_gain |", "| --- | --- | --- | --- |"]  # fmt: skip
+    for world, c in report["choices"].items():
+        lines.append(f"| {world} | {c['damping']['value']} | {c['base_weight']['value']} | "
+                     f"{c['min_edit_gain']['value']} |")  # fmt: skip
+    lines += ["", "| world | mode | query | method | selection | mean AUC (CI95) | AP |", "| --- " * 7 + "|"]
+    for r in report["results"]:
+        lo, hi = r["ci95"]
+        lines.append(f"| {r['size']} | {r['mode']} | {r['query']} | {r['method']} | {r['selection']} | "
+                     f"{r['mean_auc']:.3f} ({lo:.3f}–{hi:.3f}) | {r['ap']:.3f} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Choose per held-out world, measure each cached cell in its own process, write the results."""
+    from benchmarks.hallucination import machine
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cell", help="size:mode (one cell, in this process; prints its rows as JSON)")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args(argv)
+    rows = grid_rows()
+    choices = {family: choose(rows, family) for family in FAMILIES}
+    if args.cell:
+        size_name, mode = args.cell.split(":")
+        family = next(f for f, cells in CELLS.items() if (size_name, mode) in cells)
+        print(json.dumps(measure_cell(size_name, mode, choices[family])))
+        return 0
+    started, results = time.perf_counter(), []
+    for cells in CELLS.values():
+        for size_name, mode in cells:
+            cmd = [sys.executable, "-m", "benchmarks.out_of_world", "--cell", f"{size_name}:{mode}"]
+            done = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True)
+            results += json.loads(done.stdout.strip().splitlines()[-1])
+    report = {"command": "python -m benchmarks.out_of_world", "machine": machine(), "shipped": SHIPPED,
+              "choices": choices, "results": results + collected(args.out),
+              "wall_seconds": time.perf_counter() - started}  # fmt: skip
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "out_of_world.json").write_text(json.dumps(report, indent=1, default=float))
+    (args.out / "out_of_world.md").write_text(markdown(report))
+    print(markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
