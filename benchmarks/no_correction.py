@@ -2,6 +2,7 @@
 
     python -m benchmarks.no_correction                 # the invented-names world (benchmarks.names_world), LoRA
     python -m benchmarks.no_correction --size paraphrase   # its decoys share the outputs' words, not the sources
+    python -m benchmarks.no_correction --size default --model gemma3   # Gemma 3 270M (benchmark-only packages)
     python -m benchmarks.no_correction --size default --mode full   # any size and mode of benchmarks.hallucination
 
 It reuses (or builds) the world, fine-tuned run and real hallucinated outputs of :mod:`benchmarks.hallucination`
@@ -40,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.hallucination import (
+    MODELS,
     MODES,
     RESULTS,
     SIZES,
@@ -59,7 +61,6 @@ from flows.settings import code_version
 from tasks.config import ScoringConfig
 from tasks.counterfactual import SPAN_WORDS
 
-MODEL = "SmolLM2-135M"
 # Worlds built after every default was fixed, never used to choose one: their rows are out-of-world estimates. The
 # canary and fictional-people worlds chose defaults (benchmarks/README.md, "Why these defaults"): in-sample there.
 OUT_OF_WORLD = frozenset({"names", "paraphrase"})
@@ -119,7 +120,9 @@ def edit_stats(store: Any, qids: list[str], tokenizer: Any) -> dict[str, dict[st
     return out
 
 
-def evaluate(size_name: str, work: Path, base_dir: Path, seed: int, mode: str = "lora") -> dict[str, Any]:
+def evaluate(
+    size_name: str, work: Path, base_dir: Path, seed: int, mode: str = "lora", model: str = "smollm2"
+) -> dict[str, Any]:  # fmt: skip
     """Every row of one world and fine-tuning mode, the edit statistics and the timings."""
     from transformers import AutoTokenizer
 
@@ -150,7 +153,7 @@ def evaluate(size_name: str, work: Path, base_dir: Path, seed: int, mode: str = 
 
     def add(kind: str, method: str, matrix: Any) -> None:
         row = record(mode, kind, method, ctx.score(matrix), 0.0)
-        rows.append({"world": size.world, "model": MODEL, "selection": selection, "ap": row["mean_ap"], **row})
+        rows.append({"world": size.world, "model": MODELS[model], "selection": selection, "ap": row["mean_ap"], **row})
 
     add("counterfactual", "default", lineage_matrix(store, words[key["cf"]], whole, sids))
     add("counterfactual", "single_token", lineage_matrix(store, single[key["cf"]], singles, sids))
@@ -214,20 +217,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", choices=sorted(SIZES), default="names")
     parser.add_argument("--mode", choices=MODES, default="lora", help="fine-tuning mode")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--model", choices=sorted(MODELS), default="smollm2", help="the base model fine-tuned")
     parser.add_argument("--work", type=Path, default=None, help="cache folder (default .bench-work/<size>)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-    work, base_dir = prepare_work(args.size, args.work)
+    work, base_dir = prepare_work(args.size, args.work, model=args.model)
     started = time.perf_counter()
     report = {
         "command": "python -m benchmarks.no_correction " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": machine(), "size": args.size, "mode": args.mode, "seed": args.seed,
         "defaults": ScoringConfig().model_dump(), "code": code_version(),
-        **evaluate(args.size, work, base_dir, args.seed, args.mode),
+        "model": MODELS[args.model], **evaluate(args.size, work, base_dir, args.seed, args.mode, args.model),
     }  # fmt: skip
     report["wall_seconds"] = time.perf_counter() - started
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"no_correction_{args.size}{'' if args.mode == 'lora' else '_' + args.mode}"
+    suffix = ("" if args.mode == "lora" else f"_{args.mode}") + ("" if args.model == "smollm2" else f"_{args.model}")
+    stem = args.out / f"no_correction_{args.size}{suffix}"
     stem.with_suffix(".json").write_text(json.dumps(report, indent=1, default=float))
     stem.with_suffix(".md").write_text(markdown(report))
     print(markdown(report))

