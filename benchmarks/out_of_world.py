@@ -1,6 +1,7 @@
 """Defaults chosen out of world: each world's default re-measured under the settings the other worlds choose.
 
     python -m benchmarks.out_of_world          # → benchmarks/results/out_of_world.{json,md}
+    python -m benchmarks.out_of_world --reuse  # measure only the cells the committed results lack
 
 Three defaults were chosen on measured data: the Fisher damping ε, the base model's weight (λ = −base_weight) and
 ``min_edit_gain``. Their grids are the committed ``debias_forms_*.json`` results measured under the current defaults,
@@ -8,10 +9,11 @@ on two worlds: the canary news world (sizes ``default``, seeds 0 and 1, and ``pr
 templates) and the fictional-people world. For each world W, every such setting is chosen on the cells of the other
 world alone (:func:`choose`): the grid value of best mean AUC over those cells (a cell: size, mode and query kind,
 its seeds averaged; on a tie the shipped value stays). The default's rows of W are then re-measured through the
-system on W's cached fine-tuning run (seed 0, each mode cached) under that choice (:func:`measure_cell`: the same
-registered outputs, attributed under the chosen settings' fingerprint) and recorded with ``selection`` =
-``out_of_world``, beside the shipped default's rows on the same run (``in_sample``), both with a bootstrap 95 %
-interval over outputs. Each setting is chosen with the others at their defaults (the grids vary one at a time).
+system on W's fine-tuning runs (:data:`CELLS`: seed 0 cached, the canary LoRA cell also at seeds 1 and 2) under
+that choice (:func:`measure_cell`: the same registered outputs, attributed under the chosen settings' fingerprint)
+and recorded with ``selection`` = ``out_of_world``, beside the shipped default's rows on the same run
+(``in_sample``), both with a bootstrap 95 % interval over outputs; cells at several seeds also get their mean ± sd
+(:func:`seed_summary`). Each setting is chosen with the others at their defaults (the grids vary one at a time).
 
 The invented-names and paraphrase worlds were built after every default was fixed and chose nothing: their rows
 (:mod:`benchmarks.no_correction`) are out-of-world as they stand and are collected here unchanged.
@@ -31,7 +33,12 @@ import numpy as np
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FAMILIES = {"canary": ("default", "default_seed1", "prevalence"), "people": ("people",)}
-CELLS = {"canary": (("default", "lora"), ("default", "full")), "people": (("people", "lora"),)}
+# (size, mode, seed) per world: seed 0 is the cached run of the other benchmarks; other seeds build their own
+# fine-tuning run in .bench-work/<size>-seed<N> (minutes each, LoRA)
+CELLS = {
+    "canary": (("default", "lora", 0), ("default", "full", 0), ("default", "lora", 1), ("default", "lora", 2)),
+    "people": (("people", "lora", 0),),
+}
 SHIPPED = {"damping": 0.3, "base_weight": 0.5, "min_edit_gain": 0.0}
 GRIDS = {"damping": ("dda_damping", "ε="), "base_weight": ("dda_base_evidence", "λ=")}
 COLLECTED = ("names", "paraphrase")  # no_correction_<size>.json: built after every default was fixed
@@ -96,9 +103,10 @@ def choose(rows: list[dict[str, Any]], held_out: str) -> dict[str, Any]:
     return out
 
 
-def measure_cell(size_name: str, mode: str, chosen: dict[str, Any]) -> list[dict[str, Any]]:
-    """The default's rows on one cached cell (seed 0), under the shipped settings and under ``chosen``: the
-    registered outputs traced without their correction (query ``counterfactual``) and with it (``contrastive``)."""
+def measure_cell(size_name: str, mode: str, seed: int, chosen: dict[str, Any]) -> list[dict[str, Any]]:
+    """The default's rows on one cell (its fine-tuning run cached, or built at ``seed``), under the shipped settings
+    and under ``chosen``: the outputs traced without their correction (query ``counterfactual``) and with it
+    (``contrastive``)."""
     from benchmarks.hallucination import (
         SIZES,
         lineage_matrix,
@@ -110,9 +118,9 @@ def measure_cell(size_name: str, mode: str, chosen: dict[str, Any]) -> list[dict
         run_system,
     )
 
-    work, base_dir = prepare_work(size_name, None)
+    work, base_dir = prepare_work(size_name, None if seed == 0 else Path(".bench-work") / f"{size_name}-seed{seed}")
     size = SIZES[size_name]
-    prepared = prepare_mode(work, base_dir, mode, size, 0, log_line)
+    prepared = prepare_mode(work, base_dir, mode, size, seed, log_line)
     root = work / mode
     ctx, _, _ = mode_context(root, prepared)
     picked = {k: v["value"] for k, v in chosen.items()}
@@ -127,10 +135,26 @@ def measure_cell(size_name: str, mode: str, chosen: dict[str, Any]) -> list[dict
     for (kind, selection), variant in variants.items():
         fp = timings["fingerprints"][json.dumps(variant, sort_keys=True)]
         row = record(mode, kind, "default", ctx.score(lineage_matrix(store, fp, ctx.qids, ctx.sids)), 0.0)
-        rows.append({"world": size.world, "size": size_name, "model": "SmolLM2-135M", "selection": selection,
-                     "settings": variant["scoring"], "ap": row["mean_ap"], **row})  # fmt: skip
-    log_line(f"{size_name}/{mode}: measured in {time.perf_counter() - t0:.0f} s")
+        rows.append({"world": size.world, "size": size_name, "seed": seed, "model": "SmolLM2-135M",
+                     "selection": selection, "settings": variant["scoring"], "ap": row["mean_ap"], **row})  # fmt: skip
+    log_line(f"{size_name}/{mode}/seed {seed}: measured in {time.perf_counter() - t0:.0f} s")
     return rows
+
+
+def seed_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (size, mode, query, selection) measured at several seeds: the mean and sample sd of the mean AUC and AP."""
+    groups: dict[tuple[str, str, str, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["size"], r["mode"], r["query"], r["selection"]), []).append(r)
+    out = []
+    for (size, mode, query, selection), rs in groups.items():
+        if len(rs) > 1:
+            auc, ap = [r["mean_auc"] for r in rs], [r["ap"] for r in rs]
+            out.append({"size": size, "mode": mode, "query": query, "selection": selection,
+                        "seeds": [r["seed"] for r in rs], "mean_auc": float(np.mean(auc)),
+                        "sd_auc": float(np.std(auc, ddof=1)), "ap": float(np.mean(ap)),
+                        "sd_ap": float(np.std(ap, ddof=1))})  # fmt: skip
+    return out
 
 
 def collected(results: Path = RESULTS) -> list[dict[str, Any]]:
@@ -151,11 +175,15 @@ def markdown(report: dict[str, Any]) -> str:
     for world, c in report["choices"].items():
         lines.append(f"| {world} | {c['damping']['value']} | {c['base_weight']['value']} | "
                      f"{c['min_edit_gain']['value']} |")  # fmt: skip
-    lines += ["", "| world | mode | query | method | selection | mean AUC (CI95) | AP |", "| --- " * 7 + "|"]
+    lines += ["", "| world | mode | seed | query | method | selection | mean AUC (CI95) | AP |", "| --- " * 8 + "|"]
     for r in report["results"]:
         lo, hi = r["ci95"]
-        lines.append(f"| {r['size']} | {r['mode']} | {r['query']} | {r['method']} | {r['selection']} | "
-                     f"{r['mean_auc']:.3f} ({lo:.3f}–{hi:.3f}) | {r['ap']:.3f} |")  # fmt: skip
+        lines.append(f"| {r['size']} | {r['mode']} | {r.get('seed', 0)} | {r['query']} | {r['method']} | "
+                     f"{r['selection']} | {r['mean_auc']:.3f} ({lo:.3f}–{hi:.3f}) | {r['ap']:.3f} |")  # fmt: skip
+    lines += ["", "| world | mode | query | selection | seeds | mean AUC ± sd | AP ± sd |", "| --- " * 7 + "|"]
+    for g in report["seeds"]:
+        lines.append(f"| {g['size']} | {g['mode']} | {g['query']} | {g['selection']} | {g['seeds']} | "
+                     f"{g['mean_auc']:.3f} ± {g['sd_auc']:.3f} | {g['ap']:.3f} ± {g['sd_ap']:.3f} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -164,24 +192,35 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.hallucination import machine
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cell", help="size:mode (one cell, in this process; prints its rows as JSON)")
+    ap.add_argument("--cell", help="size:mode:seed (one cell, in this process; prints its rows as JSON)")
+    ap.add_argument("--reuse", action="store_true", help="keep the committed rows of cells measured before")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     rows = grid_rows()
     choices = {family: choose(rows, family) for family in FAMILIES}
     if args.cell:
-        size_name, mode = args.cell.split(":")
-        family = next(f for f, cells in CELLS.items() if (size_name, mode) in cells)
-        print(json.dumps(measure_cell(size_name, mode, choices[family])))
+        size_name, mode, seed = args.cell.split(":")
+        family = next(f for f, cells in CELLS.items() if (size_name, mode, int(seed)) in cells)
+        print(json.dumps(measure_cell(size_name, mode, int(seed), choices[family])))
         return 0
-    started, results = time.perf_counter(), []
+    path = args.out / "out_of_world.json"
+    before = json.loads(path.read_text()) if args.reuse and path.is_file() else {"results": [], "cell_seconds": {}}
+    kept = [r for r in before["results"] if r["method"] == "default" and "settings" in r]
+    started, results, seconds = time.perf_counter(), [], dict(before.get("cell_seconds", {}))
     for cells in CELLS.values():
-        for size_name, mode in cells:
-            cmd = [sys.executable, "-m", "benchmarks.out_of_world", "--cell", f"{size_name}:{mode}"]
+        for size_name, mode, seed in cells:
+            have = [r for r in kept if (r["size"], r["mode"], r.get("seed", 0)) == (size_name, mode, seed)]
+            if have:
+                results += have
+                continue
+            t0 = time.perf_counter()
+            cmd = [sys.executable, "-m", "benchmarks.out_of_world", "--cell", f"{size_name}:{mode}:{seed}"]
             done = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True)
             results += json.loads(done.stdout.strip().splitlines()[-1])
-    report = {"command": "python -m benchmarks.out_of_world", "machine": machine(), "shipped": SHIPPED,
-              "choices": choices, "results": results + collected(args.out),
+            seconds[f"{size_name}:{mode}:{seed}"] = time.perf_counter() - t0
+    report = {"command": "python -m benchmarks.out_of_world" + (" --reuse" if args.reuse else ""),
+              "machine": machine(), "shipped": SHIPPED, "choices": choices, "seeds": seed_summary(results),
+              "results": results + collected(args.out), "cell_seconds": seconds,
               "wall_seconds": time.perf_counter() - started}  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "out_of_world.json").write_text(json.dumps(report, indent=1, default=float))

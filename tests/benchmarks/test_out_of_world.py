@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from benchmarks.out_of_world import SHIPPED, choose
+from benchmarks.out_of_world import SHIPPED, choose, seed_summary
 
 
 def _rows(family: str, cell: str, damping: dict[str, float], lam: dict[str, float], gain: float, every: float):
@@ -22,3 +22,15 @@ def test_each_world_is_given_the_settings_its_other_worlds_choose_and_ties_keep_
     assert (for_a["damping"]["value"], for_b["damping"]["value"]) == (1.0, 0.3)  # b's cells choose for a
     assert (for_a["base_weight"]["value"], for_b["base_weight"]["value"]) == (SHIPPED["base_weight"], 1.0)  # tie
     assert (for_a["min_edit_gain"]["value"], for_b["min_edit_gain"]["value"]) == (None, 0.0)
+
+
+def test_seed_summary_gives_mean_and_sample_sd_of_cells_measured_at_several_seeds():
+    rows = [{"size": "default", "mode": "lora", "query": "contrastive", "selection": "out_of_world", "seed": s,
+             "mean_auc": auc, "ap": ap} for s, auc, ap in ((0, 0.9, 0.5), (1, 0.8, 0.7), (2, 1.0, 0.6))]  # fmt: skip
+    rows.append({**rows[0], "size": "people"})  # one seed: no summary
+    (only,) = seed_summary(rows)
+    assert (only["size"], only["seeds"]) == ("default", [0, 1, 2])
+    assert abs(only["mean_auc"] - 0.9) < 1e-12
+    assert abs(only["sd_auc"] - 0.1) < 1e-12
+    assert abs(only["ap"] - 0.6) < 1e-12
+    assert abs(only["sd_ap"] - 0.1) < 1e-12
