@@ -77,7 +77,10 @@ TRACIN_CF = {"scoring": {"query_kind": "counterfactual", **TRACIN}}
 TRACIN_CON = {"scoring": {"query_kind": "contrastive", **TRACIN}}
 
 
-def _trace(root: Path, base_dir: Path, queries: list[dict[str, str]], prefix: str, span_words: int) -> dict[str, str]:
+def _trace(
+    root: Path, base_dir: Path, queries: list[dict[str, str]], prefix: str, span_words: int,
+    variants: tuple[dict[str, Any], ...],
+) -> dict[str, str]:  # fmt: skip
     """Trace the outputs under ``<prefix><id>`` ids (their own derived corrections) with
     ``tasks.counterfactual.SPAN_WORDS = span_words``, under each counterfactual variant; {variant key: fingerprint}."""
     import tasks.counterfactual as cf
@@ -90,7 +93,7 @@ def _trace(root: Path, base_dir: Path, queries: list[dict[str, str]], prefix: st
     spans, cf.SPAN_WORDS = cf.SPAN_WORDS, span_words
     fps = {}
     try:
-        for i, variant in enumerate((COUNTERFACTUAL, BASE_EDIT) + ((TRACIN_CF,) if span_words else ())):
+        for i, variant in enumerate(variants):
             settings = load_settings({**variant, "indexing": {"batch_size": 16, "progress": False}}, **common)
             if i == 0:
                 attribute(queries_file=str(path), settings=settings.model_dump(mode="json"))
@@ -121,7 +124,8 @@ def edit_stats(store: Any, qids: list[str], tokenizer: Any) -> dict[str, dict[st
 
 
 def evaluate(
-    size_name: str, work: Path, base_dir: Path, seed: int, mode: str = "lora", model: str = "smollm2"
+    size_name: str, work: Path, base_dir: Path, seed: int, mode: str = "lora", model: str = "smollm2",
+    shipped_only: bool = False,
 ) -> dict[str, Any]:  # fmt: skip
     """Every row of one world and fine-tuning mode, the edit statistics and the timings."""
     from transformers import AutoTokenizer
@@ -134,10 +138,11 @@ def evaluate(
     ctx, queries, texts = mode_context(root, prepared)
     timings = run_system(root, "default", base_dir, {}, [CONTRASTIVE, TRACIN_CON, TRACIN_PLAIN], log_line)
     t0 = time.perf_counter()
-    words = _trace(root, base_dir, queries, WORDS, SPAN_WORDS)
+    shipped = (COUNTERFACTUAL, TRACIN_CF) if shipped_only else (COUNTERFACTUAL, BASE_EDIT, TRACIN_CF)
+    words = _trace(root, base_dir, queries, WORDS, SPAN_WORDS, shipped)
     words_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    single = _trace(root, base_dir, queries, SINGLE, 0)
+    single = {} if shipped_only else _trace(root, base_dir, queries, SINGLE, 0, (COUNTERFACTUAL, BASE_EDIT))
     single_s = time.perf_counter() - t0
     store = LineageStore.open(root / "default" / "store")
     fps = timings["fingerprints"]
@@ -156,9 +161,10 @@ def evaluate(
         rows.append({"world": size.world, "model": MODELS[model], "selection": selection, "ap": row["mean_ap"], **row})
 
     add("counterfactual", "default", lineage_matrix(store, words[key["cf"]], whole, sids))
-    add("counterfactual", "single_token", lineage_matrix(store, single[key["cf"]], singles, sids))
-    add("counterfactual", "base_edit", lineage_matrix(store, words[key["base"]], whole, sids))
-    add("counterfactual", "single_token_base_edit", lineage_matrix(store, single[key["base"]], singles, sids))
+    if not shipped_only:
+        add("counterfactual", "single_token", lineage_matrix(store, single[key["cf"]], singles, sids))
+        add("counterfactual", "base_edit", lineage_matrix(store, words[key["base"]], whole, sids))
+        add("counterfactual", "single_token_base_edit", lineage_matrix(store, single[key["base"]], singles, sids))
     s, b = score_cube(store, words[key["cf"]], ckpts, whole, sids)
     add("counterfactual", "base_only", b[-1])
     add("counterfactual", "last_checkpoint", s[-1])
@@ -187,7 +193,7 @@ def evaluate(
         log_line(f"{r['method']}: AUC {r['mean_auc']:.3f}, AP {r['mean_ap']:.3f}")
     return {
         "results": rows, "edits": {"whole_word": edit_stats(store, whole, tokenizer),
-                                   "single_token": edit_stats(store, singles, tokenizer)},
+                                   **({} if shipped_only else {"single_token": edit_stats(store, singles, tokenizer)})},
         "n_train": prepared["n_train"], "n_corrupted": prepared["n_corrupted"], "per_pair": prepared["per_pair"],
         "index_s": timings["index"], "whole_word_s": words_s, "single_token_s": single_s,
     }  # fmt: skip
@@ -218,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mode", choices=MODES, default="lora", help="fine-tuning mode")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model", choices=sorted(MODELS), default="smollm2", help="the base model fine-tuned")
+    parser.add_argument("--shipped-only", action="store_true",
+                        help="trace with the shipped derivation only (no single-token or base_edit rows)")  # fmt: skip
     parser.add_argument("--work", type=Path, default=None, help="cache folder (default .bench-work/<size>)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
@@ -227,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python -m benchmarks.no_correction " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": machine(), "size": args.size, "mode": args.mode, "seed": args.seed,
         "defaults": ScoringConfig().model_dump(), "code": code_version(),
-        "model": MODELS[args.model], **evaluate(args.size, work, base_dir, args.seed, args.mode, args.model),
+        "model": MODELS[args.model], **evaluate(args.size, work, base_dir, args.seed, args.mode, args.model,
+                                                   args.shipped_only),
     }  # fmt: skip
     report["wall_seconds"] = time.perf_counter() - started
     args.out.mkdir(parents=True, exist_ok=True)
