@@ -1,0 +1,110 @@
+"""kronfluence's EK-FAC influence beside DDA lineage, on the same world, fine-tuning run and traced outputs as the
+hallucination benchmark (benchmarks/README.md, "The field's tools").
+
+    python -m benchmarks.kronfluence_ekfac --size default [--mode lora] [--venv .bench-work/tda-venv]
+
+kronfluence (PyPI ``kronfluence==1.0.1``, the reference EK-FAC implementation) is a benchmark-only dependency in
+the environment of :mod:`benchmarks.bergson_trackstar` (add it there with ``pip install -c constraints.txt
+kronfluence==1.0.1``, then ``pip uninstall -y torchvision``), never imported by this project: each stage runs
+``benchmarks/kronfluence_worker.py`` with that environment's Python, one process per stage and checkpoint.
+
+Per checkpoint of the cached LoRA fine-tuning run, the adapter as it is (its ``lora_A`` / ``lora_B`` linears
+tracked): EK-FAC factors of the training pairs (true Fisher, labels sampled), then pairwise scores of the same
+three query sets as the TrackStar rows — each output y, its known correction y_c, and the correction y'_t DDA
+lineage derived at t (``benchmarks.no_correction``'s store; run that first) — with each query's response loss as
+the measurement. Rows (mean of the per-checkpoint scores, and ``…_last``): ``kronfluence_ekfac`` s_t(y),
+``kronfluence_ekfac@counterfactual`` s_t(y) − s_t(y'_t), ``kronfluence_ekfac@contrastive`` s_t(y) − s_t(y_c);
+time-to-scores is the workers' wall time, start-up included.
+
+Results: ``benchmarks/results/kronfluence_<size>_<mode>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.bergson_trackstar import VENV, derived_corrections
+from benchmarks.hallucination.config import RESULTS, SIZES, log_line, machine
+from benchmarks.hallucination.evaluation import mode_context, record
+from benchmarks.hallucination.worlds import prepare_mode
+
+WORKER = Path(__file__).with_name("kronfluence_worker.py")
+
+
+def run_stage(python: Path, spec: dict[str, Any], folder: Path) -> float:
+    """One worker stage for one checkpoint (its spec written under ``folder``); its wall seconds."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{spec['stage']}.json"
+    path.write_text(json.dumps(spec))
+    started = time.perf_counter()
+    done = subprocess.run([str(python), str(WORKER), str(path)], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"kronfluence {spec['stage']} failed on {Path(spec['checkpoint']).name}: "
+                           f"{done.stderr[-3000:]}")  # fmt: skip
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    """Command-line entry point (see the module docstring)."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", default="default", choices=sorted(SIZES))
+    p.add_argument("--mode", default="lora", choices=["lora"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--venv", type=Path, default=VENV)
+    a = p.parse_args()
+    work = Path(".bench-work") / a.size
+    prepared = prepare_mode(work, work / "base-model", a.mode, SIZES[a.size], a.seed, log_line)
+    root = work / a.mode
+    ctx, queries, _ = mode_context(root, prepared)
+    derived = derived_corrections(root / "default" / "store")
+    rows_by_id = {r["id"]: r for r in (json.loads(line) for line in (root / "train.jsonl").read_text().splitlines())}
+    train = [{"prompt": rows_by_id[s]["prompt"], "response": rows_by_id[s]["response"]} for s in ctx.sids]
+    ckpts = sorted((root / "run").glob("checkpoint-*"), key=lambda c: int(c.name.split("-")[1]))
+    cubes: dict[str, list[np.ndarray]] = {"plain": [], "counterfactual": [], "contrastive": []}
+    seconds: dict[str, float] = {}
+    m = len(queries)
+    for ckpt in ckpts:
+        texts = [q["response"] for q in queries] + [q["corrected"] for q in queries]
+        texts += [derived[(q["id"], f"run/{ckpt.name}")] for q in queries]
+        folder = (root / "kronfluence" / ckpt.name).resolve()
+        spec = {"base": str((work / "base-model").resolve()), "checkpoint": str(ckpt.resolve()), "train": train,
+                "queries": [{"prompt": q["prompt"], "response": t} for q, t in zip(queries * 3, texts, strict=True)],
+                "out": str(folder)}  # fmt: skip
+        took = sum(run_stage(a.venv / "bin" / "python", {**spec, "stage": s}, folder) for s in ("factors", "scores"))
+        seconds[ckpt.name] = round(took, 1)
+        scores = np.load(folder / "scores.npy")
+        if scores.shape != (3 * m, len(train)):
+            raise RuntimeError(f"scores of shape {scores.shape}, expected {(3 * m, len(train))}")
+        plain, corrected, counter = (scores[i * m : (i + 1) * m] for i in range(3))
+        cubes["plain"].append(plain)
+        cubes["contrastive"].append(plain - corrected)
+        cubes["counterfactual"].append(plain - counter)
+        log_line(f"{ckpt.name}: kronfluence EK-FAC in {seconds[ckpt.name]} s")
+    total, last = sum(seconds.values()), seconds[ckpts[-1].name]
+    world = SIZES[a.size].world
+    rows = []
+    for query, cube in cubes.items():
+        name = "kronfluence_ekfac" + ("" if query == "plain" else f"@{query}")
+        rows.append({"world": world, **record(a.mode, query, name, ctx.score(np.mean(cube, 0)), total)})
+        rows.append({"world": world, **record(a.mode, query, f"{name}_last", ctx.score(cube[-1]), last)})
+    for r in rows:
+        log_line(f"{r['method']}: AUC {r['mean_auc']:.3f}, AP {r['mean_ap']:.3f}")
+    out_file = RESULTS / f"kronfluence_{a.size}_{a.mode}.json"
+    report: dict[str, Any] = {
+        "command": f"python -m benchmarks.kronfluence_ekfac --size {a.size} --mode {a.mode}", "machine": machine(),
+        "kronfluence": "1.0.1", "strategy": "ekfac", "results": rows, "seconds_per_checkpoint": seconds,
+        "n_outputs": m, "n_train": len(train),
+    }  # fmt: skip
+    out_file.write_text(json.dumps(report, indent=1) + "\n")
+    log_line(f"wrote {out_file}")
+
+
+if __name__ == "__main__":
+    main()
