@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     path = args.out / "out_of_world.json"
     before = json.loads(path.read_text()) if args.reuse and path.is_file() else {"results": [], "cell_seconds": {}}
-    kept = [r for r in before["results"] if r["method"] == "default" and "settings" in r]
+    kept = [{"seed": 0, **r} for r in before["results"] if r["method"] == "default" and "settings" in r]
     started, results, seconds = time.perf_counter(), [], dict(before.get("cell_seconds", {}))
     for cells in CELLS.values():
         for size_name, mode, seed in cells:
