@@ -95,6 +95,41 @@ def derived_corrections(store_root: Path) -> dict[tuple[str, str], str]:
             if r["query_id"].startswith(prefix)}  # fmt: skip
 
 
+def query_sets(
+    queries: list[dict[str, str]], derived: dict[tuple[str, str], str], checkpoint: str
+) -> list[dict[str, str]]:
+    """The three query sets at ``checkpoint`` (``checkpoint-<step>``), in order: each output y, its known correction
+    y_c, the correction y'_t DDA lineage derived there; as {prompt, response}."""
+    texts = [q["response"] for q in queries] + [q["corrected"] for q in queries]
+    texts += [derived[(q["id"], f"run/{checkpoint}")] for q in queries]
+    return [{"prompt": q["prompt"], "response": t} for q, t in zip(queries * 3, texts, strict=True)]
+
+
+def add_states(cubes: dict[str, list[np.ndarray]], scores: np.ndarray, m: int) -> None:
+    """Split one checkpoint's (3m, n) scores of :func:`query_sets` into the plain, contrastive (y − y_c) and
+    counterfactual (y − y'_t) cubes."""
+    plain, corrected, counter = (scores[i * m : (i + 1) * m] for i in range(3))
+    cubes["plain"].append(plain)
+    cubes["contrastive"].append(plain - corrected)
+    cubes["counterfactual"].append(plain - counter)
+
+
+def tool_rows(
+    tool: str, cubes: dict[str, list[np.ndarray]], seconds: dict[str, float], world: str, mode: str, ctx: Any
+) -> list[dict[str, Any]]:  # fmt: skip
+    """Per query kind, ``tool[@kind]`` (the mean over checkpoints; time: every checkpoint) and ``…_last`` (the last
+    checkpoint; its time)."""
+    total, last = sum(seconds.values()), list(seconds.values())[-1]
+    rows = []
+    for query, cube in cubes.items():
+        name = tool + ("" if query == "plain" else f"@{query}")
+        rows.append({"world": world, **record(mode, query, name, ctx.score(np.mean(cube, 0)), total)})
+        rows.append({"world": world, **record(mode, query, f"{name}_last", ctx.score(cube[-1]), last)})
+    for r in rows:
+        log_line(f"{r['method']}: AUC {r['mean_auc']:.3f}, AP {r['mean_ap']:.3f}")
+    return rows
+
+
 def main() -> None:
     """Command-line entry point (see the module docstring)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -120,10 +155,7 @@ def main() -> None:
         out = root / "bergson" / ckpt.name
         qfile = root / "bergson" / f"{ckpt.name}-queries.jsonl"
         qfile.parent.mkdir(parents=True, exist_ok=True)
-        texts = [q["response"] for q in queries] + [q["corrected"] for q in queries]
-        texts += [derived[(q["id"], f"run/{ckpt.name}")] for q in queries]
-        qfile.write_text("".join(json.dumps({"prompt": q["prompt"], "response": t}) + "\n"
-                                 for q, t in zip(queries * 3, texts, strict=True)))  # fmt: skip
+        qfile.write_text("".join(json.dumps(q) + "\n" for q in query_sets(queries, derived, ckpt.name)))
         if ckpt.name in earlier and any(out.rglob("scores.bin")):  # --reuse: the scores and time of the last run
             seconds[ckpt.name] = earlier[ckpt.name]
         else:
@@ -133,20 +165,9 @@ def main() -> None:
         m = len(queries)
         if scores.shape != (3 * m, len(train_ids)):
             raise RuntimeError(f"scores of shape {scores.shape}, expected {(3 * m, len(train_ids))}")
-        plain, corrected, counter = (scores[i * m : (i + 1) * m, order] for i in range(3))
-        cubes["plain"].append(plain)
-        cubes["contrastive"].append(plain - corrected)
-        cubes["counterfactual"].append(plain - counter)
+        add_states(cubes, scores[:, order], m)
         log_line(f"{ckpt.name}: TrackStar in {seconds[ckpt.name]} s")
-    total, last = sum(seconds.values()), seconds[ckpts[-1].name]
-    world = SIZES[a.size].world
-    rows = []
-    for query, cube in cubes.items():
-        name = "bergson_trackstar" + ("" if query == "plain" else f"@{query}")
-        rows.append({"world": world, **record(a.mode, query, name, ctx.score(np.mean(cube, 0)), total)})
-        rows.append({"world": world, **record(a.mode, query, f"{name}_last", ctx.score(cube[-1]), last)})
-    for r in rows:
-        log_line(f"{r['method']}: AUC {r['mean_auc']:.3f}, AP {r['mean_ap']:.3f}")
+    rows = tool_rows("bergson_trackstar", cubes, seconds, SIZES[a.size].world, a.mode, ctx)
     report: dict[str, Any] = {
         "command": f"python -m benchmarks.bergson_trackstar --size {a.size} --mode {a.mode}", "machine": machine(),
         "bergson": "2.5.1", "projection_dim": PROJECTION_DIM, "results": rows, "seconds_per_checkpoint": seconds,

@@ -1,7 +1,7 @@
 """kronfluence's EK-FAC influence beside DDA lineage, on the same world, fine-tuning run and traced outputs as the
 hallucination benchmark (benchmarks/README.md, "The field's tools").
 
-    python -m benchmarks.kronfluence_ekfac --size default [--mode lora] [--venv .bench-work/tda-venv]
+    python -m benchmarks.kronfluence_ekfac --size default [--mode lora] [--venv .bench-work/tda-venv] [--reuse]
 
 kronfluence (PyPI ``kronfluence==1.0.1``, the reference EK-FAC implementation) is a benchmark-only dependency in
 the environment of :mod:`benchmarks.bergson_trackstar` (add it there with ``pip install -c constraints.txt
@@ -30,9 +30,9 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.bergson_trackstar import VENV, derived_corrections
+from benchmarks.bergson_trackstar import VENV, add_states, derived_corrections, query_sets, tool_rows
 from benchmarks.hallucination.config import RESULTS, SIZES, log_line, machine
-from benchmarks.hallucination.evaluation import mode_context, record
+from benchmarks.hallucination.evaluation import mode_context
 from benchmarks.hallucination.worlds import prepare_mode
 
 WORKER = Path(__file__).with_name("kronfluence_worker.py")
@@ -58,6 +58,7 @@ def main() -> None:
     p.add_argument("--mode", default="lora", choices=["lora"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--venv", type=Path, default=VENV)
+    p.add_argument("--reuse", action="store_true", help="evaluate the scores of the last run again (no worker run)")
     a = p.parse_args()
     work = Path(".bench-work") / a.size
     prepared = prepare_mode(work, work / "base-model", a.mode, SIZES[a.size], a.seed, log_line)
@@ -67,36 +68,27 @@ def main() -> None:
     rows_by_id = {r["id"]: r for r in (json.loads(line) for line in (root / "train.jsonl").read_text().splitlines())}
     train = [{"prompt": rows_by_id[s]["prompt"], "response": rows_by_id[s]["response"]} for s in ctx.sids]
     ckpts = sorted((root / "run").glob("checkpoint-*"), key=lambda c: int(c.name.split("-")[1]))
+    out_file = RESULTS / f"kronfluence_{a.size}_{a.mode}.json"
+    earlier = json.loads(out_file.read_text())["seconds_per_checkpoint"] if a.reuse and out_file.is_file() else {}
     cubes: dict[str, list[np.ndarray]] = {"plain": [], "counterfactual": [], "contrastive": []}
     seconds: dict[str, float] = {}
     m = len(queries)
     for ckpt in ckpts:
-        texts = [q["response"] for q in queries] + [q["corrected"] for q in queries]
-        texts += [derived[(q["id"], f"run/{ckpt.name}")] for q in queries]
         folder = (root / "kronfluence" / ckpt.name).resolve()
         spec = {"base": str((work / "base-model").resolve()), "checkpoint": str(ckpt.resolve()), "train": train,
-                "queries": [{"prompt": q["prompt"], "response": t} for q, t in zip(queries * 3, texts, strict=True)],
-                "out": str(folder)}  # fmt: skip
-        took = sum(run_stage(a.venv / "bin" / "python", {**spec, "stage": s}, folder) for s in ("factors", "scores"))
-        seconds[ckpt.name] = round(took, 1)
+                "queries": query_sets(queries, derived, ckpt.name), "out": str(folder)}  # fmt: skip
+        if ckpt.name in earlier and (folder / "scores.npy").is_file():  # --reuse: the scores and time of the last run
+            seconds[ckpt.name] = earlier[ckpt.name]
+        else:
+            stages = ("factors", "scores")
+            seconds[ckpt.name] = round(sum(run_stage(a.venv / "bin" / "python", {**spec, "stage": s}, folder)
+                                           for s in stages), 1)  # fmt: skip
         scores = np.load(folder / "scores.npy")
         if scores.shape != (3 * m, len(train)):
             raise RuntimeError(f"scores of shape {scores.shape}, expected {(3 * m, len(train))}")
-        plain, corrected, counter = (scores[i * m : (i + 1) * m] for i in range(3))
-        cubes["plain"].append(plain)
-        cubes["contrastive"].append(plain - corrected)
-        cubes["counterfactual"].append(plain - counter)
+        add_states(cubes, scores, m)
         log_line(f"{ckpt.name}: kronfluence EK-FAC in {seconds[ckpt.name]} s")
-    total, last = sum(seconds.values()), seconds[ckpts[-1].name]
-    world = SIZES[a.size].world
-    rows = []
-    for query, cube in cubes.items():
-        name = "kronfluence_ekfac" + ("" if query == "plain" else f"@{query}")
-        rows.append({"world": world, **record(a.mode, query, name, ctx.score(np.mean(cube, 0)), total)})
-        rows.append({"world": world, **record(a.mode, query, f"{name}_last", ctx.score(cube[-1]), last)})
-    for r in rows:
-        log_line(f"{r['method']}: AUC {r['mean_auc']:.3f}, AP {r['mean_ap']:.3f}")
-    out_file = RESULTS / f"kronfluence_{a.size}_{a.mode}.json"
+    rows = tool_rows("kronfluence_ekfac", cubes, seconds, SIZES[a.size].world, a.mode, ctx)
     report: dict[str, Any] = {
         "command": f"python -m benchmarks.kronfluence_ekfac --size {a.size} --mode {a.mode}", "machine": machine(),
         "kronfluence": "1.0.1", "strategy": "ekfac", "results": rows, "seconds_per_checkpoint": seconds,
