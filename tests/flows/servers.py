@@ -54,15 +54,10 @@ def tail(log: Path, n: int = 4000) -> str:
 
 
 @contextmanager
-def prefect_server(home: Path, timeout: float = 180, slot_wait_s: int | None = None) -> Iterator[str]:
-    """A real ``prefect server start`` on a free local port; yields its API URL; stopped afterwards.
-
-    ``slot_wait_s``: the server's ``PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS`` (Prefect's default
-    when None)."""
+def prefect_server(home: Path, timeout: float = 180) -> Iterator[str]:
+    """A real ``prefect server start`` on a free local port; yields its API URL; stopped afterwards."""
     port = free_port()
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
-    if slot_wait_s is not None:  # a queued run is retried this long after it found its deployment's slot taken
-        env["PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS"] = str(slot_wait_s)  # Prefect's default: 30
     env.pop("PREFECT_API_URL", None)
     proc = subprocess.Popen(
         [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],

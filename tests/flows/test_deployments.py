@@ -52,9 +52,9 @@ def test_served_deployments_match_prefect_yaml(tmp_path):
     assert trigger.expect == set(declared_trigger["expect"]) == {EVENT}
     assert trigger.match.model_dump() == declared_trigger["match"]
     assert trigger.parameters == declared_trigger["parameters"]
-    assert (
-        on_event.concurrency_options.collision_strategy.value == yaml_event["concurrency_limit"]["collision_strategy"]
-    )
+    # No Prefect concurrency limit on event runs: they take turns on the data folder's writer lock
+    assert (on_event.concurrency_limit, on_event.concurrency_options) == (None, None)
+    assert "concurrency_limit" not in yaml_event
     assert "dda-watcher" not in {d.name for d in deployments(load_settings(data_dir=str(tmp_path)), 30, watcher=False)}
 
 
