@@ -130,20 +130,26 @@ def tool_rows(
     return rows
 
 
-def main() -> None:
-    """Command-line entry point (see the module docstring)."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def tool_cell(doc: str | None, modes: list[str], tool: str) -> tuple[Any, Path, Path, Any, list[dict[str, str]], Any]:
+    """A field's-tool benchmark's command line and its cell: (arguments, work folder, mode folder, evaluation
+    context, traced outputs, DDA lineage's derived corrections by (output id, checkpoint id))."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", default="default", choices=sorted(SIZES))
-    p.add_argument("--mode", default="lora", choices=["lora", "full"])
+    p.add_argument("--mode", default="lora", choices=modes)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--venv", type=Path, default=VENV)
-    p.add_argument("--reuse", action="store_true", help="evaluate the scores of the last run again (no Bergson run)")
+    p.add_argument("--reuse", action="store_true", help=f"evaluate the scores of the last run again (no {tool} run)")
     a = p.parse_args()
     work = Path(".bench-work") / a.size
     prepared = prepare_mode(work, work / "base-model", a.mode, SIZES[a.size], a.seed, log_line)
     root = work / a.mode
     ctx, queries, _ = mode_context(root, prepared)
-    derived = derived_corrections(root / "default" / "store")
+    return a, work, root, ctx, queries, derived_corrections(root / "default" / "store")
+
+
+def main() -> None:
+    """Command-line entry point (see the module docstring)."""
+    a, work, root, ctx, queries, derived = tool_cell(__doc__, ["lora", "full"], "Bergson")
     train_ids = [json.loads(line)["id"] for line in (root / "train.jsonl").read_text().splitlines() if line.strip()]
     order = [train_ids.index(sid) for sid in ctx.sids]
     ckpts = sorted((root / "run").glob("checkpoint-*"), key=lambda c: int(c.name.split("-")[1]))

@@ -21,7 +21,6 @@ Results: ``benchmarks/results/kronfluence_<size>_<mode>.json``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import time
@@ -30,10 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.bergson_trackstar import VENV, add_states, derived_corrections, query_sets, tool_rows
+from benchmarks.bergson_trackstar import add_states, query_sets, tool_cell, tool_rows
 from benchmarks.hallucination.config import RESULTS, SIZES, log_line, machine
-from benchmarks.hallucination.evaluation import mode_context
-from benchmarks.hallucination.worlds import prepare_mode
 
 WORKER = Path(__file__).with_name("kronfluence_worker.py")
 
@@ -53,18 +50,7 @@ def run_stage(python: Path, spec: dict[str, Any], folder: Path) -> float:
 
 def main() -> None:
     """Command-line entry point (see the module docstring)."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", default="default", choices=sorted(SIZES))
-    p.add_argument("--mode", default="lora", choices=["lora"])
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--venv", type=Path, default=VENV)
-    p.add_argument("--reuse", action="store_true", help="evaluate the scores of the last run again (no worker run)")
-    a = p.parse_args()
-    work = Path(".bench-work") / a.size
-    prepared = prepare_mode(work, work / "base-model", a.mode, SIZES[a.size], a.seed, log_line)
-    root = work / a.mode
-    ctx, queries, _ = mode_context(root, prepared)
-    derived = derived_corrections(root / "default" / "store")
+    a, work, root, ctx, queries, derived = tool_cell(__doc__, ["lora"], "worker")
     rows_by_id = {r["id"]: r for r in (json.loads(line) for line in (root / "train.jsonl").read_text().splitlines())}
     train = [{"prompt": rows_by_id[s]["prompt"], "response": rows_by_id[s]["response"]} for s in ctx.sids]
     ckpts = sorted((root / "run").glob("checkpoint-*"), key=lambda c: int(c.name.split("-")[1]))
