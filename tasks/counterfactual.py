@@ -21,7 +21,14 @@ import torch
 
 from dda_kernel import Span, apply_span, best_edit, changed_words, edit_candidates, word_spans
 from tasks.config import PipelineConfig
-from tasks.likelihoods import Scored, edit_likelihoods, propose_spans, tables
+from tasks.likelihoods import (
+    Scored,
+    edit_likelihoods,
+    head_likelihood,
+    prefix_likelihoods,
+    propose_spans,
+    tables,
+)
 from tasks.models import compute_precision, context_length, model_for
 from tasks.tokenize import encode_pair
 
@@ -29,6 +36,7 @@ BASE_MEMO_BYTES = 1 << 30  # θ_0's tables and caches kept across checkpoints, l
 SPAN_WORDS = 1  # words per output, ranked by how much fine-tuning raised their likelihood, replaced whole
 SPAN_BEAMS = 4  # first tokens per such word (largest joint log-probability), each decoded greedily
 SPAN_TOKENS = 8  # longest decoded replacement
+PRUNE_ROUNDS = (1, 4)  # candidates per output scored in the first rounds of the search, then all still open
 
 
 @dataclass(frozen=True)
@@ -134,14 +142,73 @@ def _base_views(
     return [b for b in base if b is not None]
 
 
+class _Search:
+    """Best-first scoring of candidate edits with exact pruning, over the outputs of one call.
+
+    An edit's total T(e) = log p_θ0(y') + log p_θt(y') (at the base model θ_t = θ_0, counted twice) is at most its
+    bound B(e): each model's term known exactly where scored, else the table's
+    :func:`tasks.likelihoods.head_likelihood` (the rest of y' adds log-probabilities ≤ 0). An edit with
+    B(e) < max T over the scored edits of its output can never be the argmax, so it is never scored in full.
+    Each round scores, per output, the open edits of largest bound (:data:`PRUNE_ROUNDS`, then all still open)
+    in one batched pass per model: the argmax, its gain and the first-on-ties choice are those of scoring every
+    candidate in full."""
+
+    def __init__(self, views: list[list[Scored]], models: list[Any], precision: Any, progress: bool) -> None:
+        self.views, self.models, self.precision, self.progress = views, models, precision, progress
+        self.prefixes = [[prefix_likelihoods(s) for s in view] for view in views]
+        self.seen: list[list[Span]] = [[] for _ in views[0]]
+
+    def _term(self, m: int, i: int, edit: Span) -> float:
+        s = self.views[m][i]
+        return s.likelihoods[edit] if edit in s.likelihoods else head_likelihood(s, self.prefixes[m][i], edit)
+
+    def bound(self, i: int, edit: Span) -> float:
+        """B(edit) for output i (its exact total once every model has scored it)."""
+        ms = range(len(self.views))
+        return sum(self._term(m, i, edit) for m in ms) * (2 // len(ms))  # the base model alone: θ_t = θ_0
+
+    def scored(self, i: int) -> list[Span]:
+        """Output i's candidates scored by every model, in the order they were offered."""
+        return [e for e in self.seen[i] if all(e in view[i].likelihoods for view in self.views)]
+
+    def best(self, i: int) -> float:
+        """max T(e) over output i's edits scored by every model (−inf before any)."""
+        return max((self.bound(i, e) for e in self.scored(i)), default=float("-inf"))
+
+    def _open(self, size: int | None) -> list[list[Span]]:
+        """Per output, the ``size`` unscored edits of largest bound (all: None) among those that can still win."""
+        batch = []
+        for i in range(len(self.seen)):
+            best, done = self.best(i), set(self.scored(i))
+            open_ = [
+                (-b, n, e) for n, e in enumerate(self.seen[i]) if e not in done and (b := self.bound(i, e)) >= best
+            ]
+            batch.append([e for *_, e in sorted(open_)[:size]])
+        return batch
+
+    def run(self, edits: Sequence[Sequence[Span]]) -> None:
+        """Offer each output's ``edits`` and score, round by round, those whose bound can still beat its best."""
+        for i, wanted in enumerate(edits):
+            self.seen[i] += [e for e in dict.fromkeys(wanted) if e not in self.seen[i]]
+        for size in (*PRUNE_ROUNDS, None):
+            batch = self._open(size)
+            if not any(batch):
+                return
+            for m, (context, desc) in enumerate(self.models):
+                with context() as cached:
+                    self.views[m] = edit_likelihoods(cached.model, self.views[m], batch, self.precision,
+                                                     self.progress, desc)  # fmt: skip
+
+
 def derive_corrections(
     base_reference: str, checkpoint: str | None, rows: Sequence[tuple[str, str, str]], config: PipelineConfig
 ) -> list[Derived | None]:
     """The derived correction of each (name, prompt, response) row at ``checkpoint`` (None: the base model,
     where θ_t = θ_0). None for a row with no editable token (an empty response).
 
-    Per model, one batched pass over the prompts and responses (tables and caches), the decoding of whole-word
-    replacements, then batched suffix passes for every candidate (:mod:`tasks.likelihoods`). θ_0's tables, caches
+    Per model, one batched pass over the prompts and responses (tables and caches); the single-token edits scored
+    best-first with exact pruning (:class:`_Search`); whole-word replacements decoded only from first tokens whose
+    bound can still beat the best edit, then scored the same way (:mod:`tasks.likelihoods`). θ_0's tables, caches
     and edit likelihoods are kept per output across checkpoints (:data:`BASE_MEMO_BYTES`): at a later checkpoint
     θ_0 scores only the edits it has not scored yet. Forward passes at the configured indexing precision."""
     if not rows:
@@ -149,6 +216,7 @@ def derive_corrections(
     precision = compute_precision(config.precision, config.device)
     progress = config.progress
     base_model = partial(model_for, base_reference, None, config.device)
+    tuned_model = partial(model_for, base_reference, checkpoint, config.device)
     with base_model() as cached:
         tokenizer = cached.tokenizer
         encoded = _encoded(tokenizer, cached.model, rows, config)
@@ -156,27 +224,27 @@ def derive_corrections(
         base = _base_views(cached.model, keys, encoded, precision, progress)
     words = _Words(tokenizer)
     editable = [_editable(tokenizer, y) for _, y in encoded]
-    tuned: list[Scored] = base
+    models = [(base_model, "counterfactual edits (θ_0)")]
+    views = [base]
     if checkpoint is not None:
-        with model_for(base_reference, checkpoint, config.device) as cached:
-            tuned = tables(cached.model, encoded, precision, "counterfactual tables (θ_t)", progress)
-    joints = [b.table + t.table for b, t in zip(base, tuned, strict=True)]
-    spans: list[list[Span]] = [[] for _ in encoded]
+        with tuned_model() as cached:
+            views.append(tables(cached.model, encoded, precision, "counterfactual tables (θ_t)", progress))
+        models.append((tuned_model, "counterfactual edits (θ_t)"))
+    joints = [b.table + t.table for b, t in zip(base, views[-1], strict=True)]
+    search = _Search(views, models, precision, progress)
+    search.run([_single_edits(j, b.response, n) for j, b, n in zip(joints, base, editable, strict=True)])
     if checkpoint is not None:  # at the base model nothing has been fine-tuned: no word to replace
-        beams = [_span_beams(b, t, j, n, words) for b, t, j, n in zip(base, tuned, joints, editable, strict=True)]
-        views = [(base_model, base), (partial(model_for, base_reference, checkpoint, config.device), tuned)]
-        spans = propose_spans(views, beams, words, SPAN_TOKENS, precision)
-    edits = [_single_edits(j, b.response, n) + s for j, b, n, s in zip(joints, base, editable, spans, strict=True)]
-    if checkpoint is not None:
-        with model_for(base_reference, checkpoint, config.device) as cached:
-            tuned = edit_likelihoods(cached.model, tuned, edits, precision, progress, "counterfactual edits (θ_t)")
-    with base_model() as cached:
-        base = edit_likelihoods(cached.model, base, edits, precision, progress, "counterfactual edits (θ_0)")
-    for key, b in zip(keys, base, strict=True):
+        beams = [_span_beams(b, t, j, n, words) for b, t, j, n in zip(base, views[1], joints, editable, strict=True)]
+        beams = [[(r, e, a) for r, e, a in bs if search.bound(i, (r, r + 1, (a,))) >= search.best(i)]
+                 for i, bs in enumerate(beams)]  # fmt: skip
+        spans = propose_spans(list(zip((base_model, tuned_model), views, strict=True)), beams, words, SPAN_TOKENS,
+                              precision)  # fmt: skip
+        search.run(spans)
+    for key, b in zip(keys, search.views[0], strict=True):
         _remember(key, b)
-    if checkpoint is None:
-        tuned = base
-    return [_derived(tokenizer, b, t, wanted) for b, t, wanted in zip(base, tuned, edits, strict=True)]
+    tuned = search.views[-1]
+    return [_derived(tokenizer, b, t, search.scored(i)) for i, (b, t) in enumerate(zip(search.views[0], tuned,
+                                                                                       strict=True))]  # fmt: skip
 
 
 def _derived(tokenizer: Any, base: Scored, tuned: Scored, edits: list[Span]) -> Derived | None:

@@ -91,6 +91,18 @@ def tables(
     return out
 
 
+def prefix_likelihoods(scored: Scored) -> torch.Tensor:
+    """(R + 1,) log p(y_<r | prompt) = Σ_{k<r} log p(y_k | prompt, y_<k) for r = 0..R, from the table."""
+    return torch.cat([torch.zeros(1), scored.own.cumsum(0)])
+
+
+def head_likelihood(scored: Scored, prefix: torch.Tensor, edit: Span) -> float:
+    """log p(y_<r) + log p(z_0 | prompt, y_<r) for ``edit`` = (r, e, z), ``prefix`` its output's
+    :func:`prefix_likelihoods`: the part of log p(y') the table gives. The rest of y' adds log-probabilities
+    (each ≤ 0), so this is an upper bound of log p(y'), and :func:`edit_likelihoods` starts from exactly it."""
+    return float(prefix[edit[0]] + scored.table[edit[0], edit[2][0]])
+
+
 def _row_cache(scored: Sequence[Scored], index: Sequence[int], prefix: Sequence[int]) -> tuple[DynamicCache, Any]:
     """A cache with one row per ``index`` (its output's keys and values, right-padded to the longest) and the
     (n, width) attention mask that lets row j see its first ``prefix[j]`` positions only."""
@@ -126,24 +138,54 @@ class _Row:
     targets: list[int]
 
 
+def _packs(rows: Sequence[_Row], cap: int) -> list[list[_Row]]:
+    """Each output's rows, in order, in packs of at most ``cap`` tokens (a longer row alone)."""
+    by_output: dict[int, list[_Row]] = {}
+    for r in rows:
+        by_output.setdefault(r.index, []).append(r)
+    packs: list[list[_Row]] = []
+    for own in by_output.values():
+        packs.append([])
+        for r in own:
+            if packs[-1] and sum(len(x.tokens) for x in packs[-1]) + len(r.tokens) > cap:
+                packs.append([])
+            packs[-1].append(r)
+    return packs
+
+
 @torch.no_grad()
-def _suffix_log_probs(model: Any, scored: Sequence[Scored], rows: Sequence[_Row], precision: Any) -> torch.Tensor:
-    """(n, S) log p(target_k | prompt, y_<r, tokens_≤k) for each row, S its longest row (shorter rows: trailing
-    positions meaningless), in one pass: row j sees its output's cache columns [0, P_j), P_j = |prompt| + r, then
-    its own tokens at positions P_j + k — what a forward pass over prompt ‖ y' computes at those positions."""
+def _packed_log_probs(
+    model: Any, scored: Sequence[Scored], packs: Sequence[Sequence[_Row]], precision: Any
+) -> list[list[torch.Tensor]]:  # fmt: skip
+    """Per pack, per row, (len(tokens),) log p(target_k | prompt, y_<r, tokens_≤k), in one pass for all packs.
+
+    A pack is one sequence: the tokens of its rows one after another, after its output's cache (prompt ‖ y_<R,
+    stored once per pack, not once per row). A 4-D attention mask lets row j's tokens see the cache's first
+    P_j = |prompt| + r_j positions and row j's own earlier tokens, at positions P_j + k: what a forward pass over
+    prompt ‖ y' computes at those positions."""
     device = next(model.parameters()).device
-    prefix = [len(scored[r.index].prompt) + r.edit[0] for r in rows]
-    cache, mask = _row_cache(scored, [r.index for r in rows], prefix)
-    span = max(len(r.tokens) for r in rows)
-    mask = torch.cat([mask, torch.ones((len(rows), span), dtype=torch.long)], dim=1)
-    ids = torch.tensor([r.tokens + [0] * (span - len(r.tokens)) for r in rows])
-    targets = torch.tensor([r.targets + [0] * (span - len(r.targets)) for r in rows])
-    positions = torch.tensor(prefix)[:, None] + torch.arange(span)[None, :]
+    index = [pack[0].index for pack in packs]
+    cache, _ = _row_cache(scored, index, [0] * len(packs))
+    width = max(scored[i].kv[0][0].shape[2] for i in index)
+    span = max(sum(len(r.tokens) for r in pack) for pack in packs)
+    allowed = torch.zeros((len(packs), 1, span, width + span), dtype=torch.bool)
+    ids, targets, positions = (torch.zeros((len(packs), span), dtype=torch.long) for _ in range(3))
+    for j, pack in enumerate(packs):
+        at = 0
+        for r in pack:
+            n, p = len(r.tokens), len(scored[r.index].prompt) + r.edit[0]
+            allowed[j, 0, at : at + n, :p] = True
+            allowed[j, 0, at : at + n, width + at : width + at + n] = torch.ones((n, n), dtype=torch.bool).tril()
+            ids[j, at : at + n], targets[j, at : at + n] = torch.tensor(r.tokens), torch.tensor(r.targets)
+            positions[j, at : at + n] = p + torch.arange(n)
+            at += n
+        allowed[j, 0, at:, 0] = True  # padding sees one key (no empty softmax); nothing reads it
     with autocast_to(device, precision):
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
+        logits = model(input_ids=ids.to(device), attention_mask=allowed.to(device), position_ids=positions.to(device),
                        past_key_values=cache, use_cache=True).logits.float()  # fmt: skip
-    picked: torch.Tensor = logits.gather(2, targets.to(device)[..., None])[..., 0] - logits.logsumexp(dim=-1)
-    return picked.cpu()
+    picked = (logits.gather(2, targets.to(device)[..., None])[..., 0] - logits.logsumexp(dim=-1)).cpu()
+    lengths = [[len(r.tokens) for r in pack] for pack in packs]
+    return [list(picked[j, : sum(n)].split(n)) for j, n in enumerate(lengths)]
 
 
 def edit_likelihoods(
@@ -152,27 +194,30 @@ def edit_likelihoods(
 ) -> list[Scored]:  # fmt: skip
     """``scored`` with log p(y') added for each output's ``edits`` (r, e, z) it lacks, y' = y_<r ‖ z ‖ y[e:].
 
-    The unchanged prefix and z's first token come from the table: prefix[r] + table[r, z_0]; the row of the edit
+    The unchanged prefix and z's first token come from the table (:func:`head_likelihood`); the row of the edit
     runs w[:-1], w = z ‖ y[e:R], over the cached prompt ‖ y_<r and adds Σ_k log p(w_{k+1} | prompt, y_<r, w_≤k).
-    Rows of every output, longest first, share the passes (chunks of :data:`SCORE_CHUNK_ELEMENTS` logits)."""
+    The rows of one output run as one packed sequence over its cache (:func:`_packed_log_probs`); packs of every
+    output, longest first, share the passes (chunks of :data:`SCORE_CHUNK_ELEMENTS` logits)."""
     totals: list[dict[Span, float]] = []
     rows: list[_Row] = []
     for i, (s, wanted) in enumerate(zip(scored, edits, strict=True)):
         new = [e for e in dict.fromkeys(wanted) if e not in s.likelihoods]
-        prefix = torch.cat([torch.zeros(1), s.own.cumsum(0)])
-        totals.append({e: float(prefix[e[0]] + s.table[e[0], e[2][0]]) for e in new})
+        prefix = prefix_likelihoods(s)
+        totals.append({e: head_likelihood(s, prefix, e) for e in new})
         y = s.response.tolist()
         for e in new:
             w = [*e[2], *y[e[1] :]]
             if len(w) > 1:
                 rows.append(_Row(i, e, w[:-1], w[1:]))
-    rows.sort(key=lambda r: -len(r.tokens))
     vocab = int(model.config.vocab_size)
-    for chunk in tqdm(_chunks([len(r.tokens) for r in rows], vocab), desc=desc, unit="pass", disable=not progress):
-        block = [rows[j] for j in chunk]
-        logp = _suffix_log_probs(model, scored, block, precision)
-        for j, r in enumerate(block):
-            totals[r.index][r.edit] += float(logp[j, : len(r.tokens)].sum())
+    packs = _packs(rows, max(1, SCORE_CHUNK_ELEMENTS // vocab))
+    packs.sort(key=lambda pack: -sum(len(r.tokens) for r in pack))
+    sizes = [sum(len(r.tokens) for r in pack) for pack in packs]
+    for chunk in tqdm(_chunks(sizes, vocab), desc=desc, unit="pass", disable=not progress):
+        block = [packs[j] for j in chunk]
+        for pack, logps in zip(block, _packed_log_probs(model, scored, block, precision), strict=True):
+            for r, logp in zip(pack, logps, strict=True):
+                totals[r.index][r.edit] += float(logp.sum())
     return [replace(s, likelihoods={**s.likelihoods, **t}) for s, t in zip(scored, totals, strict=True)]
 
 

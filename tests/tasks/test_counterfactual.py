@@ -158,6 +158,88 @@ def test_the_derived_correction_is_the_best_single_token_edit_by_brute_force(sma
     assert got.token == tokenizer.decode([response[best[0]]])
 
 
+SUMMARIES = [  # SmolLM2 outputs whose best edit is not the one of largest table bound: the suffix decides
+    ("document : Luis , who lives in Spain , spent Thursday in England with Emil . summary :",
+     "Luis spent Thursday in China ."),
+    ("document : On Tuesday , Alice and Bruno arrived in England after a trip through Egypt . summary :",
+     "Alice and Bruno arrived in China ."),
+    ("document : Bruno reported that Fatima opened a shop in England on Saturday . summary :",
+     "Fatima opened a shop in Peru on Saturday ."),
+    ("document : Kira and Emil met in Chile on Monday , then flew to England . summary :",
+     "Kira and Emil met in Spain on Monday ."),
+]  # fmt: skip
+
+
+def _exhaustive_and_pruned(monkeypatch, base: str, paths: list, rows: list, config) -> list[tuple[list, int, bool]]:
+    """[(derived corrections at every path, suffix rows scored, whether at some output the winner is not the
+    candidate of largest table bound)] scoring every candidate in full (one round as large as any list), then with
+    the search's rounds. Float32."""
+    scored_rows, suffix_decides = [], []
+    real_pack, real_derived = lk._packed_log_probs, cf._derived
+
+    def packed(model, scored, packs, precision):
+        scored_rows.append(sum(map(len, packs)))
+        return real_pack(model, scored, packs, precision)
+
+    def derived(tokenizer, b, t, edits):
+        total = {e: b.likelihoods[e] + t.likelihoods[e] for e in edits}
+        heads = {e: sum(lk.head_likelihood(v, lk.prefix_likelihoods(v), e) for v in (b, t)) for e in edits}
+        suffix_decides.append(max(edits, key=heads.get) != max(edits, key=total.get))
+        return real_derived(tokenizer, b, t, edits)
+
+    monkeypatch.setattr(lk, "_packed_log_probs", packed)
+    monkeypatch.setattr(cf, "_derived", derived)
+    out = []
+    for rounds in ((10**6,), cf.PRUNE_ROUNDS):
+        monkeypatch.setattr(cf, "PRUNE_ROUNDS", rounds)
+        cf._BASE_MEMO.clear()
+        scored_rows.clear()
+        suffix_decides.clear()
+        got = [cf.derive_corrections(base, p, rows, dataclasses.replace(config, precision="float32")) for p in paths]
+        out.append((got, sum(scored_rows), any(suffix_decides)))
+    return out
+
+
+def _same_edits(everything: list, pruned: list) -> None:
+    for a, b in zip(everything, pruned, strict=True):
+        assert a is not None
+        assert b is not None
+        assert (b.position, b.replacement, b.response, b.response_ids) == (a.position, a.replacement, a.response,
+                                                                           a.response_ids)  # fmt: skip
+        assert abs(b.gain - a.gain) < 1e-4
+
+
+def test_pruned_search_scores_fewer_edits_and_derives_the_same(small_world, monkeypatch):
+    """At the base model and each checkpoint of the small world: the search with pruning derives, for every output,
+    the edit (position, replacement, response, ids) and gain that scoring every candidate in full derives, and
+    scores fewer suffix rows."""
+    paths = [None] + [str(c.path) for c in discover_checkpoints(small_world.run_dir, 0.0)]
+    three = [("Alice", "Monday", "China"), ("Bruno", "Friday", "Peru"), ("Chen", "Sunday", "Kira")]
+    rows = [(f"q{i}", f"document : {n} flew from Peru to England on {d} and met Kira there . summary :",
+             f"{n} flew to {w} .") for i, (n, d, w) in enumerate(three)]  # fmt: skip
+    (everything, n_all, _), (pruned, n_pruned, _) = _exhaustive_and_pruned(monkeypatch, small_world.base_model, paths,
+                                                                            rows, CONFIG)  # fmt: skip
+    for full, fast in zip(everything, pruned, strict=True):
+        _same_edits(full, fast)
+    assert n_pruned < n_all
+
+
+def test_pruned_search_is_exact_where_the_suffix_decides(monkeypatch):
+    """SmolLM2-135M at the base model, every position a candidate with 32 alternatives, outputs where for at least
+    one the winner is not the candidate of largest table bound (the suffix decides: a bound that is not an upper
+    bound would prune it): the search derives the edits and gains that scoring every candidate derives."""
+    from tasks.models import SMOLLM2_GGUF, smollm2_dir
+
+    wide = functools.partial(cf.edit_candidates, positions=10**6, alternatives=32)
+    monkeypatch.setattr(cf, "edit_candidates", wide)
+    rows = [(f"q{i}", p, y) for i, (p, y) in enumerate(SUMMARIES)]
+    config = dataclasses.replace(CONFIG, max_length=128)
+    (everything, _, decides), (pruned, _, _) = _exhaustive_and_pruned(monkeypatch, str(smollm2_dir() / SMOLLM2_GGUF),
+                                                                      [None], rows, config)  # fmt: skip
+    assert decides
+    _same_edits(everything[0], pruned[0])
+
+
 def test_counterfactual_query_vectors_are_the_contrast_with_the_derived_correction(small_world, tmp_path):
     """At every state: ĝ_q = ĝ(prompt, y) − ĝ(prompt, y'_t), uniform weights, y'_t derived with that state's θ_t;
     the ``derived_corrections`` view holds y'_t for the output without a correction, and nothing for the other.
