@@ -23,6 +23,7 @@ from dda_kernel import Span, apply_span, best_edit, changed_words, edit_candidat
 from tasks.config import PipelineConfig
 from tasks.likelihoods import (
     Scored,
+    cast_region,
     edit_likelihoods,
     head_likelihood,
     prefix_likelihoods,
@@ -214,6 +215,14 @@ def derive_corrections(
     if not rows:
         return []  # no model is loaded
     precision = compute_precision(config.precision, config.device)
+    with cast_region(config.device, precision):  # each weight cast once for the whole derivation
+        return _derive(base_reference, checkpoint, rows, config, precision)
+
+
+def _derive(
+    base_reference: str, checkpoint: str | None, rows: Sequence[tuple[str, str, str]], config: PipelineConfig,
+    precision: torch.dtype | None,
+) -> list[Derived | None]:  # fmt: skip
     progress = config.progress
     base_model = partial(model_for, base_reference, None, config.device)
     tuned_model = partial(model_for, base_reference, checkpoint, config.device)

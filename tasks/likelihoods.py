@@ -10,8 +10,8 @@ not its arithmetic, dominated, so rows of every output share each pass.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -50,6 +50,36 @@ class Scored:
         return self.table.gather(1, self.response[:, None])[:, 0]
 
 
+@contextmanager
+def cast_region(device: str | torch.device, precision: torch.dtype | None) -> Iterator[None]:
+    """One autocast region around many forward passes (a whole derivation), so that each weight is cast to
+    ``precision`` once instead of at every pass: torch keeps a region's casts of leaf tensors that require grad
+    until the outermost region ends, and :func:`_autocast_pass` marks a model's frozen weights for its pass. On
+    SmolLM2-135M (2 CPUs) the cast is most of a short pass: 98 ms against 33 ms with the weights already cast,
+    for 4 rows of 1 token. No-op without ``precision``."""
+    if precision is None:
+        yield
+        return
+    with torch.autocast(device_type=torch.device(device).type, dtype=precision):
+        yield
+
+
+@contextmanager
+def _autocast_pass(model: Any, device: torch.device, precision: torch.dtype | None) -> Iterator[None]:
+    """Autocast for one forward pass of ``model`` (under no_grad), its frozen weights marked as requiring grad for
+    the pass so that their casts are kept in the enclosing :func:`cast_region` (nothing is tracked without grad
+    mode), then restored."""
+    frozen = [p for p in model.parameters() if not p.requires_grad and p.is_floating_point()] if precision else []
+    try:
+        for p in frozen:
+            p.requires_grad_(True)
+        with autocast_to(device, precision):
+            yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
+
+
 def _chunks(sizes: Sequence[int], vocab: int) -> list[list[int]]:
     """Consecutive index chunks whose n · max(size) · vocab stays within :data:`SCORE_CHUNK_ELEMENTS` (≥ 1 each)."""
     out: list[list[int]] = []
@@ -79,7 +109,7 @@ def tables(
         width = max(len(seqs[i]) for i in chunk)
         start = min(len(encoded[i][0]) for i in chunk) - 1  # the first position any table needs
         ids = torch.tensor([seqs[i] + [0] * (width - len(seqs[i])) for i in chunk], device=device)
-        with autocast_to(device, precision):
+        with _autocast_pass(model, device, precision):
             result = model(input_ids=ids, use_cache=True, logits_to_keep=width - start)
         logp = result.logits.float().log_softmax(dim=-1).cpu()
         layers = [(layer.keys, layer.values) for layer in result.past_key_values.layers]
@@ -180,7 +210,7 @@ def _packed_log_probs(
             positions[j, at : at + n] = p + torch.arange(n)
             at += n
         allowed[j, 0, at:, 0] = True  # padding sees one key (no empty softmax); nothing reads it
-    with autocast_to(device, precision):
+    with _autocast_pass(model, device, precision):
         logits = model(input_ids=ids.to(device), attention_mask=allowed.to(device), position_ids=positions.to(device),
                        past_key_values=cache, use_cache=True).logits.float()  # fmt: skip
     picked = (logits.gather(2, targets.to(device)[..., None])[..., 0] - logits.logsumexp(dim=-1)).cpu()
@@ -254,7 +284,7 @@ def propose_spans(
                 device = next(cached.model.parameters()).device
                 inputs = {"input_ids": torch.tensor([[z[-1]] for z in grown]), "attention_mask": masks[m],
                           "position_ids": torch.tensor(prefix)[:, None] + step}  # fmt: skip
-                with autocast_to(device, precision):
+                with _autocast_pass(cached.model, device, precision):
                     out = cached.model(**{k: v.to(device) for k, v in inputs.items()}, past_key_values=caches[m])
             logp = out.logits[:, -1].float().log_softmax(dim=-1).cpu()
             joint = logp if joint is None else joint + logp

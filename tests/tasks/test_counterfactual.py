@@ -240,6 +240,33 @@ def test_pruned_search_is_exact_where_the_suffix_decides(monkeypatch):
     _same_edits(everything[0], pruned[0])
 
 
+def test_weights_cast_once_per_derivation_change_nothing_but_the_cost(small_world, monkeypatch):
+    """In bfloat16, a derivation inside one cast region (each weight cast once) derives exactly what per-pass
+    casting derives, and leaves every weight's requires_grad flag as it found it: frozen weights (as a LoRA base
+    model's are) stay frozen — the resident model is shared with embedding."""
+    ckpt = str(discover_checkpoints(small_world.run_dir, 0.0)[-1].path)
+    bf16 = dataclasses.replace(CONFIG, precision="bfloat16")
+    rows = [("q", PROMPT, RESPONSE)]
+    models = []
+    for path in (None, ckpt):
+        with model_for(small_world.base_model, path, "cpu") as cached:
+            models.append(cached.model)
+    frozen = [p for m in models for p in list(m.parameters())[::2]]  # every other weight frozen
+    try:
+        for p in frozen:
+            p.requires_grad_(False)
+        flags = [p.requires_grad for m in models for p in m.parameters()]
+        cf._BASE_MEMO.clear()
+        once = cf.derive_corrections(small_world.base_model, ckpt, rows, bf16)
+        assert [p.requires_grad for m in models for p in m.parameters()] == flags
+        monkeypatch.setattr(cf, "cast_region", lambda *_: contextlib.nullcontext())
+        cf._BASE_MEMO.clear()
+        assert cf.derive_corrections(small_world.base_model, ckpt, rows, bf16) == once
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+
+
 def test_counterfactual_query_vectors_are_the_contrast_with_the_derived_correction(small_world, tmp_path):
     """At every state: ĝ_q = ĝ(prompt, y) − ĝ(prompt, y'_t), uniform weights, y'_t derived with that state's θ_t;
     the ``derived_corrections`` view holds y'_t for the output without a correction, and nothing for the other.
