@@ -108,3 +108,50 @@ def trigger_ready(url: str, event: str) -> bool:
     except OSError:
         return False
     return any(event in a.get("trigger", {}).get("expect", []) for a in automations)
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every live process below ``pid`` (read from /proc; empty where /proc is not there)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def diagnose(proc: subprocess.Popen, log: Path, url: str) -> str:
+    """What a stuck event test needs to be understood, for its assertion message: the server's flow runs with their
+    state history, the settings the served process was given (``PREFECT_*``/``DDA_*``), then every Python
+    process below ``proc`` made to print its threads' stacks (``PYTHONFAULTHANDLER`` in its environment: SIGABRT
+    dumps them into ``log``), then the log's tail."""
+    lines = []
+    request = urllib.request.Request(f"{url}/flow_runs/filter", data=b"{}", method="POST",
+                                     headers={"Content-Type": "application/json"})  # fmt: skip
+    try:
+        with urllib.request.urlopen(request, timeout=5) as r:
+            for run in json.loads(r.read()):
+                lines.append(f"flow run {run.get('name')} {run.get('state_type')} {run.get('state_name')} "
+                             f"start={run.get('start_time')} end={run.get('end_time')}")  # fmt: skip
+    except (OSError, ValueError) as e:
+        lines.append(f"flow runs unreadable: {e}")
+    env = Path(f"/proc/{proc.pid}/environ")
+    if env.exists():
+        pairs = [p for p in env.read_bytes().decode(errors="replace").split("\0") if p.startswith(("PREFECT_", "DDA_"))]
+        lines.append("served with: " + " ".join(sorted(pairs)))
+    for pid in _descendants(proc.pid):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:200]
+            lines.append(f"process {pid}: {cmd}")
+            os.kill(pid, signal.SIGABRT)
+        except OSError:
+            continue
+    time.sleep(3)
+    return "\n".join(lines) + "\n--- log ---\n" + tail(log, 12000)

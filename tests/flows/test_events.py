@@ -17,7 +17,17 @@ import pytest
 from flows.checkpoint_events import EVENT
 from storage.store import LineageStore
 from tasks.checkpoints import CheckpointError, wait_until_written
-from tests.flows.servers import BIN, free_port, prefect_env, start_serve, stop, tail, trigger_ready, wait_for
+from tests.flows.servers import (
+    BIN,
+    diagnose,
+    free_port,
+    prefect_env,
+    start_serve,
+    stop,
+    tail,
+    trigger_ready,
+    wait_for,
+)
 from tests.flows.train_with_callback import train
 from tests.tasks.helpers import copy_run, write_queries
 
@@ -48,7 +58,7 @@ def test_each_saved_checkpoint_is_indexed_and_folded_on_its_event(small_world, t
     data_dir, run = tmp_path / "data", tmp_path / "run"
     run.mkdir()
     env = prefect_env(local_server, tmp_path / "home", DDA_DATA_DIR=str(data_dir),
-                      DDA_BASE_MODEL=small_world.base_model)  # fmt: skip
+                      DDA_BASE_MODEL=small_world.base_model, PYTHONFAULTHANDLER="1")  # fmt: skip
     _dda(env, "ingest", small_world.train_file)
     _dda(env, "index", "--run", str(run))  # the base model; the run has no checkpoint yet
     _dda(env, "attribute", str(write_queries(tmp_path / "q.jsonl", n=2)))
@@ -68,10 +78,10 @@ def test_each_saved_checkpoint_is_indexed_and_folded_on_its_event(small_world, t
         assert len(ids) == 2
         assert len(saved["announced"]) == 2
         done = wait_for(lambda: all(ids <= c for c in _folded(data_dir).values()), 240, serve)
-        assert done, f"lineage did not fold {sorted(ids)}: {_folded(data_dir)}: {tail(log)}"
+        assert done, f"lineage did not fold {sorted(ids)}: {_folded(data_dir)}: {diagnose(serve, log, local_server)}"
         # index, attribute, two event runs (they take turns on the writer lock; either may come first)
         recorded = wait_for(lambda: _runs(data_dir).count("completed") >= 4, 120, serve)
-        assert recorded, f"runs {_runs(data_dir)}: {tail(log)}"
+        assert recorded, f"runs {_runs(data_dir)}: {diagnose(serve, log, local_server)}"
     finally:
         stop(serve)
     runs = LineageStore.open(data_dir / "store").read("runs").to_pylist()
