@@ -168,6 +168,14 @@ class _Search:
         ms = range(len(self.views))
         return sum(self._term(m, i, edit) for m in ms) * (2 // len(ms))  # the base model alone: θ_t = θ_0
 
+    def head(self, i: int, r: int, a: int) -> float:
+        """The bound of every edit of output i at position r whose first token is a — (r, e, (a, …)) for any e and
+        continuation — from the tables alone, whatever has been scored (a scored single-token edit (r, r + 1, (a,))
+        says nothing about a longer replacement starting with a)."""
+        ms = range(len(self.views))
+        single = (r, r + 1, (a,))
+        return sum(head_likelihood(self.views[m][i], self.prefixes[m][i], single) for m in ms) * (2 // len(ms))
+
     def scored(self, i: int) -> list[Span]:
         """Output i's candidates scored by every model, in the order they were offered."""
         return [e for e in self.seen[i] if all(e in view[i].likelihoods for view in self.views)]
@@ -199,6 +207,12 @@ class _Search:
                 with context() as cached:
                     self.views[m] = edit_likelihoods(cached.model, self.views[m], batch, self.precision,
                                                      self.progress, desc)  # fmt: skip
+
+
+def _beams_that_can_win(search: _Search, beams: list[list[tuple[int, int, int]]]) -> list[list[tuple[int, int, int]]]:
+    """The whole-word beams (r, e, a) worth decoding: those whose bound (:meth:`_Search.head`) is not below their
+    output's best total so far; no replacement started by the others can be the argmax."""
+    return [[(r, e, a) for r, e, a in bs if search.head(i, r, a) >= search.best(i)] for i, bs in enumerate(beams)]
 
 
 def derive_corrections(
@@ -244,8 +258,7 @@ def _derive(
     search.run([_single_edits(j, b.response, n) for j, b, n in zip(joints, base, editable, strict=True)])
     if checkpoint is not None:  # at the base model nothing has been fine-tuned: no word to replace
         beams = [_span_beams(b, t, j, n, words) for b, t, j, n in zip(base, views[1], joints, editable, strict=True)]
-        beams = [[(r, e, a) for r, e, a in bs if search.bound(i, (r, r + 1, (a,))) >= search.best(i)]
-                 for i, bs in enumerate(beams)]  # fmt: skip
+        beams = _beams_that_can_win(search, beams)
         spans = propose_spans(list(zip((base_model, tuned_model), views, strict=True)), beams, words, SPAN_TOKENS,
                               precision)  # fmt: skip
         search.run(spans)

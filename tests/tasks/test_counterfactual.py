@@ -172,8 +172,8 @@ SUMMARIES = [  # SmolLM2 outputs whose best edit is not the one of largest table
 
 def _exhaustive_and_pruned(monkeypatch, base: str, paths: list, rows: list, config) -> list[tuple[list, int, bool]]:
     """[(derived corrections at every path, suffix rows scored, whether at some output the winner is not the
-    candidate of largest table bound)] scoring every candidate in full (one round as large as any list), then with
-    the search's rounds. Float32."""
+    candidate of largest table bound)] scoring every candidate in full (one round as large as any list, every
+    whole-word beam decoded), then with the search's rounds and beam pruning. Float32."""
     scored_rows, suffix_decides = [], []
     real_pack, real_derived = lk._packed_log_probs, cf._derived
 
@@ -190,8 +190,10 @@ def _exhaustive_and_pruned(monkeypatch, base: str, paths: list, rows: list, conf
     monkeypatch.setattr(lk, "_packed_log_probs", packed)
     monkeypatch.setattr(cf, "_derived", derived)
     out = []
+    can_win = cf._beams_that_can_win
     for rounds in ((10**6,), cf.PRUNE_ROUNDS):
         monkeypatch.setattr(cf, "PRUNE_ROUNDS", rounds)
+        monkeypatch.setattr(cf, "_beams_that_can_win", (lambda _, beams: beams) if rounds == (10**6,) else can_win)
         cf._BASE_MEMO.clear()
         scored_rows.clear()
         suffix_decides.clear()
@@ -222,6 +224,32 @@ def test_pruned_search_scores_fewer_edits_and_derives_the_same(small_world, monk
     for full, fast in zip(everything, pruned, strict=True):
         _same_edits(full, fast)
     assert n_pruned < n_all
+
+
+def test_a_whole_word_beam_is_judged_by_its_own_bound_not_by_the_scored_single_token_edit():
+    """SmolLM2 base model, float32: after the single-token edits are scored, a beam (r, e, a) — a replacement of
+    the word y[r:e] starting with token a — whose single-token edit (r, r + 1, (a,)) scored below its output's
+    best is still decoded when its bound from the tables is not below that best: the single-token edit's total
+    includes a suffix the longer replacement does not have. Beams whose bound is below the best are dropped."""
+    from tasks.models import SMOLLM2_GGUF, smollm2_dir
+
+    base = str(smollm2_dir() / SMOLLM2_GGUF)
+    context = functools.partial(model_for, base, None, "cpu")
+    with context() as cached:
+        encoded = [(cached.tokenizer(p)["input_ids"], torch.tensor(cached.tokenizer(" " + y)["input_ids"]))
+                   for p, y in SUMMARIES]  # fmt: skip
+        views = lk.tables(cached.model, encoded, None)
+    search = cf._Search([views], [(context, "θ_0")], None, False)
+    search.run([cf._single_edits(v.table * 2, v.response, len(v.response)) for v in views])
+    beams = [[(r, r + 2, z[0]) for r, _, z in search.scored(i) if r + 2 <= len(v.response)]
+             for i, v in enumerate(views)]  # fmt: skip
+    kept = cf._beams_that_can_win(search, beams)
+    lost_but_open = 0
+    for i, (offered, chosen) in enumerate(zip(beams, kept, strict=True)):
+        for r, e, a in offered:
+            assert ((r, e, a) in chosen) == (search.head(i, r, a) >= search.best(i))
+            lost_but_open += (r, e, a) in chosen and search.bound(i, (r, r + 1, (a,))) < search.best(i)
+    assert lost_but_open > 0  # beams a judgement by the scored single-token edit would have dropped
 
 
 def test_pruned_search_is_exact_where_the_suffix_decides(monkeypatch):
