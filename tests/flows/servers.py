@@ -127,6 +127,14 @@ def _descendants(pid: int) -> list[int]:
     return out
 
 
+def _flow_name(url: str, flow_id: str | None) -> str:
+    try:
+        with urllib.request.urlopen(f"{url}/flows/{flow_id}", timeout=5) as r:
+            return str(json.loads(r.read()).get("name"))
+    except (OSError, ValueError):
+        return f"flow {flow_id}"
+
+
 def diagnose(proc: subprocess.Popen, log: Path, url: str) -> str:
     """What a stuck event test needs to be understood, for its assertion message: the server's flow runs with their
     state history, the settings the served process was given (``PREFECT_*``/``DDA_*``), then every Python
@@ -137,9 +145,14 @@ def diagnose(proc: subprocess.Popen, log: Path, url: str) -> str:
                                      headers={"Content-Type": "application/json"})  # fmt: skip
     try:
         with urllib.request.urlopen(request, timeout=5) as r:
-            for run in json.loads(r.read()):
-                lines.append(f"flow run {run.get('name')} {run.get('state_type')} {run.get('state_name')} "
-                             f"start={run.get('start_time')} end={run.get('end_time')}")  # fmt: skip
+            runs = json.loads(r.read())
+        for run in sorted(runs, key=lambda x: x.get("start_time") or ""):
+            state = run.get("state") or {}
+            lines.append(f"flow run {run.get('name')} of {_flow_name(url, run.get('flow_id'))} "
+                         f"(deployment {run.get('deployment_id')}) {run.get('state_type')} "
+                         f"start={run.get('start_time')} end={run.get('end_time')} "
+                         f"parameters={json.dumps(run.get('parameters'))[:300]} "
+                         f"message={state.get('message')!r}")  # fmt: skip
     except (OSError, ValueError) as e:
         lines.append(f"flow runs unreadable: {e}")
     env = Path(f"/proc/{proc.pid}/environ")

@@ -56,9 +56,10 @@ def _folded(data_dir: Path) -> dict[str, set[str]]:
 )
 def test_each_saved_checkpoint_is_indexed_and_folded_on_its_event(small_world, tmp_path, local_server):
     data_dir, run = tmp_path / "data", tmp_path / "run"
-    run.mkdir()
+    run.mkdir()  # the served runs log at INFO into serve.log: other tests leave PREFECT_LOGGING_LEVEL=CRITICAL behind
     env = prefect_env(local_server, tmp_path / "home", DDA_DATA_DIR=str(data_dir),
-                      DDA_BASE_MODEL=small_world.base_model, PYTHONFAULTHANDLER="1")  # fmt: skip
+                      DDA_BASE_MODEL=small_world.base_model, PYTHONFAULTHANDLER="1",
+                      PREFECT_LOGGING_LEVEL="INFO")  # fmt: skip
     _dda(env, "ingest", small_world.train_file)
     _dda(env, "index", "--run", str(run))  # the base model; the run has no checkpoint yet
     _dda(env, "attribute", str(write_queries(tmp_path / "q.jsonl", n=2)))
@@ -81,7 +82,7 @@ def test_each_saved_checkpoint_is_indexed_and_folded_on_its_event(small_world, t
         assert done, f"lineage did not fold {sorted(ids)}: {_folded(data_dir)}: {diagnose(serve, log, local_server)}"
         # index, attribute, two event runs (they take turns on the writer lock; either may come first)
         recorded = wait_for(lambda: _runs(data_dir).count("completed") >= 4, 120, serve)
-        assert recorded, f"runs {_runs(data_dir)}: {diagnose(serve, log, local_server)}"
+        assert recorded, f"runs {_run_rows(data_dir)}: {diagnose(serve, log, local_server)}"
     finally:
         stop(serve)
     runs = LineageStore.open(data_dir / "store").read("runs").to_pylist()
@@ -90,6 +91,11 @@ def test_each_saved_checkpoint_is_indexed_and_folded_on_its_event(small_world, t
     assert [r["status"] for r in event_runs] == ["completed", "completed"]
     indexed = [c for r in event_runs for c in json.loads(r["wrote_json"])["indexed"]]
     assert sorted(indexed) == sorted(ids)  # one run per checkpoint; none indexed twice
+
+
+def _run_rows(data_dir: Path) -> list[dict]:
+    store = LineageStore.open(data_dir / "store")
+    return store.read("runs").to_pylist() if store.has_table("runs") else []
 
 
 def _runs(data_dir: Path) -> list[str]:
