@@ -110,6 +110,18 @@ def trigger_ready(url: str, event: str) -> bool:
     return any(event in a.get("trigger", {}).get("expect", []) for a in automations)
 
 
+def serving(url: str, deployment: str, data_dir: Path) -> bool:
+    """Whether the server at ``url`` holds ``deployment`` ("flow/deployment") as served for ``data_dir``: its default
+    settings name that folder. On a server shared with earlier tests, a trigger left by their served process
+    answers the event before this one has registered, with their settings: wait for this one."""
+    try:
+        with urllib.request.urlopen(f"{url}/deployments/name/{deployment}", timeout=5) as r:
+            parameters = json.loads(r.read()).get("parameters") or {}
+    except (OSError, ValueError):
+        return False
+    return (parameters.get("settings") or {}).get("data_dir") == str(data_dir)
+
+
 def _descendants(pid: int) -> list[int]:
     """Every live process below ``pid`` (read from /proc; empty where /proc is not there)."""
     children: dict[int, list[int]] = {}

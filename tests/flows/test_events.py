@@ -22,6 +22,7 @@ from tests.flows.servers import (
     diagnose,
     free_port,
     prefect_env,
+    serving,
     start_serve,
     stop,
     tail,
@@ -30,6 +31,8 @@ from tests.flows.servers import (
 )
 from tests.flows.train_with_callback import train
 from tests.tasks.helpers import copy_run, write_queries
+
+DEPLOYMENT = "dda-index-saved-checkpoint/dda-on-checkpoint"
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -66,7 +69,8 @@ def test_each_saved_checkpoint_is_indexed_and_folded_on_its_event(small_world, t
     log = tmp_path / "serve.log"
     serve = start_serve(env, log, "--no-watcher")
     try:
-        assert wait_for(lambda: trigger_ready(local_server, EVENT), 120, serve), f"no trigger: {tail(log)}"
+        ready = lambda: trigger_ready(local_server, EVENT) and serving(local_server, DEPLOYMENT, data_dir)  # noqa: E731
+        assert wait_for(ready, 120, serve), f"not served: {tail(log)}"
         times = tmp_path / "times.json"
         trained = subprocess.run(
             [sys.executable, "-m", "tests.flows.train_with_callback", small_world.base_model, small_world.train_file,
