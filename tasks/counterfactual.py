@@ -188,7 +188,8 @@ class _Search:
         """Per output, the ``size`` unscored edits of largest bound (all: None) among those that can still win."""
         batch = []
         for i in range(len(self.seen)):
-            best, done = self.best(i), set(self.scored(i))
+            done = set(self.scored(i))
+            best = max((self.bound(i, e) for e in done), default=float("-inf"))  # = self.best(i), scored() once
             open_ = [
                 (-b, n, e) for n, e in enumerate(self.seen[i]) if e not in done and (b := self.bound(i, e)) >= best
             ]
@@ -212,7 +213,8 @@ class _Search:
 def _beams_that_can_win(search: _Search, beams: list[list[tuple[int, int, int]]]) -> list[list[tuple[int, int, int]]]:
     """The whole-word beams (r, e, a) worth decoding: those whose bound (:meth:`_Search.head`) is not below their
     output's best total so far; no replacement started by the others can be the argmax."""
-    return [[(r, e, a) for r, e, a in bs if search.head(i, r, a) >= search.best(i)] for i, bs in enumerate(beams)]
+    best = [search.best(i) for i in range(len(beams))]
+    return [[(r, e, a) for r, e, a in bs if search.head(i, r, a) >= best[i]] for i, bs in enumerate(beams)]
 
 
 def derive_corrections(

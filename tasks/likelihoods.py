@@ -176,10 +176,13 @@ def _packs(rows: Sequence[_Row], cap: int) -> list[list[_Row]]:
     packs: list[list[_Row]] = []
     for own in by_output.values():
         packs.append([])
+        size = 0
         for r in own:
-            if packs[-1] and sum(len(x.tokens) for x in packs[-1]) + len(r.tokens) > cap:
+            if packs[-1] and size + len(r.tokens) > cap:
                 packs.append([])
+                size = 0
             packs[-1].append(r)
+            size += len(r.tokens)
     return packs
 
 
