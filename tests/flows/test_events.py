@@ -5,7 +5,6 @@ watcher), and a training run goes on when the server is down."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -52,11 +51,6 @@ def _folded(data_dir: Path) -> dict[str, set[str]]:
 
 @pytest.mark.integration
 @pytest.mark.slow
-@pytest.mark.skipif(
-    os.environ.get("DDA_EVENT_TESTS") != "1",
-    reason="opt-in (DDA_EVENT_TESTS=1): passes alone, but in the full suite an event run once never started and "
-    "once hung after folding while holding the writer lock; quarantined until that is understood",
-)
 def test_each_saved_checkpoint_is_indexed_and_folded_on_its_event(small_world, tmp_path, local_server):
     data_dir, run = tmp_path / "data", tmp_path / "run"
     run.mkdir()  # the served runs log at INFO into serve.log: other tests leave PREFECT_LOGGING_LEVEL=CRITICAL behind
