@@ -22,6 +22,7 @@ from transformers import DynamicCache
 from dda_kernel import Span, autocast_to
 
 SCORE_CHUNK_ELEMENTS = 1 << 25  # rows × positions × vocabulary per forward pass (its float32 logits)
+LOG_PROB_POSITIONS = 128  # positions whose logits are normalised at once (:func:`_target_log_probs`)
 
 KeyValues = tuple[tuple[torch.Tensor, torch.Tensor], ...]  # per layer (1, heads, L, head_dim) keys and values
 
@@ -68,16 +69,24 @@ def cast_region(device: str | torch.device, precision: torch.dtype | None) -> It
 def _autocast_pass(model: Any, device: torch.device, precision: torch.dtype | None) -> Iterator[None]:
     """Autocast for one forward pass of ``model`` (under no_grad), its frozen weights marked as requiring grad for
     the pass so that their casts are kept in the enclosing :func:`cast_region` (nothing is tracked without grad
-    mode), then restored."""
+    mode), then restored. peft's LoRA layers cast their input to the adapter weights' dtype (float32) before autocast
+    casts it back: their ``cast_input_dtype_enabled`` is off for the pass (the same values, 15 % of a derivation's
+    CPU on SmolLM2 LoRA in those copies)."""
     frozen = [p for p in model.parameters() if not p.requires_grad and p.is_floating_point()] if precision else []
+    adapters = [m for m in model.modules() if hasattr(m, "_cast_input_dtype")] if precision else []  # peft layers
+    casting = [getattr(m, "cast_input_dtype_enabled", True) for m in adapters]
     try:
         for p in frozen:
             p.requires_grad_(True)
+        for m in adapters:
+            m.cast_input_dtype_enabled = False
         with autocast_to(device, precision):
             yield
     finally:
         for p in frozen:
             p.requires_grad_(False)
+        for m, enabled in zip(adapters, casting, strict=True):
+            m.cast_input_dtype_enabled = enabled
 
 
 def _chunks(sizes: Sequence[int], vocab: int) -> list[list[int]]:
@@ -186,6 +195,22 @@ def _packs(rows: Sequence[_Row], cap: int) -> list[list[_Row]]:
     return packs
 
 
+def _target_log_probs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(n, s) log p(target) = logit[target] − logsumexp(logits) in float32, from (n, s, V) logits of any dtype.
+
+    :data:`LOG_PROB_POSITIONS` positions at a time: a float32 copy of every position's logits at once is
+    memory-bound (about 100 ms for 680 positions of SmolLM2's 49 152 words on 2 CPUs, against 21 ms in slices);
+    the values are the same."""
+    flat, wanted = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
+    out = torch.empty(flat.shape[0], dtype=torch.float32, device=logits.device)
+    for start in range(0, flat.shape[0], LOG_PROB_POSITIONS):
+        part = flat[start : start + LOG_PROB_POSITIONS].float()
+        out[start : start + len(part)] = part.gather(1, wanted[start : start + len(part), None])[:, 0] - part.logsumexp(
+            1
+        )
+    return out.view(targets.shape)
+
+
 @torch.no_grad()
 def _packed_log_probs(
     model: Any, scored: Sequence[Scored], packs: Sequence[Sequence[_Row]], precision: Any
@@ -215,8 +240,8 @@ def _packed_log_probs(
         allowed[j, 0, at:, 0] = True  # padding sees one key (no empty softmax); nothing reads it
     with _autocast_pass(model, device, precision):
         logits = model(input_ids=ids.to(device), attention_mask=allowed.to(device), position_ids=positions.to(device),
-                       past_key_values=cache, use_cache=True).logits.float()  # fmt: skip
-    picked = (logits.gather(2, targets.to(device)[..., None])[..., 0] - logits.logsumexp(dim=-1)).cpu()
+                       past_key_values=cache, use_cache=True).logits  # fmt: skip
+    picked = _target_log_probs(logits, targets.to(device)).cpu()
     lengths = [[len(r.tokens) for r in pack] for pack in packs]
     return [list(picked[j, : sum(n)].split(n)) for j, n in enumerate(lengths)]
 

@@ -425,3 +425,46 @@ def test_auto_scores_an_output_without_a_correction_as_counterfactual_unless_tur
     assert query_kinds(store, ["q0", "q1"], off) == {"q0": "contrastive", "q1": "plain"}
     forced = dataclasses.replace(CONFIG, scoring=ScoringConfig(query_kind="counterfactual"))
     assert query_kinds(store, ["q0", "q1"], forced) == {"q0": "counterfactual", "q1": "counterfactual"}
+
+
+def test_target_log_probs_in_slices_equal_one_log_softmax_over_all_positions(monkeypatch):
+    """The edit scores normalise logits a slice of positions at a time; slices that do not divide the positions (7 of
+    3 × 40) give what one float32 log-softmax over every position gives."""
+    monkeypatch.setattr(lk, "LOG_PROB_POSITIONS", 7)
+    gen = torch.Generator().manual_seed(0)
+    logits = (torch.randn(3, 40, 300, generator=gen) * 4).bfloat16()
+    targets = torch.randint(0, 300, (3, 40), generator=gen)
+    want = logits.float().log_softmax(dim=-1).gather(2, targets[..., None])[..., 0]
+    got = lk._target_log_probs(logits, targets)
+    assert got.dtype == torch.float32
+    assert got.shape == (3, 40)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+def test_a_bfloat16_pass_turns_off_peft_input_casts_for_the_pass_only_and_computes_the_same():
+    """peft's LoRA layers cast their input to float32 before autocast casts it back to bfloat16: a scoring pass turns
+    that off (the same values, fewer copies), then leaves each layer's setting as it found it (one layer set off by
+    its owner stays off)."""
+    from peft import LoraConfig, get_peft_model
+
+    from tasks.models import tiny_llama
+
+    torch.manual_seed(0)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj", "down_proj"], lora_dropout=0.0)
+    model = get_peft_model(tiny_llama(64, hidden=32, layers=2, heads=4), lora).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    layers = [m for m in model.modules() if hasattr(m, "_cast_input_dtype")]
+    assert len(layers) == 6
+    layers[0].cast_input_dtype_enabled = False  # the owner's choice
+    before = [getattr(m, "cast_input_dtype_enabled", True) for m in layers]
+    ids = torch.randint(0, 64, (2, 9))
+    with torch.no_grad(), lk.autocast_to(torch.device("cpu"), torch.bfloat16):
+        with_casts = model(input_ids=ids).logits
+    with torch.no_grad(), lk._autocast_pass(model, torch.device("cpu"), torch.bfloat16):
+        assert [m.cast_input_dtype_enabled for m in layers] == [False] * 6
+        without = model(input_ids=ids).logits
+    assert [getattr(m, "cast_input_dtype_enabled", True) for m in layers] == before
+    assert torch.equal(with_casts, without)
