@@ -22,6 +22,9 @@ from transformers import DynamicCache
 from dda_kernel import Span, autocast_to
 
 SCORE_CHUNK_ELEMENTS = 1 << 25  # rows × positions × vocabulary per forward pass (its float32 logits)
+# Tokens per packed sequence of edit rows: a quarter of a pass's positions on SmolLM2 (2**25 // 49 152 = 682). One
+# output per sequence padded a derivation's passes by 29 % on the tracing-latency world; this pads only the last.
+PACK_TOKENS = 170
 LOG_PROB_POSITIONS = 128  # positions whose logits are normalised at once (:func:`_target_log_probs`)
 
 KeyValues = tuple[tuple[torch.Tensor, torch.Tensor], ...]  # per layer (1, heads, L, head_dim) keys and values
@@ -178,21 +181,44 @@ class _Row:
 
 
 def _packs(rows: Sequence[_Row], cap: int) -> list[list[_Row]]:
-    """Each output's rows, in order, in packs of at most ``cap`` tokens (a longer row alone)."""
-    by_output: dict[int, list[_Row]] = {}
+    """The rows, in order (each output's rows together), in packs of at most ``cap`` tokens (a longer row alone).
+    A pack may hold the rows of several outputs: only the last pack of a pass is padded."""
+    packs: list[list[_Row]] = [[]]
+    size = 0
     for r in rows:
-        by_output.setdefault(r.index, []).append(r)
-    packs: list[list[_Row]] = []
-    for own in by_output.values():
-        packs.append([])
-        size = 0
-        for r in own:
-            if packs[-1] and size + len(r.tokens) > cap:
-                packs.append([])
-                size = 0
-            packs[-1].append(r)
-            size += len(r.tokens)
-    return packs
+        if packs[-1] and size + len(r.tokens) > cap:
+            packs.append([])
+            size = 0
+        packs[-1].append(r)
+        size += len(r.tokens)
+    return [p for p in packs if p]
+
+
+def _pack_cache(scored: Sequence[Scored], packs: Sequence[Sequence[_Row]]) -> tuple[DynamicCache, list[dict[int, int]]]:
+    """One cache row per pack: the key/value caches of the pack's outputs one after another, right-padded to the
+    widest pack, and per pack where each of its outputs' caches starts."""
+    members = [list(dict.fromkeys(r.index for r in pack)) for pack in packs]
+    offsets: list[dict[int, int]] = []
+    for outputs in members:
+        offsets.append({})
+        at = 0
+        for i in outputs:
+            offsets[-1][i] = at
+            at += scored[i].kv[0][0].shape[2]
+    width = max(o[i] + scored[i].kv[0][0].shape[2] for o in offsets for i in o)
+    cache = DynamicCache()
+    for layer in range(len(scored[members[0][0]].kv)):
+        parts = []
+        for kind in (0, 1):
+            first = scored[members[0][0]].kv[layer][kind]
+            stack = first.new_zeros((len(packs), first.shape[1], width, first.shape[3]))
+            for j, outputs in enumerate(members):
+                for i in outputs:
+                    own = scored[i].kv[layer][kind]
+                    stack[j, :, offsets[j][i] : offsets[j][i] + own.shape[2]] = own[0]
+            parts.append(stack)
+        cache.update(parts[0], parts[1], layer)
+    return cache, offsets
 
 
 def _target_log_probs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -205,9 +231,8 @@ def _target_log_probs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tens
     out = torch.empty(flat.shape[0], dtype=torch.float32, device=logits.device)
     for start in range(0, flat.shape[0], LOG_PROB_POSITIONS):
         part = flat[start : start + LOG_PROB_POSITIONS].float()
-        out[start : start + len(part)] = part.gather(1, wanted[start : start + len(part), None])[:, 0] - part.logsumexp(
-            1
-        )
+        picked = part.gather(1, wanted[start : start + len(part), None])[:, 0]
+        out[start : start + len(part)] = picked - part.logsumexp(1)
     return out.view(targets.shape)
 
 
@@ -217,22 +242,21 @@ def _packed_log_probs(
 ) -> list[list[torch.Tensor]]:  # fmt: skip
     """Per pack, per row, (len(tokens),) log p(target_k | prompt, y_<r, tokens_≤k), in one pass for all packs.
 
-    A pack is one sequence: the tokens of its rows one after another, after its output's cache (prompt ‖ y_<R,
-    stored once per pack, not once per row). A 4-D attention mask lets row j's tokens see the cache's first
-    P_j = |prompt| + r_j positions and row j's own earlier tokens, at positions P_j + k: what a forward pass over
-    prompt ‖ y' computes at those positions."""
+    A pack is one sequence: the tokens of its rows one after another, after the caches (prompt ‖ y_<R) of the
+    outputs they edit (:func:`_pack_cache`, each stored once per pack, not once per row). A 4-D attention mask lets
+    row j's tokens see the first P_j = |prompt| + r_j positions of its own output's cache and row j's own earlier
+    tokens, at positions P_j + k: what a forward pass over prompt ‖ y' computes at those positions."""
     device = next(model.parameters()).device
-    index = [pack[0].index for pack in packs]
-    cache, _ = _row_cache(scored, index, [0] * len(packs))
-    width = max(scored[i].kv[0][0].shape[2] for i in index)
+    cache, offsets = _pack_cache(scored, packs)
+    width = cache.get_seq_length()
     span = max(sum(len(r.tokens) for r in pack) for pack in packs)
     allowed = torch.zeros((len(packs), 1, span, width + span), dtype=torch.bool)
     ids, targets, positions = (torch.zeros((len(packs), span), dtype=torch.long) for _ in range(3))
     for j, pack in enumerate(packs):
         at = 0
         for r in pack:
-            n, p = len(r.tokens), len(scored[r.index].prompt) + r.edit[0]
-            allowed[j, 0, at : at + n, :p] = True
+            n, p, start = len(r.tokens), len(scored[r.index].prompt) + r.edit[0], offsets[j][r.index]
+            allowed[j, 0, at : at + n, start : start + p] = True
             allowed[j, 0, at : at + n, width + at : width + at + n] = torch.ones((n, n), dtype=torch.bool).tril()
             ids[j, at : at + n], targets[j, at : at + n] = torch.tensor(r.tokens), torch.tensor(r.targets)
             positions[j, at : at + n] = p + torch.arange(n)
@@ -254,8 +278,9 @@ def edit_likelihoods(
 
     The unchanged prefix and z's first token come from the table (:func:`head_likelihood`); the row of the edit
     runs w[:-1], w = z ‖ y[e:R], over the cached prompt ‖ y_<r and adds Σ_k log p(w_{k+1} | prompt, y_<r, w_≤k).
-    The rows of one output run as one packed sequence over its cache (:func:`_packed_log_probs`); packs of every
-    output, longest first, share the passes (chunks of :data:`SCORE_CHUNK_ELEMENTS` logits)."""
+    The rows run packed, :data:`PACK_TOKENS` tokens to a sequence, over the caches of the outputs they edit
+    (:func:`_packed_log_probs`); the packs, longest first, share the passes (chunks of :data:`SCORE_CHUNK_ELEMENTS`
+    logits)."""
     totals: list[dict[Span, float]] = []
     rows: list[_Row] = []
     for i, (s, wanted) in enumerate(zip(scored, edits, strict=True)):
@@ -268,7 +293,7 @@ def edit_likelihoods(
             if len(w) > 1:
                 rows.append(_Row(i, e, w[:-1], w[1:]))
     vocab = int(model.config.vocab_size)
-    packs = _packs(rows, max(1, SCORE_CHUNK_ELEMENTS // vocab))
+    packs = _packs(rows, min(PACK_TOKENS, max(1, SCORE_CHUNK_ELEMENTS // vocab)))
     packs.sort(key=lambda pack: -sum(len(r.tokens) for r in pack))
     sizes = [sum(len(r.tokens) for r in pack) for pack in packs]
     for chunk in tqdm(_chunks(sizes, vocab), desc=desc, unit="pass", disable=not progress):

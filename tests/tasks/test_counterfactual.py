@@ -46,13 +46,18 @@ def _log_likelihoods(model, sequences: list[list[int]], n_prompt: int) -> torch.
     return out
 
 
-@pytest.mark.parametrize("chunk", [lk.SCORE_CHUNK_ELEMENTS, 1_000])
-def test_every_edit_likelihood_equals_a_plain_forward_pass_of_the_edited_sequence(small_world, monkeypatch, chunk):
+@pytest.mark.parametrize(("chunk", "pack"), [(lk.SCORE_CHUNK_ELEMENTS, lk.PACK_TOKENS), (1_000, lk.PACK_TOKENS),
+                                             (lk.SCORE_CHUNK_ELEMENTS, 9)])  # fmt: skip
+def test_every_edit_likelihood_equals_a_plain_forward_pass_of_the_edited_sequence(
+    small_world, monkeypatch, chunk, pack
+):
     """log p(y') of single-token edits at every position (the last included) and of replacements that shorten or
     lengthen the response, for two outputs with prompts of different lengths — their tables from one padded pass,
-    their edits scored over the cached prefixes in one pass or in chunks of a few rows — equals Σ log p(y'_r | …)
-    from a plain forward pass over prompt ‖ y' of each output alone."""
+    their edits scored over the cached prefixes in one pass or in chunks of a few rows, packed with both outputs'
+    rows in one sequence or in sequences of a few rows — equals Σ log p(y'_r | …) from a plain forward pass over
+    prompt ‖ y' of each output alone."""
     monkeypatch.setattr(lk, "SCORE_CHUNK_ELEMENTS", chunk)
+    monkeypatch.setattr(lk, "PACK_TOKENS", pack)
     model, tokenizer = load_base_model(small_world.base_model)
     pairs = [(PROMPT, RESPONSE), ("document : Kira stayed in Peru . summary :", "Kira stayed in Peru on Monday .")]
     encoded, edits = [], []
