@@ -8,6 +8,7 @@ write is an idempotent upsert, so any flow can be killed and re-run. The task ru
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
@@ -251,10 +252,27 @@ def index_saved_checkpoint(
     if run != folder.parent:
         raise CheckpointError(f"checkpoint {folder} is not in the announced run folder {run}: announce its parent")
     served = load_settings(settings, data_dir=data_dir, base_model=base_model)
+    _require_served_data_dir(served, explicit=data_dir is not None)
     s = served.model_copy(update={"run_dir": run, "run_id": served.run_id if served.run_dir == run else None})
     _require(s, "base_model")
     info: CheckpointInfo = wait_written_task(folder, s.indexing.settle_seconds)
     return _index_pass(s, upto=info)
+
+
+def _require_served_data_dir(settings: DDASettings, explicit: bool) -> None:
+    """Refuse an event's run whose settings name another data folder than the serving process's ``DDA_DATA_DIR``.
+
+    A deployment's trigger outlives the process that served it: an event that arrives after ``dda watch`` stopped
+    creates a run with that serve's settings, and a later serve of another data folder would execute it into the
+    old folder. A ``data_dir`` passed with the run itself is the caller's choice and is not checked."""
+    here = os.environ.get("DDA_DATA_DIR")
+    if explicit or not here or Path(here).resolve() == settings.data_dir:
+        return
+    raise CheckpointError(
+        f"this run's settings name data folder {settings.data_dir}, but this process serves {Path(here).resolve()} "
+        "(DDA_DATA_DIR): a trigger left by an earlier serve of that folder, or a settings parameter that contradicts "
+        "the environment; nothing was indexed (the next checkpoint's event or `dda index --run` indexes it here)"
+    )
 
 
 @flow(name="dda-attribute")

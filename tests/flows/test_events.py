@@ -180,3 +180,18 @@ def test_a_checkpoint_announced_with_another_run_folder_is_refused(small_world, 
     with pytest.raises(CheckpointError, match="is not in the announced run folder"):
         index_saved_checkpoint(checkpoint_path=str(folder), run_dir=str(tmp_path / "elsewhere"), settings=settings)
     assert not (tmp_path / "data" / "store").exists()  # refused before anything was written
+
+
+def test_a_run_for_another_data_folder_than_the_served_one_is_refused(small_world, tmp_path, prefect_server,
+                                                                     monkeypatch):  # fmt: skip
+    """A trigger outlives its serve: an event that came while an earlier serve's trigger was registered carries that
+    serve's settings (data folder A), and the serve of folder B would index it into A. Refused, nothing written."""
+    from flows.pipeline import index_saved_checkpoint
+
+    folder = copy_run(small_world, tmp_path / "run", steps=1) / next(Path(small_world.run_dir).glob("ch*")).name
+    monkeypatch.setenv("DDA_DATA_DIR", str(tmp_path / "b"))
+    settings = {"data_dir": str(tmp_path / "a"), "base_model": small_world.base_model}
+    with pytest.raises(CheckpointError, match="but this process serves .*b .DDA_DATA_DIR."):
+        index_saved_checkpoint(checkpoint_path=str(folder), settings=settings)
+    assert not (tmp_path / "a").exists()
+    assert not (tmp_path / "b").exists()
