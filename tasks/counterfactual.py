@@ -151,8 +151,9 @@ class _Search:
     :func:`tasks.likelihoods.head_likelihood` (the rest of y' adds log-probabilities ≤ 0). An edit with
     B(e) < max T over the scored edits of its output can never be the argmax, so it is never scored in full.
     Each round scores, per output, the open edits of largest bound (:data:`PRUNE_ROUNDS`, then all still open)
-    in one batched pass per model: the argmax, its gain and the first-on-ties choice are those of scoring every
-    candidate in full."""
+    in one batched pass per model, θ_0 first (its likelihoods are kept across checkpoints), then θ_t on those of
+    the batch whose bound, tightened by θ_0's exact terms, can still win: the argmax, its gain and the first-on-ties
+    choice are those of scoring every candidate in full."""
 
     def __init__(self, views: list[list[Scored]], models: list[Any], precision: Any, progress: bool) -> None:
         self.views, self.models, self.precision, self.progress = views, models, precision, progress
@@ -204,7 +205,11 @@ class _Search:
             batch = self._open(size)
             if not any(batch):
                 return
-            for m, (context, desc) in enumerate(self.models):
+            for m in range(len(self.models)):
+                if m:  # the model before tightened the batch's bounds: its edits that can no longer win are dropped
+                    best = [self.best(i) for i in range(len(batch))]
+                    batch = [[e for e in es if self.bound(i, e) >= best[i]] for i, es in enumerate(batch)]
+                context, desc = self.models[m]
                 with context() as cached:
                     self.views[m] = edit_likelihoods(cached.model, self.views[m], batch, self.precision,
                                                      self.progress, desc)  # fmt: skip

@@ -473,3 +473,39 @@ def test_a_bfloat16_pass_turns_off_peft_input_casts_for_the_pass_only_and_comput
         without = model(input_ids=ids).logits
     assert [getattr(m, "cast_input_dtype_enabled", True) for m in layers] == before
     assert torch.equal(with_casts, without)
+
+
+def test_two_model_search_leaves_unscored_only_edits_that_cannot_win():
+    """SmolLM2 as θ_0 and, as θ_t, SmolLM2 biased towards " in" by 3 nats; every position a candidate with 32
+    alternatives: θ_0 scores each round's batch first and θ_t only those whose bound, tightened by θ_0's exact
+    terms, can still win. When the search ends, every candidate not scored by both models has a bound below its
+    output's best total (the certificate that the best scored edit is the argmax over all), and θ_t has skipped
+    some that θ_0 scored."""
+    from types import SimpleNamespace
+
+    from tasks.models import SMOLLM2_GGUF, smollm2_dir
+
+    base = functools.partial(model_for, str(smollm2_dir() / SMOLLM2_GGUF), None, "cpu")
+
+    @contextlib.contextmanager
+    def biased():
+        with base() as cached:
+            token = cached.tokenizer(" in", add_special_tokens=False)["input_ids"][0]
+            yield SimpleNamespace(model=_Biased(cached.model, token, 3.0))
+
+    with base() as cached:
+        tok = cached.tokenizer
+    encoded = [(tok(p)["input_ids"], torch.tensor(tok(" " + y)["input_ids"])) for p, y in SUMMARIES]
+    views = []
+    for context in (base, biased):
+        with context() as cached:
+            views.append(lk.tables(cached.model, encoded, None))
+    search = cf._Search(views, [(base, "θ_0"), (biased, "θ_t")], None, False)
+    wide = [cf.edit_candidates(b.table + t.table, b.response, len(b.response), 10**6, 32)
+            for b, t in zip(*views, strict=True)]  # fmt: skip
+    search.run([[(int(r), int(r) + 1, (int(a),)) for r, a in w] for w in wide])
+    for i in range(len(SUMMARIES)):
+        done = set(search.scored(i))
+        gaps = [search.best(i) - search.bound(i, e) for e in search.seen[i] if e not in done]
+        assert all(g > 0 for g in gaps)
+    assert sum(len(b.likelihoods) - len(t.likelihoods) for b, t in zip(*search.views, strict=True)) > 0
