@@ -73,8 +73,8 @@ def _autocast_pass(model: Any, device: torch.device, precision: torch.dtype | No
     """Autocast for one forward pass of ``model`` (under no_grad), its frozen weights marked as requiring grad for
     the pass so that their casts are kept in the enclosing :func:`cast_region` (nothing is tracked without grad
     mode), then restored. peft's LoRA layers cast their input to the adapter weights' dtype (float32) before autocast
-    casts it back: their ``cast_input_dtype_enabled`` is off for the pass (the same values, 15 % of a derivation's
-    CPU on SmolLM2 LoRA in those copies)."""
+    casts it back: their ``cast_input_dtype_enabled`` is off for the pass (the same values, two fewer activation
+    copies per LoRA layer and pass)."""
     frozen = [p for p in model.parameters() if not p.requires_grad and p.is_floating_point()] if precision else []
     adapters = [m for m in model.modules() if hasattr(m, "_cast_input_dtype")] if precision else []  # peft layers
     casting = [getattr(m, "cast_input_dtype_enabled", True) for m in adapters]
