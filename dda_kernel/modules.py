@@ -36,12 +36,13 @@ def linear_modules(model: nn.Module) -> list[tuple[str, nn.Module, int, int]]:
     linears are not listed.
     """
     found: list[tuple[str, nn.Module, int, int]] = []
-    wrappers: list[str] = []
+    wrappers: set[str] = set()
     for name, module in model.named_modules():
-        if any(name.startswith(w + ".") for w in wrappers):
+        parts = name.split(".")
+        if any(".".join(parts[:k]) in wrappers for k in range(1, len(parts))):  # inside a LoRA wrapper
             continue
         if is_lora_linear(module):
-            wrappers.append(name)
+            wrappers.add(name)
             base = module.base_layer
             assert isinstance(base, nn.Linear)
             found.append((normalise_name(name), module, base.in_features, base.out_features))

@@ -10,6 +10,7 @@ not its arithmetic, dominated, so rows of every output share each pass.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, replace
@@ -21,8 +22,11 @@ from transformers import DynamicCache
 
 from dda_kernel import Span, autocast_to
 
-SCORE_CHUNK_ELEMENTS = 1 << 25  # rows × positions × vocabulary per forward pass (its float32 logits)
-# Tokens per packed sequence of edit rows: a quarter of a pass's positions on SmolLM2 (2**25 // 49 152 = 682). One
+# Rows × positions × vocabulary per forward pass (its float32 logits: 256 MiB). A pass costs about 66 ms before its
+# first token on SmolLM2 (2 CPUs, bfloat16; 0.46 ms a token after): 1 << 25 ran 36 passes on the tracing-latency
+# world's 16 outputs × 6 states where this runs 32, the same edits scored.
+SCORE_CHUNK_ELEMENTS = 1 << 26
+# Tokens per packed sequence of edit rows: an eighth of a pass's positions on SmolLM2 (2**26 // 49 152 = 1 365). One
 # output per sequence padded a derivation's passes by 29 % on the tracing-latency world; this pads only the last.
 PACK_TOKENS = 170
 LOG_PROB_POSITIONS = 128  # positions whose logits are normalised at once (:func:`_target_log_probs`)
@@ -68,6 +72,23 @@ def cast_region(device: str | torch.device, precision: torch.dtype | None) -> It
         yield
 
 
+_MEMBERS: weakref.WeakKeyDictionary[Any, tuple[tuple[str, ...], tuple[Any, ...], tuple[Any, ...]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _pass_members(model: Any) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    """``model``'s floating-point parameters and its peft layers that cast their input, listed once per model and
+    set of adapters (a peft model's adapter names: attaching or deleting an adapter is what changes them). Walking
+    the modules cost about 6 ms per forward pass on SmolLM2, and a derivation runs dozens of short passes."""
+    key = tuple(getattr(model, "peft_config", None) or ())
+    known = _MEMBERS.get(model)
+    if known is None or known[0] != key:
+        params = tuple(p for p in model.parameters() if p.is_floating_point())
+        known = _MEMBERS[model] = (key, params, tuple(m for m in model.modules() if hasattr(m, "_cast_input_dtype")))
+    return known[1], known[2]
+
+
 @contextmanager
 def _autocast_pass(model: Any, device: torch.device, precision: torch.dtype | None) -> Iterator[None]:
     """Autocast for one forward pass of ``model`` (under no_grad), its frozen weights marked as requiring grad for
@@ -75,8 +96,8 @@ def _autocast_pass(model: Any, device: torch.device, precision: torch.dtype | No
     mode), then restored. peft's LoRA layers cast their input to the adapter weights' dtype (float32) before autocast
     casts it back: their ``cast_input_dtype_enabled`` is off for the pass (the same values, two fewer activation
     copies per LoRA layer and pass)."""
-    frozen = [p for p in model.parameters() if not p.requires_grad and p.is_floating_point()] if precision else []
-    adapters = [m for m in model.modules() if hasattr(m, "_cast_input_dtype")] if precision else []  # peft layers
+    params, adapters = _pass_members(model) if precision else ((), ())
+    frozen = [p for p in params if not p.requires_grad]
     casting = [getattr(m, "cast_input_dtype_enabled", True) for m in adapters]
     try:
         for p in frozen:

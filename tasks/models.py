@@ -223,13 +223,14 @@ class Resident:
     ``model`` is the base model until an adapter is attached, then the :class:`peft.PeftModel` wrapping it (the
     base model's linear layers are wrapped in place); θ_0 is then that model with its adapter disabled.
     ``adapter`` is the stamp of the attached adapter's folder. One ``lock`` for every state it serves: they share
-    their weights."""
+    their weights. ``layers``: the adapter's layers (peft tuner layers), listed once per attach."""
 
     key: tuple[str, ...]
     model: torch.nn.Module
     tokenizer: Any
     lock: threading.Lock
     adapter: tuple[str, str] | None = None
+    layers: tuple[Any, ...] = ()
 
 
 _BASE: dict[tuple[str, ...], Resident] = {}
@@ -261,6 +262,7 @@ def attach_adapter(resident: Resident, folder: Path, base_reference: str) -> Non
     resident model is dropped (the next use loads the base model again: nothing half-attached is served). The
     result computes what a fresh load of the checkpoint computes: W_0 + s·BA on the same base weights."""
     from peft import PeftModel
+    from peft.tuners.tuners_utils import BaseTunerLayer
 
     stamp = (str(folder), _stamp(str(folder)))
     if resident.adapter == stamp:
@@ -287,6 +289,7 @@ def attach_adapter(resident: Resident, folder: Path, base_reference: str) -> Non
         resident.model.delete_adapter(previous)
     resident.model.eval()
     resident.adapter = stamp
+    resident.layers = tuple(m for m in resident.model.modules() if isinstance(m, BaseTunerLayer))
 
 
 @contextmanager
@@ -313,8 +316,13 @@ def model_for(base_reference: str, checkpoint: str | None, device: str = "cpu") 
         elif resident.adapter is None:
             yield CachedModel(resident.model, resident.tokenizer, resident.lock)
         else:
-            with resident.model.disable_adapter():  # type: ignore[operator]
+            for layer in resident.layers:  # θ_0: what peft's disable_adapter does for LoRA, without the survey of
+                layer.enable_adapters(False)  # every module it runs first (~25 ms a call on SmolLM2, 2 CPUs)
+            try:
                 yield CachedModel(resident.model, resident.tokenizer, resident.lock)
+            finally:
+                for layer in resident.layers:
+                    layer.enable_adapters(True)
 
 
 def _full_checkpoint(base_reference: str, checkpoint: str, device: str) -> CachedModel:
@@ -346,15 +354,10 @@ def tiny_llama(
     MLP width ``intermediate`` (default 2 × hidden), heads/2 KV heads, pad id 0.
     """
     config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=hidden,
-        intermediate_size=intermediate or 2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=max(1, heads // 2),
-        max_position_embeddings=max_positions,
-        pad_token_id=0,
-    )
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate or 2 * hidden,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
+        max_position_embeddings=max_positions, pad_token_id=0,
+    )  # fmt: skip
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).to(dtype)
     model.eval()

@@ -475,6 +475,30 @@ def test_a_bfloat16_pass_turns_off_peft_input_casts_for_the_pass_only_and_comput
     assert torch.equal(with_casts, without)
 
 
+def test_a_pass_lists_a_model_s_weights_once_and_again_after_its_adapters_change():
+    """A scoring pass marks a model's frozen weights from a list made once per model and set of adapters: an
+    adapter added (or deleted) afterwards is in (or out of) the next pass's list, as every weight is."""
+    from peft import LoraConfig, get_peft_model
+
+    from tasks.models import tiny_llama
+
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], lora_dropout=0.0)
+    model = get_peft_model(tiny_llama(64, hidden=32, layers=2, heads=4), lora).eval()
+
+    def weights() -> set[int]:
+        return {id(p) for p in model.parameters() if p.is_floating_point()}
+
+    first = lk._pass_members(model)
+    assert lk._pass_members(model)[0] is first[0]
+    assert {id(p) for p in first[0]} == weights()
+    model.add_adapter("second", lora)
+    added = {id(p) for p in lk._pass_members(model)[0]}
+    assert added == weights()
+    assert len(added) > len(first[0])
+    model.delete_adapter("second")
+    assert {id(p) for p in lk._pass_members(model)[0]} == weights() == {id(p) for p in first[0]}
+
+
 def test_two_model_search_leaves_unscored_only_edits_that_cannot_win():
     """SmolLM2 as θ_0 and, as θ_t, SmolLM2 biased towards " in" by 3 nats; every position a candidate with 32
     alternatives: θ_0 scores each round's batch first and θ_t only those whose bound, tightened by θ_0's exact
