@@ -9,7 +9,7 @@ on two worlds: the canary news world (sizes ``default``, seeds 0 and 1, and ``pr
 templates) and the fictional-people world. For each world W, every such setting is chosen on the cells of the other
 world alone (:func:`choose`): the grid value of best mean AUC over those cells (a cell: size, mode and query kind,
 its seeds averaged; on a tie the shipped value stays). The default's rows of W are then re-measured through the
-system on W's fine-tuning runs (:data:`CELLS`: seed 0 cached, the canary cells also at seeds 1 and 2) under
+system on W's fine-tuning runs (:data:`CELLS`: seed 0 cached, each cell also at seeds 1 and 2) under
 that choice (:func:`measure_cell`: the same registered outputs, attributed under the chosen settings' fingerprint)
 and recorded with ``selection`` = ``out_of_world``, beside the shipped default's rows on the same run
 (``in_sample``), both with a bootstrap 95 % interval over outputs; cells at several seeds also get their mean ± sd
@@ -36,9 +36,15 @@ FAMILIES = {"canary": ("default", "default_seed1", "prevalence"), "people": ("pe
 # (size, mode, seed) per world: seed 0 is the cached run of the other benchmarks; other seeds build their own
 # fine-tuning run in .bench-work/<size>-seed<N> (minutes each)
 CELLS = {
-    "canary": (("default", "lora", 0), ("default", "full", 0), ("default", "lora", 1), ("default", "lora", 2),
-               ("default", "full", 1), ("default", "full", 2)),
-    "people": (("people", "lora", 0),),
+    "canary": (
+        ("default", "lora", 0),
+        ("default", "full", 0),
+        ("default", "lora", 1),
+        ("default", "lora", 2),
+        ("default", "full", 1),
+        ("default", "full", 2),
+    ),
+    "people": (("people", "lora", 0), ("people", "lora", 1), ("people", "lora", 2)),
 }
 SHIPPED = {"damping": 0.3, "base_weight": 0.5, "min_edit_gain": 0.0}
 GRIDS = {"damping": ("dda_damping", "ε="), "base_weight": ("dda_base_evidence", "λ=")}
