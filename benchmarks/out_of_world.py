@@ -48,6 +48,8 @@ CELLS = {
 }
 SHIPPED = {"damping": 0.3, "base_weight": 0.5, "min_edit_gain": 0.0}
 GRIDS = {"damping": ("dda_damping", "ε="), "base_weight": ("dda_base_evidence", "λ=")}
+# The out-of-world default with the base model's term off (λ = 0): the ablation that beat it on canary seed 0
+ABLATION = "dda_denoise_only@counterfactual"
 COLLECTED = ("names", "paraphrase")  # no_correction_<size>.json: built after every default was fixed
 
 
@@ -131,17 +133,19 @@ def measure_cell(size_name: str, mode: str, seed: int, chosen: dict[str, Any]) -
     root = work / mode
     ctx, _, _ = mode_context(root, prepared)
     picked = {k: v["value"] for k, v in chosen.items()}
-    variants = {(kind, sel): {"scoring": {"query_kind": kind, **(picked if sel == "out_of_world" else {})}}
+    variants = {(kind, sel, "default"): {"scoring": {"query_kind": kind, **(picked if sel == "out_of_world" else {})}}
                 for kind in ("counterfactual", "contrastive") for sel in ("in_sample", "out_of_world")}  # fmt: skip
+    ablation = {"query_kind": "counterfactual", **picked, "base_weight": 0.0}  # the out-of-world default, λ = 0
+    variants["counterfactual", "out_of_world", ABLATION] = {"scoring": ablation}
     t0 = time.perf_counter()
     timings = run_system(root, "default", base_dir, {}, list(variants.values()), log_line)
     from storage.store import LineageStore
 
     store = LineageStore.open(root / "default" / "store")
     rows = []
-    for (kind, selection), variant in variants.items():
+    for (kind, selection, method), variant in variants.items():
         fp = timings["fingerprints"][json.dumps(variant, sort_keys=True)]
-        row = record(mode, kind, "default", ctx.score(lineage_matrix(store, fp, ctx.qids, ctx.sids)), 0.0)
+        row = record(mode, kind, method, ctx.score(lineage_matrix(store, fp, ctx.qids, ctx.sids)), 0.0)
         rows.append({"world": size.world, "size": size_name, "seed": seed, "model": "SmolLM2-135M",
                      "selection": selection, "settings": variant["scoring"], "ap": row["mean_ap"], **row})  # fmt: skip
     log_line(f"{size_name}/{mode}/seed {seed}: measured in {time.perf_counter() - t0:.0f} s")
@@ -149,15 +153,16 @@ def measure_cell(size_name: str, mode: str, seed: int, chosen: dict[str, Any]) -
 
 
 def seed_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per (size, mode, query, selection) measured at several seeds: the mean and sample sd of the mean AUC and AP."""
-    groups: dict[tuple[str, str, str, str], list[dict[str, Any]]] = {}
+    """Per (size, mode, query, selection, method) measured at several seeds: the mean and sample sd of the mean AUC
+    and AP."""
+    groups: dict[tuple[str, str, str, str, str], list[dict[str, Any]]] = {}
     for r in rows:
-        groups.setdefault((r["size"], r["mode"], r["query"], r["selection"]), []).append(r)
+        groups.setdefault((r["size"], r["mode"], r["query"], r["selection"], r["method"]), []).append(r)
     out = []
-    for (size, mode, query, selection), rs in groups.items():
+    for (size, mode, query, selection, method), rs in groups.items():
         if len(rs) > 1:
             auc, ap = [r["mean_auc"] for r in rs], [r["ap"] for r in rs]
-            out.append({"size": size, "mode": mode, "query": query, "selection": selection,
+            out.append({"size": size, "mode": mode, "query": query, "selection": selection, "method": method,
                         "seeds": [r["seed"] for r in rs], "mean_auc": float(np.mean(auc)),
                         "sd_auc": float(np.std(auc, ddof=1)), "ap": float(np.mean(ap)),
                         "sd_ap": float(np.std(ap, ddof=1))})  # fmt: skip
@@ -187,9 +192,10 @@ def markdown(report: dict[str, Any]) -> str:
         lo, hi = r["ci95"]
         lines.append(f"| {r['size']} | {r['mode']} | {r.get('seed', 0)} | {r['query']} | {r['method']} | "
                      f"{r['selection']} | {r['mean_auc']:.3f} ({lo:.3f}–{hi:.3f}) | {r['ap']:.3f} |")  # fmt: skip
-    lines += ["", "| world | mode | query | selection | seeds | mean AUC ± sd | AP ± sd |", "| --- " * 7 + "|"]
+    lines += ["", "| world | mode | query | method | selection | seeds | mean AUC ± sd | AP ± sd |", "| --- " * 8 + "|"]
     for g in report["seeds"]:
-        lines.append(f"| {g['size']} | {g['mode']} | {g['query']} | {g['selection']} | {g['seeds']} | "
+        lines.append(f"| {g['size']} | {g['mode']} | {g['query']} | {g.get('method', 'default')} | {g['selection']} | "
+                     f"{g['seeds']} | "
                      f"{g['mean_auc']:.3f} ± {g['sd_auc']:.3f} | {g['ap']:.3f} ± {g['sd_ap']:.3f} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
@@ -201,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cell", help="size:mode:seed (one cell, in this process; prints its rows as JSON)")
     ap.add_argument("--reuse", action="store_true", help="keep the committed rows of cells measured before")
+    ap.add_argument("--again", default="", help="with --reuse, cells to measure anew (size:mode:seed,…)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     rows = grid_rows()
@@ -212,7 +219,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     path = args.out / "out_of_world.json"
     before = json.loads(path.read_text()) if args.reuse and path.is_file() else {"results": [], "cell_seconds": {}}
-    kept = [{"seed": 0, **r} for r in before["results"] if r["method"] == "default" and "settings" in r]
+    again = {tuple(c.split(":")) for c in args.again.split(",") if c}
+    kept = [{"seed": 0, **r} for r in before["results"] if r["method"] in ("default", ABLATION) and "settings" in r
+            and (r["size"], r["mode"], str(r.get("seed", 0))) not in again]  # fmt: skip
     started, results, seconds = time.perf_counter(), [], dict(before.get("cell_seconds", {}))
     for cells in CELLS.values():
         for size_name, mode, seed in cells:
