@@ -194,7 +194,7 @@ def markdown(report: dict[str, Any]) -> str:
                      f"{r['selection']} | {r['mean_auc']:.3f} ({lo:.3f}–{hi:.3f}) | {r['ap']:.3f} |")  # fmt: skip
     lines += ["", "| world | mode | query | method | selection | seeds | mean AUC ± sd | AP ± sd |", "| --- " * 8 + "|"]
     for g in report["seeds"]:
-        lines.append(f"| {g['size']} | {g['mode']} | {g['query']} | {g.get('method', 'default')} | {g['selection']} | "
+        lines.append(f"| {g['size']} | {g['mode']} | {g['query']} | {g['method']} | {g['selection']} | "
                      f"{g['seeds']} | "
                      f"{g['mean_auc']:.3f} ± {g['sd_auc']:.3f} | {g['ap']:.3f} ± {g['sd_ap']:.3f} |")  # fmt: skip
     return "\n".join(lines) + "\n"

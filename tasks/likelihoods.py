@@ -23,8 +23,8 @@ from transformers import DynamicCache
 from dda_kernel import Span, autocast_to
 
 # Rows × positions × vocabulary per forward pass (its float32 logits: 256 MiB). A pass costs about 66 ms before its
-# first token on SmolLM2 (2 CPUs, bfloat16; 0.46 ms a token after): 1 << 25 ran 36 passes on the tracing-latency
-# world's 16 outputs × 6 states where this runs 32, the same edits scored.
+# first token on SmolLM2 (2 CPUs, bfloat16; 0.46 ms a token after; a one-off fit, benchmarks/README.md): 1 << 25 ran
+# 36 passes on the tracing-latency world's 16 outputs × 6 states where this runs 32, the same edits scored.
 SCORE_CHUNK_ELEMENTS = 1 << 26
 # Tokens per packed sequence of edit rows: an eighth of a pass's positions on SmolLM2 (2**26 // 49 152 = 1 365). One
 # output per sequence padded a derivation's passes by 29 % on the tracing-latency world; this pads only the last.
