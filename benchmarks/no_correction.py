@@ -106,19 +106,27 @@ def _trace(
     return fps
 
 
-def edit_stats(store: Any, qids: list[str], tokenizer: Any) -> dict[str, dict[str, float]]:
-    """Per state: share of ``qids`` whose derived edit gains (> 0 nats), their mean gain, and the share whose
-    replacement text is several tokens (re-encoded with ``tokenizer``)."""
+def _nats(value: float | None) -> str:
+    return "–" if value is None else f"{value:.1f}"
+
+
+def edit_stats(store: Any, qids: list[str], tokenizer: Any) -> dict[str, dict[str, float | None]]:
+    """Per state: share of ``qids`` whose derived edit gains (> 0 nats; a search that stopped at ``min_edit_gain``
+    — ``gain_is_bound``, whose best edit gains at most that — counts as not gaining), the mean gain of the edits
+    whose search ran to its argmax (None without any), the share that stopped, and the share whose replacement
+    text is several tokens (re-encoded with ``tokenizer``)."""
     from storage.sql import query
 
-    rows = query(store, "SELECT checkpoint_id, gain, replacement FROM derived_corrections "
+    rows = query(store, "SELECT checkpoint_id, gain, gain_is_bound, replacement FROM derived_corrections "
                  "WHERE query_id IN (SELECT unnest($q))", {"q": qids}).to_pylist()  # fmt: skip
-    out: dict[str, dict[str, float]] = {}
+    out: dict[str, dict[str, float | None]] = {}
     for cid in sorted({r["checkpoint_id"] for r in rows}):
         at = [r for r in rows if r["checkpoint_id"] == cid]
+        exact = [r["gain"] for r in at if not r["gain_is_bound"]]
         pieces = [len(tokenizer(r["replacement"], add_special_tokens=False).input_ids) for r in at]
-        out[cid] = {"gaining": sum(r["gain"] > 0 for r in at) / len(at),
-                    "mean_gain": sum(r["gain"] for r in at) / len(at),
+        out[cid] = {"gaining": sum(g > 0 for g in exact) / len(at),
+                    "mean_gain": sum(exact) / len(exact) if exact else None,
+                    "stopped_at_threshold": (len(at) - len(exact)) / len(at),
                     "whole_word": sum(n > 1 for n in pieces) / len(at)}  # fmt: skip
     return out
 
@@ -212,7 +220,7 @@ def markdown(report: dict[str, Any]) -> str:
         "|---|---|---|---|---|",
     ]
     for name, states in report["edits"].items():
-        lines += [f"| {name} | {cid} | {v['gaining']:.2f} | {v['mean_gain']:.1f} | {v['whole_word']:.2f} |"
+        lines += [f"| {name} | {cid} | {v['gaining']:.2f} | {_nats(v['mean_gain'])} | {v['whole_word']:.2f} |"
                   for cid, v in states.items()]  # fmt: skip
     return "\n".join(lines) + "\n"
 

@@ -48,7 +48,7 @@ SQL: dict[str, str] = {
         WHERE list_contains($ids, q.query_id) GROUP BY ALL ORDER BY q.query_id""",
     # The correction the counterfactual query derived at the latest checkpoint that has one, per query.
     "derived": """
-        SELECT d.query_id, d.checkpoint_id, d.response, d.token, d.replacement, d.gain
+        SELECT d.query_id, d.checkpoint_id, d.response, d.token, d.replacement, d.gain, d.gain_is_bound
         FROM derived_corrections d JOIN checkpoints c USING (checkpoint_id)
         WHERE list_contains($ids, d.query_id)
         QUALIFY row_number() OVER (PARTITION BY d.query_id ORDER BY c.role = 'base', c.step DESC) = 1

@@ -79,6 +79,8 @@ class DerivedCorrectionRow(LanceModel):
     ``response`` is y' = y with the token at ``position`` (0-based, in the response's tokens) ``token`` replaced
     by ``replacement``; ``gain`` = [log p_θ0(y') + log p_θt(y')] − [log p_θ0(y) + log p_θt(y)] in nats.
     ``response_ids``: y' as token ids (the query embeds these; null in stores written before the column).
+    ``gain_is_bound``: true where the search stopped at ``min_edit_gain`` because no edit could gain more: ``gain``
+    is then an upper bound of every candidate's gain and the edit the candidate of largest bound (null: false).
     """
 
     query_id: str
@@ -90,6 +92,7 @@ class DerivedCorrectionRow(LanceModel):
     gain: float
     derived_at: datetime
     response_ids: list[int] | None = None
+    gain_is_bound: bool | None = None
 
 
 class TraceStatusRow(LanceModel):

@@ -54,7 +54,7 @@ VIEWS: dict[str, str] = {
     "query_groups": "SELECT group_id, query_id, added_at FROM _query_groups",
     # The correction the counterfactual query derived for an output without one, per checkpoint.
     "derived_corrections": "SELECT query_id, checkpoint_id, response, position, token, replacement, gain, "
-    "derived_at FROM _derived_corrections",
+    "coalesce(gain_is_bound, false) AS gain_is_bound, derived_at FROM _derived_corrections",
     # Outputs whose last tracing attempt failed: where (checkpoint, stage) and why; the others were traced.
     "failed_outputs": "SELECT query_id, checkpoint_id, stage, error, updated_at AS failed_at FROM _trace_status "
     "WHERE status = 'failed'",
@@ -133,6 +133,20 @@ def _relation(store: LineageStore, name: str) -> Any:
     return table_schema(name, 1).empty_table()
 
 
+def _register(con: duckdb.DuckDBPyConnection, store: LineageStore, name: str) -> None:
+    """``_<name>``: the table as stored, with any nullable column added to the schema since it was written as null
+    (reading never writes: the column is added to the table itself on its next write)."""
+    relation = _relation(store, name)
+    missing = [f for f in table_schema(name, 1) if f.name not in relation.schema.names]
+    if not missing:
+        con.register(f"_{name}", relation)
+        return
+    con.register(f"__{name}", relation)
+    types = con.from_arrow(pa.table({f.name: pa.nulls(0, f.type) for f in missing})).dtypes
+    nulls = ", ".join(f'NULL::{t} AS "{f.name}"' for f, t in zip(missing, types, strict=True))
+    con.execute(f"CREATE VIEW _{name} AS SELECT *, {nulls} FROM __{name}")
+
+
 def connect(
     store: LineageStore,
     memory_limit: str = MEMORY_LIMIT,
@@ -148,7 +162,7 @@ def connect(
     """
     con = duckdb.connect(":memory:")
     for name in BASE_TABLES:
-        con.register(f"_{name}", _relation(store, name))
+        _register(con, store, name)
     for name, body in VIEWS.items():
         con.execute(f"CREATE VIEW {name} AS {body}")
     for name in FINGERPRINTED:

@@ -38,6 +38,7 @@ SPAN_WORDS = 1  # words per output, ranked by how much fine-tuning raised their 
 SPAN_BEAMS = 4  # first tokens per such word (largest joint log-probability), each decoded greedily
 SPAN_TOKENS = 8  # longest decoded replacement
 PRUNE_ROUNDS = (1, 4)  # candidates per output scored in the first rounds of the search, then all still open
+FLOOR_SLACK = 1e-4  # nats below min_edit_gain where the search floor sits: float32 sums never prune a used edit
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,9 @@ class Derived:
     """A derived correction: the edited ``response`` text, the edit (position, replaced and replacement text) and its
     gain [log p_θ0(y') + log p_θt(y')] − [log p_θ0(y) + log p_θt(y)] in nats. ``response_ids``: the edited
     response's token ids (the output's own encoding, the edit applied): what the query embeds, so the vector is
-    computed on exactly the scored sequence (decoding then re-encoding text need not give the same ids)."""
+    computed on exactly the scored sequence (decoding then re-encoding text need not give the same ids).
+    ``gain_is_bound``: the search stopped at ``min_edit_gain`` because no edit could gain more: ``gain`` is then an
+    upper bound of every candidate's gain (≤ ``min_edit_gain``) and the edit the candidate of largest bound."""
 
     response: str
     position: int
@@ -53,6 +56,7 @@ class Derived:
     replacement: str
     gain: float
     response_ids: tuple[int, ...] = ()
+    gain_is_bound: bool = False
 
 
 _BASE_MEMO: OrderedDict[tuple[Any, ...], Scored] = OrderedDict()
@@ -153,12 +157,20 @@ class _Search:
     Each round scores, per output, the open edits of largest bound (:data:`PRUNE_ROUNDS`, then all still open)
     in one batched pass per model, θ_0 first (its likelihoods are kept across checkpoints), then θ_t on those of
     the batch whose bound, tightened by θ_0's exact terms, can still win: the argmax, its gain and the first-on-ties
-    choice are those of scoring every candidate in full."""
+    choice are those of scoring every candidate in full.
 
-    def __init__(self, views: list[list[Scored]], models: list[Any], precision: Any, progress: bool) -> None:
+    ``floors`` (per output, a total; None: −inf): an edit is only wanted if its total exceeds the floor (an edit
+    that gains no more than ``min_edit_gain`` is not used), so the floor starts as the best total: an output whose
+    candidates all have B(e) < floor is settled without scoring them (:meth:`settled`)."""
+
+    def __init__(
+        self, views: list[list[Scored]], models: list[Any], precision: Any, progress: bool,
+        floors: Sequence[float] | None = None,
+    ) -> None:  # fmt: skip
         self.views, self.models, self.precision, self.progress = views, models, precision, progress
         self.prefixes = [[prefix_likelihoods(s) for s in view] for view in views]
         self.seen: list[list[Span]] = [[] for _ in views[0]]
+        self.floors = list(floors) if floors is not None else [float("-inf")] * len(views[0])
 
     def _term(self, m: int, i: int, edit: Span) -> float:
         s = self.views[m][i]
@@ -182,15 +194,19 @@ class _Search:
         return [e for e in self.seen[i] if all(e in view[i].likelihoods for view in self.views)]
 
     def best(self, i: int) -> float:
-        """max T(e) over output i's edits scored by every model (−inf before any)."""
-        return max((self.bound(i, e) for e in self.scored(i)), default=float("-inf"))
+        """max T(e) over output i's edits scored by every model, and its floor (−inf before any, without one)."""
+        return max([self.floors[i], *(self.bound(i, e) for e in self.scored(i))])
+
+    def settled(self, i: int) -> bool:
+        """Whether output i's search stopped at its floor: no edit scored above it, every other bounded below it."""
+        return self.best(i) == self.floors[i] > float("-inf")
 
     def _open(self, size: int | None) -> list[list[Span]]:
         """Per output, the ``size`` unscored edits of largest bound (all: None) among those that can still win."""
         batch = []
         for i in range(len(self.seen)):
             done = set(self.scored(i))
-            best = max((self.bound(i, e) for e in done), default=float("-inf"))  # = self.best(i), scored() once
+            best = max([self.floors[i], *(self.bound(i, e) for e in done)])  # = self.best(i), scored() once
             open_ = [
                 (-b, n, e) for n, e in enumerate(self.seen[i]) if e not in done and (b := self.bound(i, e)) >= best
             ]
@@ -261,19 +277,34 @@ def _derive(
             views.append(tables(cached.model, encoded, precision, "counterfactual tables (θ_t)", progress))
         models.append((tuned_model, "counterfactual edits (θ_t)"))
     joints = [b.table + t.table for b, t in zip(base, views[-1], strict=True)]
-    search = _Search(views, models, precision, progress)
+    threshold = config.scoring.min_edit_gain
+    own = [float(b.own.sum()) + float(t.own.sum()) for b, t in zip(base, views[-1], strict=True)]
+    floors = None if threshold is None else [o + threshold - FLOOR_SLACK for o in own]
+    search = _Search(views, models, precision, progress, floors)
     search.run([_single_edits(j, b.response, n) for j, b, n in zip(joints, base, editable, strict=True)])
+    offered: list[list[tuple[int, int, int]]] = [[] for _ in rows]
     if checkpoint is not None:  # at the base model nothing has been fine-tuned: no word to replace
-        beams = [_span_beams(b, t, j, n, words) for b, t, j, n in zip(base, views[1], joints, editable, strict=True)]
-        beams = _beams_that_can_win(search, beams)
+        offered = [_span_beams(b, t, j, n, words) for b, t, j, n in zip(base, views[1], joints, editable, strict=True)]
+        beams = _beams_that_can_win(search, offered)
         spans = propose_spans(list(zip((base_model, tuned_model), views, strict=True)), beams, words, SPAN_TOKENS,
                               precision)  # fmt: skip
         search.run(spans)
     for key, b in zip(keys, search.views[0], strict=True):
         _remember(key, b)
     tuned = search.views[-1]
-    return [_derived(tokenizer, b, t, search.scored(i)) for i, (b, t) in enumerate(zip(search.views[0], tuned,
-                                                                                       strict=True))]  # fmt: skip
+    return [_bounded(tokenizer, search, i, [search.head(i, r, a) for r, _, a in offered[i]], own[i])
+            if search.settled(i) else _derived(tokenizer, b, t, search.scored(i))
+            for i, (b, t) in enumerate(zip(search.views[0], tuned, strict=True))]  # fmt: skip
+
+
+def _record(tokenizer: Any, response: torch.Tensor, span: Span, gain: float, bound: bool) -> Derived:
+    """The :class:`Derived` of ``span`` (r, e, z) applied to ``response`` (R,), with ``gain``."""
+    r, e, z = span
+    y = response.tolist()
+    full = apply_span(y, span)
+    ids = full[: len(full) - (len(y) - _editable(tokenizer, response))]  # the response text has no EOS
+    return Derived(tokenizer.decode(ids), r, tokenizer.decode(y[r:e]), tokenizer.decode(list(z)), gain, tuple(full),
+                   bound)  # fmt: skip
 
 
 def _derived(tokenizer: Any, base: Scored, tuned: Scored, edits: list[Span]) -> Derived | None:
@@ -282,9 +313,17 @@ def _derived(tokenizer: Any, base: Scored, tuned: Scored, edits: list[Span]) -> 
         return None
     own = float(base.own.sum()) + float(tuned.own.sum())
     gains = torch.tensor([base.likelihoods[e] + tuned.likelihoods[e] - own for e in edits], dtype=torch.float64)
-    r, e, z = best = best_edit(edits, gains)
-    y = base.response.tolist()
-    full = apply_span(y, best)
-    ids = full[: len(full) - (len(y) - _editable(tokenizer, base.response))]  # the response text has no EOS
-    return Derived(tokenizer.decode(ids), r, tokenizer.decode(y[r:e]), tokenizer.decode(list(z)), float(gains.max()),
-                   tuple(full))  # fmt: skip
+    return _record(tokenizer, base.response, best_edit(edits, gains), float(gains.max()), False)
+
+
+def _bounded(tokenizer: Any, search: _Search, i: int, beam_heads: list[float], own: float) -> Derived | None:
+    """Output i's search settled at its floor (no edit gains more than ``min_edit_gain``): the candidate of largest
+    bound B(e) (exact where scored; the first on ties), with ``gain`` = max B(e) − own over every candidate and every
+    whole-word beam's :meth:`_Search.head` (``beam_heads``): an upper bound of any edit's gain. None without
+    candidates."""
+    edits = search.seen[i]
+    if not edits:
+        return None
+    bounds = torch.tensor([search.bound(i, e) for e in edits], dtype=torch.float64)
+    gain = max([float(bounds.max()), *beam_heads]) - own
+    return _record(tokenizer, search.views[0][i].response, best_edit(edits, bounds), gain, True)

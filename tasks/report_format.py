@@ -78,6 +78,11 @@ def correction_line(data: ReportData, section: QuerySection) -> tuple[str, str, 
         edit = f"{d['token']!r} → {d['replacement']!r} at {d['checkpoint_id']}, {d['gain']:+.2f} nats"
         # stores scored before the option existed have no min_edit_gain in their settings: every edit was used
         threshold = scoring.get("min_edit_gain", None if scoring else shipped.min_edit_gain)
+        if d.get("gain_is_bound"):  # the search stopped at the threshold: the gain bounds every edit's
+            bound = f"no edit gains more than {d['gain']:+.2f} nats at {d['checkpoint_id']}"
+            if threshold is None or d["gain"] > threshold:  # stored under a higher min_edit_gain than these settings
+                return "derived correction", d["response"], f"{bound}: trace it again to derive the edit"
+            return "derived correction", d["response"], f"not used, plain query there: {bound} ≤ {threshold:g}"
         if threshold is not None and d["gain"] <= threshold:
             return "derived correction", d["response"], f"not used, plain query there: {edit} ≤ {threshold:g}"
         return "derived correction", d["response"], f"counterfactual query: {edit}"

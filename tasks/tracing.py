@@ -122,7 +122,17 @@ def edit_used(derived: Derived | None, config: PipelineConfig) -> bool:
 def _as_derived(row: dict[str, Any]) -> Derived:
     """A stored ``derived_corrections`` row as the :class:`~tasks.counterfactual.Derived` it recorded."""
     ids = tuple(row.get("response_ids") or ())  # stores from before the column: the text is re-encoded
-    return Derived(row["response"], int(row["position"]), row["token"], row["replacement"], float(row["gain"]), ids)
+    bound = bool(row.get("gain_is_bound"))  # null before the column: every search ran to its argmax
+    return Derived(row["response"], int(row["position"]), row["token"], row["replacement"], float(row["gain"]), ids,
+                   bound)  # fmt: skip
+
+
+def serves(derived: Derived | None, config: PipelineConfig) -> bool:
+    """Whether a stored correction answers these settings: an argmax always; a search that stopped at an earlier
+    ``min_edit_gain`` (its gain an upper bound) only where that bound is within this ``min_edit_gain`` — the edit is
+    not used either way — else the edit is derived again."""
+    threshold = config.scoring.min_edit_gain
+    return derived is None or not derived.gain_is_bound or (threshold is not None and derived.gain <= threshold)
 
 
 def _correction_row(query: dict[str, Any], derived: Derived) -> tuple[Any, ...]:
@@ -142,7 +152,7 @@ def _derived_at(
     every vector agrees with the audit trail), else derived now (:func:`tasks.counterfactual.derive_corrections`)."""
     cid = checkpoint["checkpoint_id"]
     stored = read_derived_corrections(store, cid, [q["query_id"] for q in rows])
-    known: dict[str, Derived | None] = {qid: _as_derived(row) for qid, row in stored.items()}
+    known: dict[str, Derived | None] = {qid: d for qid, row in stored.items() if serves(d := _as_derived(row), config)}
     todo = [q for q in rows if q["query_id"] not in known]
     path = None if checkpoint["role"] == "base" else checkpoint["path"]
     texts = [(f"query {q['query_id']!r}", q["prompt"], q["response"]) for q in todo]

@@ -258,3 +258,23 @@ def test_dda_sql_exports_every_row_unless_capped_and_shows_the_current_settings(
     assert err == ""
     assert main(["sql", "SELECT count(*) AS n FROM lineage_all", *args]) == 0
     assert capsys.readouterr().out.splitlines()[2].strip() == str(4 * N)
+
+
+def test_a_table_written_before_a_nullable_column_existed_reads_it_as_null_and_is_not_written(tmp_path):
+    """A ``derived_corrections`` table from before ``gain_is_bound``: its view answers with the column (false: those
+    searches ran to their argmax), and reading adds nothing to the stored table."""
+    from datetime import datetime
+
+    import pyarrow as pa
+
+    from storage.schemas import table_schema
+    from storage.store import LineageStore
+
+    store = LineageStore.open(tmp_path / "store")
+    old = pa.schema([f for f in table_schema("derived_corrections", 1) if f.name != "gain_is_bound"])
+    row = {"query_id": "q", "checkpoint_id": "base", "response": "r", "position": 0, "token": "a", "replacement": "b",
+           "gain": 1.5, "derived_at": datetime(2026, 1, 1), "response_ids": [1, 2]}  # fmt: skip
+    store.db.create_table("derived_corrections", pa.Table.from_pylist([row], schema=old))
+    got = query(store, "SELECT query_id, gain, gain_is_bound FROM derived_corrections").to_pylist()
+    assert got == [{"query_id": "q", "gain": 1.5, "gain_is_bound": False}]
+    assert "gain_is_bound" not in store.db.open_table("derived_corrections").schema.names

@@ -32,7 +32,7 @@ PINNED = {
     "created_at:timestamp[us]!",
     "query_groups": "group_id:string! query_id:string! added_at:timestamp[us]!",
     "derived_corrections": "query_id:string! checkpoint_id:string! response:string! position:int64! token:string! "
-    "replacement:string! gain:double! derived_at:timestamp[us]! response_ids:list<item: int64>",
+    "replacement:string! gain:double! derived_at:timestamp[us]! response_ids:list<item: int64> gain_is_bound:bool",
     "trace_status": "query_id:string! status:string! checkpoint_id:string stage:string error:string "
     "updated_at:timestamp[us]!",
     "embeddings": "sample_id:string! checkpoint_id:string! projection_fingerprint:string! "

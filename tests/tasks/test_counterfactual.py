@@ -13,6 +13,7 @@ import torch
 
 import tasks.counterfactual as cf
 import tasks.likelihoods as lk
+import tasks.tracing as tracing
 from dda_kernel import apply_edit, apply_span, build_projector, embed_batch, layout_for, pad_batch
 from storage.report import QuerySection, ReportData, gather
 from storage.sql import query
@@ -175,10 +176,13 @@ SUMMARIES = [  # SmolLM2 outputs whose best edit is not the one of largest table
 ]  # fmt: skip
 
 
-def _exhaustive_and_pruned(monkeypatch, base: str, paths: list, rows: list, config) -> list[tuple[list, int, bool]]:
-    """[(derived corrections at every path, suffix rows scored, whether at some output the winner is not the
-    candidate of largest table bound)] scoring every candidate in full (one round as large as any list, every
-    whole-word beam decoded), then with the search's rounds and beam pruning. Float32."""
+def _derive_counting(
+    monkeypatch, base: str, paths: list, rows: list, config, exhaustive: bool
+) -> tuple[list, int, bool]:
+    """(derived corrections at every path, suffix rows scored, whether at some output the winner is not the
+    candidate of largest table bound). ``exhaustive``: every candidate scored in full (one round as large as any
+    list, every whole-word beam decoded, no ``min_edit_gain`` floor); else the search's rounds, beam pruning and
+    ``config``'s floor. Float32."""
     scored_rows, suffix_decides = [], []
     real_pack, real_derived = lk._packed_log_probs, cf._derived
 
@@ -192,43 +196,78 @@ def _exhaustive_and_pruned(monkeypatch, base: str, paths: list, rows: list, conf
         suffix_decides.append(max(edits, key=heads.get) != max(edits, key=total.get))
         return real_derived(tokenizer, b, t, edits)
 
-    monkeypatch.setattr(lk, "_packed_log_probs", packed)
-    monkeypatch.setattr(cf, "_derived", derived)
-    out = []
-    can_win = cf._beams_that_can_win
-    for rounds in ((10**6,), cf.PRUNE_ROUNDS):
-        monkeypatch.setattr(cf, "PRUNE_ROUNDS", rounds)
-        monkeypatch.setattr(cf, "_beams_that_can_win", (lambda _, beams: beams) if rounds == (10**6,) else can_win)
+    with monkeypatch.context() as m:
+        m.setattr(lk, "_packed_log_probs", packed)
+        m.setattr(cf, "_derived", derived)
+        if exhaustive:
+            m.setattr(cf, "PRUNE_ROUNDS", (10**6,))
+            m.setattr(cf, "_beams_that_can_win", lambda _, beams: beams)
+            config = dataclasses.replace(config, scoring=ScoringConfig(min_edit_gain=None))
         cf._BASE_MEMO.clear()
-        scored_rows.clear()
-        suffix_decides.clear()
         got = [cf.derive_corrections(base, p, rows, dataclasses.replace(config, precision="float32")) for p in paths]
-        out.append((got, sum(scored_rows), any(suffix_decides)))
-    return out
+    return got, sum(scored_rows), any(suffix_decides)
 
 
-def _same_edits(everything: list, pruned: list) -> None:
+def _exhaustive_and_pruned(monkeypatch, base: str, paths: list, rows: list, config) -> list[tuple[list, int, bool]]:
+    """:func:`_derive_counting` scoring every candidate, then with the search."""
+    return [_derive_counting(monkeypatch, base, paths, rows, config, exhaustive) for exhaustive in (True, False)]
+
+
+def _same_edits(everything: list, pruned: list, threshold: float | None = None) -> int:
+    """Where the exhaustive edit gains more than ``threshold``, the search derived it exactly; elsewhere the search
+    may stop at the threshold: its gain then bounds the exhaustive one from above and is within the threshold.
+    Returns how many stopped there."""
+    stopped = 0
     for a, b in zip(everything, pruned, strict=True):
         assert a is not None
         assert b is not None
+        if b.gain_is_bound:
+            assert threshold is not None
+            assert a.gain <= threshold
+            assert a.gain - 1e-4 <= b.gain <= threshold
+            stopped += 1
+            continue
         assert (b.position, b.replacement, b.response, b.response_ids) == (a.position, a.replacement, a.response,
                                                                            a.response_ids)  # fmt: skip
         assert abs(b.gain - a.gain) < 1e-4
+    return stopped
+
+
+SMALL_ROWS = [(f"q{i}", f"document : {n} flew from Peru to England on {d} and met Kira there . summary :",
+               f"{n} flew to {w} .") for i, (n, d, w) in enumerate([("Alice", "Monday", "China"),
+                                                                   ("Bruno", "Friday", "Peru"),
+                                                                   ("Chen", "Sunday", "Kira")])]  # fmt: skip
 
 
 def test_pruned_search_scores_fewer_edits_and_derives_the_same(small_world, monkeypatch):
-    """At the base model and each checkpoint of the small world: the search with pruning derives, for every output,
-    the edit (position, replacement, response, ids) and gain that scoring every candidate in full derives, and
-    scores fewer suffix rows."""
+    """At the base model and each checkpoint of the small world: the search with pruning (every edit wanted,
+    ``min_edit_gain`` None) derives, for every output, the edit (position, replacement, response, ids) and gain that
+    scoring every candidate in full derives, and scores fewer suffix rows."""
     paths = [None] + [str(c.path) for c in discover_checkpoints(small_world.run_dir, 0.0)]
-    three = [("Alice", "Monday", "China"), ("Bruno", "Friday", "Peru"), ("Chen", "Sunday", "Kira")]
-    rows = [(f"q{i}", f"document : {n} flew from Peru to England on {d} and met Kira there . summary :",
-             f"{n} flew to {w} .") for i, (n, d, w) in enumerate(three)]  # fmt: skip
+    every = dataclasses.replace(CONFIG, scoring=ScoringConfig(min_edit_gain=None))
     (everything, n_all, _), (pruned, n_pruned, _) = _exhaustive_and_pruned(monkeypatch, small_world.base_model, paths,
-                                                                            rows, CONFIG)  # fmt: skip
+                                                                            SMALL_ROWS, every)  # fmt: skip
     for full, fast in zip(everything, pruned, strict=True):
-        _same_edits(full, fast)
+        assert _same_edits(full, fast) == 0
     assert n_pruned < n_all
+
+
+def test_a_search_floored_at_min_edit_gain_decides_every_fallback_as_the_full_search(small_world, monkeypatch):
+    """With ``min_edit_gain`` between the gains the states derive (so both cases occur): every edit that gains more
+    is derived exactly as scoring every candidate derives it; every other state stops at the floor with a gain that
+    bounds the true best gain from above and is itself within the threshold — so the same states trace the contrast
+    and the same fall back — scoring fewer suffix rows than the search without the floor."""
+    paths = [None] + [str(c.path) for c in discover_checkpoints(small_world.run_dir, 0.0)]
+    everything, _, _ = _derive_counting(monkeypatch, small_world.base_model, paths, SMALL_ROWS, CONFIG, True)
+    gains = sorted(d.gain for ds in everything for d in ds)
+    threshold = (gains[len(gains) // 2 - 1] + gains[len(gains) // 2]) / 2
+    floored = dataclasses.replace(CONFIG, scoring=ScoringConfig(min_edit_gain=threshold))
+    every = dataclasses.replace(CONFIG, scoring=ScoringConfig(min_edit_gain=None))
+    pruned, n_floored, _ = _derive_counting(monkeypatch, small_world.base_model, paths, SMALL_ROWS, floored, False)
+    _, n_unfloored, _ = _derive_counting(monkeypatch, small_world.base_model, paths, SMALL_ROWS, every, False)
+    stopped = sum(_same_edits(full, fast, threshold) for full, fast in zip(everything, pruned, strict=True))
+    assert stopped > 0
+    assert n_floored < n_unfloored
 
 
 def test_a_whole_word_beam_is_judged_by_its_own_bound_not_by_the_scored_single_token_edit():
@@ -267,10 +306,11 @@ def test_pruned_search_is_exact_where_the_suffix_decides(monkeypatch):
     monkeypatch.setattr(cf, "edit_candidates", wide)
     rows = [(f"q{i}", p, y) for i, (p, y) in enumerate(SUMMARIES)]
     config = dataclasses.replace(CONFIG, max_length=128)
+    every = dataclasses.replace(config, scoring=ScoringConfig(min_edit_gain=None))
     (everything, _, decides), (pruned, _, _) = _exhaustive_and_pruned(monkeypatch, str(smollm2_dir() / SMOLLM2_GGUF),
-                                                                      [None], rows, config)  # fmt: skip
+                                                                      [None], rows, every)  # fmt: skip
     assert decides
-    _same_edits(everything[0], pruned[0])
+    assert _same_edits(everything[0], pruned[0]) == 0
 
 
 def test_weights_cast_once_per_derivation_change_nothing_but_the_cost(small_world, monkeypatch):
@@ -378,24 +418,42 @@ def test_a_state_whose_edit_gains_no_more_than_min_edit_gain_traces_the_plain_qu
 
 def test_a_second_scoring_builds_its_vectors_from_the_stored_derived_corrections(small_world, tmp_path, monkeypatch):
     """One derived correction per (output, state): a scoring that lacks counterfactual vectors the store has edits
-    for (every edit used, after the default) derives nothing and gets the vectors that deriving would give."""
+    for (every edit used, after a scoring whose ``min_edit_gain`` lies between the gains) derives again only the
+    states whose search stopped at that threshold (``gain_is_bound``: their gain bounds every edit's, it names no
+    argmax), keeps every other edit as derived, and gets the vectors that deriving everything would give."""
     index(tmp_path / "a", small_world, copy_run(small_world, tmp_path / "run", steps=1))
     index(tmp_path / "b", small_world, tmp_path / "run")
     queries_file = write_queries(tmp_path / "queries.jsonl", n=4)  # q1, q3 have no correction
     every = dataclasses.replace(CONFIG, scoring=ScoringConfig(min_edit_gain=None))
     attribute(tmp_path / "b", small_world, queries_file, every)  # derives its own edits
-    attribute(tmp_path / "a", small_world, queries_file)  # the default derives and keeps them
+    fresh = LineageStore.open(tmp_path / "b" / "store")
+    exact = {(r["query_id"], r["checkpoint_id"]): r for r in fresh.read("derived_corrections").to_pylist()}
+    gains = sorted(r["gain"] for r in exact.values())
+    floored = dataclasses.replace(CONFIG, scoring=ScoringConfig(min_edit_gain=(gains[1] + gains[2]) / 2))
+    attribute(tmp_path / "a", small_world, queries_file, floored)
     store = LineageStore.open(tmp_path / "a" / "store")
-    edits = store.read("derived_corrections").to_pylist()
+    edits = {(r["query_id"], r["checkpoint_id"]): r for r in store.read("derived_corrections").to_pylist()}
+    view = query(store, "SELECT query_id, checkpoint_id, gain_is_bound FROM derived_corrections").to_pylist()
+    stopped = {(r["query_id"], r["checkpoint_id"]) for r in view if r["gain_is_bound"]}
+    assert 0 < len(stopped) < len(edits)
+    again = []
+    real = tracing.derive_corrections
 
     def derive(base, checkpoint, rows, config):
-        assert not rows, f"derived again: {rows}"
-        return []
+        again.extend(name for name, *_ in rows)
+        return real(base, checkpoint, rows, config)
 
-    monkeypatch.setattr("tasks.tracing.derive_corrections", derive)
+    monkeypatch.setattr(tracing, "derive_corrections", derive)
     attribute(tmp_path / "a", small_world, queries_file, every)
-    assert store.read("derived_corrections").to_pylist() == edits  # kept as derived, not rewritten
-    fresh = LineageStore.open(tmp_path / "b" / "store")
+    assert len(again) == len(stopped)
+    after = {(r["query_id"], r["checkpoint_id"]): r for r in store.read("derived_corrections").to_pylist()}
+    for key, row in after.items():
+        if key not in stopped:
+            assert row == edits[key]  # kept as derived, not rewritten
+        fields = ("response", "position", "token", "replacement", "response_ids")
+        assert {f: row[f] for f in fields} == {f: exact[key][f] for f in fields}
+        assert abs(row["gain"] - exact[key]["gain"]) < 1e-4
+        assert not row["gain_is_bound"]
     for ckpt in indexed_checkpoints(tmp_path / "a"):
         cid = ckpt["checkpoint_id"]
         kind = stored_kind(Kind.COUNTERFACTUAL, every, cid).name
@@ -419,6 +477,10 @@ def test_the_report_says_where_the_derived_edit_was_not_used():
     assert line({"min_edit_gain": 0.0}) == "not used, plain query there: ' China' → ' Paris' at run-3, -2.50 nats ≤ 0"
     assert line({"counterfactual": True}) == "counterfactual query: ' China' → ' Paris' at run-3, -2.50 nats"
     assert line({"min_edit_gain": -3.0}).startswith("counterfactual query: ")
+    section.derived["gain_is_bound"] = True  # the search stopped at the threshold: the gain bounds every edit's
+    bound = "no edit gains more than -2.50 nats at run-3"
+    assert line({"min_edit_gain": 0.0}) == f"not used, plain query there: {bound} ≤ 0"
+    assert line({"min_edit_gain": -3.0}) == f"{bound}: trace it again to derive the edit"
 
 
 def test_auto_scores_an_output_without_a_correction_as_counterfactual_unless_turned_off(small_world, tmp_path):
