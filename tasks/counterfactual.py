@@ -282,17 +282,18 @@ def _derive(
     floors = None if threshold is None else [o + threshold - FLOOR_SLACK for o in own]
     search = _Search(views, models, precision, progress, floors)
     search.run([_single_edits(j, b.response, n) for j, b, n in zip(joints, base, editable, strict=True)])
-    offered: list[list[tuple[int, int, int]]] = [[] for _ in rows]
+    dropped: list[list[tuple[int, int, int]]] = [[] for _ in rows]  # whole-word beams never decoded
     if checkpoint is not None:  # at the base model nothing has been fine-tuned: no word to replace
         offered = [_span_beams(b, t, j, n, words) for b, t, j, n in zip(base, views[1], joints, editable, strict=True)]
         beams = _beams_that_can_win(search, offered)
+        dropped = [[x for x in o if x not in kept] for o, kept in zip(offered, beams, strict=True)]
         spans = propose_spans(list(zip((base_model, tuned_model), views, strict=True)), beams, words, SPAN_TOKENS,
                               precision)  # fmt: skip
         search.run(spans)
     for key, b in zip(keys, search.views[0], strict=True):
         _remember(key, b)
     tuned = search.views[-1]
-    return [_bounded(tokenizer, search, i, [search.head(i, r, a) for r, _, a in offered[i]], own[i])
+    return [_bounded(tokenizer, search, i, [search.head(i, r, a) for r, _, a in dropped[i]], own[i])
             if search.settled(i) else _derived(tokenizer, b, t, search.scored(i))
             for i, (b, t) in enumerate(zip(search.views[0], tuned, strict=True))]  # fmt: skip
 
@@ -318,9 +319,10 @@ def _derived(tokenizer: Any, base: Scored, tuned: Scored, edits: list[Span]) -> 
 
 def _bounded(tokenizer: Any, search: _Search, i: int, beam_heads: list[float], own: float) -> Derived | None:
     """Output i's search settled at its floor (no edit gains more than ``min_edit_gain``): the candidate of largest
-    bound B(e) (exact where scored; the first on ties), with ``gain`` = max B(e) − own over every candidate and every
-    whole-word beam's :meth:`_Search.head` (``beam_heads``): an upper bound of any edit's gain. None without
-    candidates."""
+    bound B(e) (exact where scored; the first on ties), with ``gain`` = max B(e) − own over every candidate offered
+    (single-token edits and decoded whole-word replacements) and the :meth:`_Search.head` of every whole-word beam
+    never decoded (``beam_heads``: a bound of whatever it would have decoded): an upper bound of any edit's gain,
+    below the floor's threshold. None without candidates."""
     edits = search.seen[i]
     if not edits:
         return None

@@ -113,7 +113,7 @@ def edit_used(derived: Derived | None, config: PipelineConfig) -> bool:
     """Whether the counterfactual query contrasts with the derived edit: there is one and its gain exceeds
     ``scoring.min_edit_gain`` (None: any edit). Otherwise θ_0 and θ_t prefer the output to every candidate
     edit, the edit names nothing fine-tuning changed, and the checkpoint traces the plain query."""
-    if derived is None:
+    if derived is None or derived.gain_is_bound:  # a search stopped at a threshold names no edit to use
         return False
     threshold = config.scoring.min_edit_gain
     return threshold is None or derived.gain > threshold

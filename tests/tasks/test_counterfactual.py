@@ -252,21 +252,33 @@ def test_pruned_search_scores_fewer_edits_and_derives_the_same(small_world, monk
     assert n_pruned < n_all
 
 
-def test_a_search_floored_at_min_edit_gain_decides_every_fallback_as_the_full_search(small_world, monkeypatch):
+def _every_word_a_beam(base, tuned, joint, editable, words):
+    """Whole-word beams at each of the last three editable positions, started by its three best joint tokens."""
+    y = base.response.tolist()
+    return [(r, r + 1, a) for r in range(max(0, editable - 3), editable)
+            for a in [a for a in joint[r].topk(4).indices.tolist() if a != y[r]][:3]]  # fmt: skip
+
+
+@pytest.mark.parametrize("beams", ["shipped", "every word"])
+def test_a_search_floored_at_min_edit_gain_decides_every_fallback_as_the_full_search(small_world, monkeypatch, beams):
     """With ``min_edit_gain`` between the gains the states derive (so both cases occur): every edit that gains more
     is derived exactly as scoring every candidate derives it; every other state stops at the floor with a gain that
     bounds the true best gain from above and is itself within the threshold — so the same states trace the contrast
-    and the same fall back — scoring fewer suffix rows than the search without the floor."""
+    and the same fall back — scoring fewer suffix rows than the search without the floor. ``every word``: whole-word
+    replacements decoded at the last positions of every output at every checkpoint, so that stopped searches
+    include decoded and undecoded beams."""
+    if beams == "every word":
+        monkeypatch.setattr(cf, "_span_beams", _every_word_a_beam)
     paths = [None] + [str(c.path) for c in discover_checkpoints(small_world.run_dir, 0.0)]
     everything, _, _ = _derive_counting(monkeypatch, small_world.base_model, paths, SMALL_ROWS, CONFIG, True)
-    gains = sorted(d.gain for ds in everything for d in ds)
+    gains = sorted(d.gain for ds in everything[1:] for d in ds)  # the checkpoints', where beams are decoded
     threshold = (gains[len(gains) // 2 - 1] + gains[len(gains) // 2]) / 2
     floored = dataclasses.replace(CONFIG, scoring=ScoringConfig(min_edit_gain=threshold))
     every = dataclasses.replace(CONFIG, scoring=ScoringConfig(min_edit_gain=None))
     pruned, n_floored, _ = _derive_counting(monkeypatch, small_world.base_model, paths, SMALL_ROWS, floored, False)
     _, n_unfloored, _ = _derive_counting(monkeypatch, small_world.base_model, paths, SMALL_ROWS, every, False)
     stopped = sum(_same_edits(full, fast, threshold) for full, fast in zip(everything, pruned, strict=True))
-    assert stopped > 0
+    assert 0 < stopped < sum(map(len, everything))
     assert n_floored < n_unfloored
 
 
@@ -595,3 +607,15 @@ def test_two_model_search_leaves_unscored_only_edits_that_cannot_win():
         gaps = [search.best(i) - search.bound(i, e) for e in search.seen[i] if e not in done]
         assert all(g > 0 for g in gaps)
     assert sum(len(b.likelihoods) - len(t.likelihoods) for b, t in zip(*search.views, strict=True)) > 0
+
+
+def test_a_search_that_stopped_at_a_threshold_is_never_used_as_an_edit():
+    """A ``gain_is_bound`` row names no edit, whatever its bound and the threshold: the state traces the plain
+    query (an argmax row with the same gain would be used)."""
+    from tasks.tracing import edit_used
+
+    row = cf.Derived("Alice flew to England .", 3, " China", " England", 2.0, (1, 2, 3))
+    for threshold in (None, 0.0, 1.0):
+        config = dataclasses.replace(CONFIG, scoring=ScoringConfig(min_edit_gain=threshold))
+        assert edit_used(row, config)
+        assert not edit_used(dataclasses.replace(row, gain_is_bound=True), config)
