@@ -127,12 +127,12 @@ def _as_derived(row: dict[str, Any]) -> Derived:
                    bound)  # fmt: skip
 
 
-def serves(derived: Derived | None, config: PipelineConfig) -> bool:
+def serves(derived: Derived, config: PipelineConfig) -> bool:
     """Whether a stored correction answers these settings: an argmax always; a search that stopped at an earlier
     ``min_edit_gain`` (its gain an upper bound) only where that bound is within this ``min_edit_gain`` — the edit is
     not used either way — else the edit is derived again."""
     threshold = config.scoring.min_edit_gain
-    return derived is None or not derived.gain_is_bound or (threshold is not None and derived.gain <= threshold)
+    return not derived.gain_is_bound or (threshold is not None and derived.gain <= threshold)
 
 
 def _correction_row(query: dict[str, Any], derived: Derived) -> tuple[Any, ...]:
