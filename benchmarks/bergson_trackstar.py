@@ -45,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.hallucination.config import RESULTS, SIZES, log_line, machine
+from benchmarks.hallucination.config import RESULTS, SIZES, cell_fields, log_line, machine
 from benchmarks.hallucination.evaluation import mode_context, record
 from benchmarks.hallucination.worlds import prepare_mode
 
@@ -115,16 +115,18 @@ def add_states(cubes: dict[str, list[np.ndarray]], scores: np.ndarray, m: int) -
 
 
 def tool_rows(
-    tool: str, cubes: dict[str, list[np.ndarray]], seconds: dict[str, float], world: str, mode: str, ctx: Any
+    tool: str, cubes: dict[str, list[np.ndarray]], seconds: dict[str, float], size_name: str, mode: str, ctx: Any
 ) -> list[dict[str, Any]]:  # fmt: skip
     """Per query kind, ``tool[@kind]`` (the mean over checkpoints; time: every checkpoint) and ``…_last`` (the last
-    checkpoint; its time)."""
+    checkpoint; its time). Selection ``out_of_world``: the tool runs with its own settings, and the derived
+    corrections it is given use ``min_edit_gain`` 0, what the out-of-world choice for the canary world also takes."""
     total, last = sum(seconds.values()), list(seconds.values())[-1]
+    cell = cell_fields(size_name, tuned=False)
     rows = []
     for query, cube in cubes.items():
         name = tool + ("" if query == "plain" else f"@{query}")
-        rows.append({"world": world, **record(mode, query, name, ctx.score(np.mean(cube, 0)), total)})
-        rows.append({"world": world, **record(mode, query, f"{name}_last", ctx.score(cube[-1]), last)})
+        rows.append({**cell, **record(mode, query, name, ctx.score(np.mean(cube, 0)), total)})
+        rows.append({**cell, **record(mode, query, f"{name}_last", ctx.score(cube[-1]), last)})
     for r in rows:
         log_line(f"{r['method']}: AUC {r['mean_auc']:.3f}, AP {r['mean_ap']:.3f}")
     return rows
@@ -173,7 +175,7 @@ def main() -> None:
             raise RuntimeError(f"scores of shape {scores.shape}, expected {(3 * m, len(train_ids))}")
         add_states(cubes, scores[:, order], m)
         log_line(f"{ckpt.name}: TrackStar in {seconds[ckpt.name]} s")
-    rows = tool_rows("bergson_trackstar", cubes, seconds, SIZES[a.size].world, a.mode, ctx)
+    rows = tool_rows("bergson_trackstar", cubes, seconds, a.size, a.mode, ctx)
     report: dict[str, Any] = {
         "command": f"python -m benchmarks.bergson_trackstar --size {a.size} --mode {a.mode}", "machine": machine(),
         "bergson": "2.5.1", "projection_dim": PROJECTION_DIM, "results": rows, "seconds_per_checkpoint": seconds,

@@ -6,7 +6,8 @@ BM25 (:mod:`benchmarks.bm25`) needs no model, but its outputs are each seed's ow
 per fine-tuning run. For each cell of :data:`benchmarks.out_of_world.CELLS` whose fine-tuning run is cached (seed
 0 in ``.bench-work/<size>``, other seeds in ``.bench-work/<size>-seed<N>``; a missing run is skipped, never
 built), the outputs traced there are ranked by BM25 (prompt + output against the training texts) and scored
-against the known culprits exactly as the no-correction benchmark scores its ``bm25`` row (mean ROC-AUC and AP).
+against the known culprits exactly as the no-correction benchmark scores its ``bm25`` row (mean ROC-AUC, AP and
+the bootstrap ``ci95``). BM25 has no setting to choose, so its rows are ``selection = out_of_world``.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ WORK = Path(__file__).resolve().parents[1] / ".bench-work"
 
 def measure(size_name: str, mode: str, seed: int) -> dict[str, Any] | None:
     """The ``bm25`` row of one cached cell (None when its fine-tuning run is not cached)."""
-    from benchmarks.hallucination import SIZES, log_line, mode_context, prepare_mode, prepare_work, record
+    from benchmarks.hallucination import SIZES, cell_fields, log_line, mode_context, prepare_mode, prepare_work, record
     from benchmarks.hallucination.methods import bm25_rankings
 
     folder = WORK / (size_name if seed == 0 else f"{size_name}-seed{seed}")
@@ -34,8 +35,7 @@ def measure(size_name: str, mode: str, seed: int) -> dict[str, Any] | None:
     ctx, queries, texts = mode_context(work / mode, prepared)
     bm25, _ = bm25_rankings(texts, queries)
     row = record(mode, "counterfactual", "bm25", ctx.score(bm25["plain"]), 0.0)
-    return {"size": size_name, "mode": mode, "seed": seed, "outputs": len(queries),
-            "mean_auc": row["mean_auc"], "ap": row["mean_ap"]}  # fmt: skip
+    return {**cell_fields(size_name, tuned=False), "size": size_name, "seed": seed, "outputs": len(queries), **row}
 
 
 def main() -> int:

@@ -32,8 +32,8 @@ attributes the queries under these scorings, read back through the ``scores`` an
   :data:`TRACIN`), ``tracin_cp`` (its mean over checkpoints; the lr-weighted sum under a constant learning
   rate) and ``projected_if`` (ĝ_qᵀ F_T⁻¹ ĝ_i at the last checkpoint, ranked as its z-score s̃_T).
 
-Writes ``benchmarks/results/debias_forms_<size>[_seed<N>].{json,md}``: ``results`` rows with ``world``, ``mode``,
-``query``, ``method``, ``mean_auc``, ``mean_ap``, ``mean_recall_at_r``.
+Writes ``benchmarks/results/debias_forms_<size>[_seed<N>].{json,md}``: ``results`` rows with ``world``, ``model``,
+``selection``, ``mode``, ``query``, ``method``, ``mean_auc``, ``ap``, ``ci95``, ``mean_recall_at_r``.
 """
 
 from __future__ import annotations
@@ -58,6 +58,7 @@ from benchmarks.hallucination import (
     Log,
     bm25_rankings,
     cea_all_states,
+    cell_fields,
     lineage_matrix,
     log_line,
     lopo,
@@ -152,11 +153,12 @@ def repsim_rankings(
 
 
 def evaluate_mode(
-    work: Path, base_dir: Path, mode: str, size: Any, seed: int, log: Log, with_cea: bool = True
+    work: Path, base_dir: Path, mode: str, size_name: str, seed: int, log: Log, with_cea: bool = True
 ) -> list[dict[str, Any]]:
-    """Every method's record for one mode (see the module docstring)."""
+    """Every method's record for one mode of the world :data:`SIZES` ``[size_name]`` (see the module docstring)."""
     from storage.store import LineageStore
 
+    size = SIZES[size_name]
     prepared = prepare_mode(work, base_dir, mode, size, seed, log)
     root = work / mode
     ctx, queries, texts = mode_context(root, prepared)
@@ -180,7 +182,7 @@ def evaluate_mode(
     for kind in KINDS:
 
         def add(method: str, metrics: dict[str, PairMetrics], **more: Any) -> None:
-            records.append({"world": size.world, **record(mode, kind, method, metrics, 0.0, **more)})  # noqa: B023
+            records.append({**cell_fields(size_name), **record(mode, kind, method, metrics, 0.0, **more)})  # noqa: B023
 
         uniform = fps[_key(scoring(kind, query_weighting="uniform"))]
         s, b = score_cube(store, uniform, ckpts, qids, sids)
@@ -415,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
         "modes": {}, "results": [],
     }  # fmt: skip
     for mode in args.modes:
-        report["results"] += evaluate_mode(work, base_dir, mode, SIZES[size_name], args.seed, log_line, not args.no_cea)
+        report["results"] += evaluate_mode(work, base_dir, mode, size_name, args.seed, log_line, not args.no_cea)
         info = json.loads((work / mode / "world.json").read_text())
         report["modes"][mode] = {k: info[k] for k in ("n_train", "n_corrupted", "per_pair")}
     report["wall_seconds"] = time.perf_counter() - started

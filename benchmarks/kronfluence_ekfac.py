@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.bergson_trackstar import add_states, query_sets, tool_cell, tool_rows
-from benchmarks.hallucination.config import RESULTS, SIZES, log_line, machine
+from benchmarks.hallucination.config import RESULTS, log_line, machine
 
 WORKER = Path(__file__).with_name("kronfluence_worker.py")
 
@@ -74,7 +74,7 @@ def main() -> None:
             raise RuntimeError(f"scores of shape {scores.shape}, expected {(3 * m, len(train))}")
         add_states(cubes, scores, m)
         log_line(f"{ckpt.name}: kronfluence EK-FAC in {seconds[ckpt.name]} s")
-    rows = tool_rows("kronfluence_ekfac", cubes, seconds, SIZES[a.size].world, a.mode, ctx)
+    rows = tool_rows("kronfluence_ekfac", cubes, seconds, a.size, a.mode, ctx)
     report: dict[str, Any] = {
         "command": f"python -m benchmarks.kronfluence_ekfac --size {a.size} --mode {a.mode}", "machine": machine(),
         "kronfluence": "1.0.1", "strategy": "ekfac", "results": rows, "seconds_per_checkpoint": seconds,

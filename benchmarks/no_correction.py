@@ -24,10 +24,10 @@ without the correction; ``contrastive``: with it):
   s̃_T) and ``dda_denoise_only`` (mean_t s̃_t, λ = 0) of the default's own counterfactual query; the same four of the
   contrastive query (query ``contrastive``), and TracIn of the plain query (query ``plain``: the output alone).
 
-Each row also names its ``model``, its ``ap`` (the mean AP) and its ``selection``: ``out_of_world`` on the worlds of
-:data:`OUT_OF_WORLD`, built after every default was fixed, else ``in_sample``. Beside them, per derivation and
-state, the share of outputs whose derived edit gains (> 0 nats), the mean gain and the share of edits that replace
-more than one token, from the ``derived_corrections`` view. Writes
+Each row also names its ``model``, its ``ap`` (the mean AP) and its ``selection``: ``out_of_world`` on the worlds
+of :data:`~benchmarks.hallucination.config.OUT_OF_WORLD`, built after every default was fixed, else ``in_sample``.
+Beside them, per derivation and state, the share of outputs whose derived edit gains (> 0 nats), the mean gain and
+the share of edits that replace more than one token, from the ``derived_corrections`` view. Writes
 ``benchmarks/results/no_correction_<size>.{json,md}``.
 """
 
@@ -46,6 +46,7 @@ from benchmarks.hallucination import (
     RESULTS,
     SIZES,
     bm25_rankings,
+    cell_fields,
     lineage_matrix,
     log_line,
     machine,
@@ -61,9 +62,6 @@ from flows.settings import code_version
 from tasks.config import ScoringConfig
 from tasks.counterfactual import SPAN_WORDS
 
-# Worlds built after every default was fixed, never used to choose one: their rows are out-of-world estimates. The
-# canary and fictional-people worlds chose defaults (benchmarks/README.md, "Why these defaults"): in-sample there.
-OUT_OF_WORLD = frozenset({"names", "paraphrase"})
 WORDS = "words:"  # the id prefix of the outputs traced with the shipped derivation (whole-word replacements)
 SINGLE = "single:"  # the id prefix of the outputs traced with single-token edits only
 COUNTERFACTUAL = {"scoring": {"query_kind": "counterfactual"}}
@@ -162,11 +160,10 @@ def evaluate(
     ckpts = [c for c in timings["index"] if c != "base"]
     rows = []
 
-    selection = "out_of_world" if size_name in OUT_OF_WORLD else "in_sample"
+    cell = cell_fields(size_name, model)
 
     def add(kind: str, method: str, matrix: Any) -> None:
-        row = record(mode, kind, method, ctx.score(matrix), 0.0)
-        rows.append({"world": size.world, "model": MODELS[model], "selection": selection, "ap": row["mean_ap"], **row})
+        rows.append({**cell, **record(mode, kind, method, ctx.score(matrix), 0.0)})
 
     add("counterfactual", "default", lineage_matrix(store, words[key["cf"]], whole, sids))
     if not shipped_only:

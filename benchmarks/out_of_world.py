@@ -118,6 +118,7 @@ def measure_cell(size_name: str, mode: str, seed: int, chosen: dict[str, Any]) -
     (``contrastive``)."""
     from benchmarks.hallucination import (
         SIZES,
+        cell_fields,
         lineage_matrix,
         log_line,
         mode_context,
@@ -146,15 +147,15 @@ def measure_cell(size_name: str, mode: str, seed: int, chosen: dict[str, Any]) -
     for (kind, selection, method), variant in variants.items():
         fp = timings["fingerprints"][json.dumps(variant, sort_keys=True)]
         row = record(mode, kind, method, ctx.score(lineage_matrix(store, fp, ctx.qids, ctx.sids)), 0.0)
-        rows.append({"world": size.world, "size": size_name, "seed": seed, "model": "SmolLM2-135M",
-                     "selection": selection, "settings": variant["scoring"], "ap": row["mean_ap"], **row})  # fmt: skip
+        rows.append({**cell_fields(size_name), "size": size_name, "seed": seed, "selection": selection,
+                     "settings": variant["scoring"], **row})  # fmt: skip
     log_line(f"{size_name}/{mode}/seed {seed}: measured in {time.perf_counter() - t0:.0f} s")
     return rows
 
 
 def seed_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per (size, mode, query, selection, method) measured at several seeds: the mean and sample sd of the mean AUC
-    and AP."""
+    and AP (no ``ci95``: the spread over seeds is the ``sd``)."""
     groups: dict[tuple[str, str, str, str, str], list[dict[str, Any]]] = {}
     for r in rows:
         groups.setdefault((r["size"], r["mode"], r["query"], r["selection"], r["method"]), []).append(r)
@@ -162,7 +163,8 @@ def seed_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for (size, mode, query, selection, method), rs in groups.items():
         if len(rs) > 1:
             auc, ap = [r["mean_auc"] for r in rs], [r["ap"] for r in rs]
-            out.append({"size": size, "mode": mode, "query": query, "selection": selection, "method": method,
+            out.append({"size": size, "world": rs[0]["world"], "model": rs[0]["model"], "mode": mode, "query": query,
+                        "selection": selection, "method": method,
                         "seeds": [r["seed"] for r in rs], "mean_auc": float(np.mean(auc)),
                         "sd_auc": float(np.std(auc, ddof=1)), "ap": float(np.mean(ap)),
                         "sd_ap": float(np.std(ap, ddof=1))})  # fmt: skip
@@ -175,8 +177,7 @@ def collected(results: Path = RESULTS) -> list[dict[str, Any]]:
     for size in COLLECTED:
         path = results / f"no_correction_{size}.json"
         if path.is_file():
-            out += [{**r, "size": size, "selection": "out_of_world", "ap": r["mean_ap"]}
-                    for r in json.loads(path.read_text())["results"]]  # fmt: skip
+            out += [{**r, "size": size} for r in json.loads(path.read_text())["results"]]
     return out
 
 

@@ -83,10 +83,13 @@ def mode_context(root: Path, prepared: dict[str, Any]) -> tuple[Context, list[di
 def record(
     mode: str, kind: str, method: str, metrics: dict[str, PairMetrics], seconds: float, **more: Any
 ) -> dict[str, Any]:
-    """One JSON result record (the shape the issue fixes, plus AP/recall per pair and notes)."""
+    """One JSON result record: ``mode``, ``query``, ``method``, ``mean_auc``, ``ap`` (the mean AP, also as ``mean_ap``)
+    and ``ci95`` (bootstrap interval of the mean AUC over outputs), plus recall, per-pair metrics and notes; the
+    caller adds the cell's :func:`~benchmarks.hallucination.config.cell_fields`."""
+    ap = mean_of(metrics, "ap")
     return {
-        "mode": mode, "query": kind, "method": method, "mean_auc": mean_of(metrics, "auc"),
-        "mean_ap": mean_of(metrics, "ap"), "mean_recall_at_r": mean_of(metrics, "recall_at_r"),
+        "mode": mode, "query": kind, "method": method, "mean_auc": mean_of(metrics, "auc"), "ap": ap,
+        "mean_ap": ap, "mean_recall_at_r": mean_of(metrics, "recall_at_r"),
         "mean_recall_at_10": mean_of(metrics, "recall_at_10"), "mean_mrr": mean_of(metrics, "mrr"),
         "per_pair_auc": {p: m.auc for p, m in metrics.items()}, "per_pair_ap": {p: m.ap for p, m in metrics.items()},
         "per_pair_recall_at_r": {p: m.recall_at_r for p, m in metrics.items()}, "ci95": bootstrap_ci(metrics),

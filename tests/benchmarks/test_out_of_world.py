@@ -25,14 +25,15 @@ def test_each_world_is_given_the_settings_its_other_worlds_choose_and_ties_keep_
 
 
 def test_seed_summary_gives_mean_and_sample_sd_of_cells_measured_at_several_seeds():
-    rows = [{"size": "default", "mode": "lora", "query": "contrastive", "selection": "out_of_world", "seed": s,
-             "method": "default", "mean_auc": auc, "ap": ap}
+    rows = [{"size": "default", "world": "canary", "model": "SmolLM2-135M", "mode": "lora", "query": "contrastive",
+             "selection": "out_of_world", "seed": s, "method": "default", "mean_auc": auc, "ap": ap}
             for s, auc, ap in ((0, 0.9, 0.5), (1, 0.8, 0.7), (2, 1.0, 0.6))]  # fmt: skip
     rows.append({**rows[0], "size": "people"})  # one seed: no summary
     rows += [{**r, "method": "ablation", "mean_auc": 0.5} for r in rows[1:3]]  # another method: summarised apart
     only, ablation = seed_summary(rows)
     assert (ablation["method"], ablation["seeds"], ablation["mean_auc"]) == ("ablation", [1, 2], 0.5)
     assert (only["size"], only["method"], only["seeds"]) == ("default", "default", [0, 1, 2])
+    assert (only["world"], only["model"]) == ("canary", "SmolLM2-135M")
     assert abs(only["mean_auc"] - 0.9) < 1e-12
     assert abs(only["sd_auc"] - 0.1) < 1e-12
     assert abs(only["ap"] - 0.6) < 1e-12
