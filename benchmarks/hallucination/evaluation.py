@@ -199,7 +199,7 @@ def evaluate_kind(
     cgrid = cea_grid(cea, ctx)
     metrics, chosen = lopo(cgrid, ctx.pairs)
     add("dda_cea", metrics, sum(costs.cea), chosen=chosen)
-    add("default", ctx.score(default), costs.default)
+    add("default", ctx.score(default), costs.default, traced_as=DEFAULT_QUERY[kind])
     study = {
         "grid": [
             {"preconditioner": key[0], "normalisation": key[1], "lambda": key[2], "checkpoints": key[3],

@@ -40,7 +40,9 @@ def markdown(report: dict[str, Any]) -> str:
            f"Machine: {report['machine']}  ", f"Seed {report['seed']}, sizes `{json.dumps(report['sizes'])}`  ",
            f"Wall time: {report['wall_seconds'] / 60:.1f} min  ",
            f"Code {report.get('code', '(not recorded)')}, scoring defaults "
-           f"`{json.dumps(report.get('defaults', '(not recorded)'))}`", "", "Mean ROC-AUC over the canary pairs:", "",
+           f"`{json.dumps(report.get('defaults', '(not recorded)'))}`", "", "Mean ROC-AUC over the canary pairs "
+           "(`default` traces each column as `dda attribute` would: an output without a correction by the "
+           "counterfactual query, one with a correction by the contrastive query):", "",
            summary_table(report), ""]  # fmt: skip
     for mode, info in report["modes"].items():
         counts = ", ".join(

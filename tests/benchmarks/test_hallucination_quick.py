@@ -69,6 +69,9 @@ def test_every_method_is_reported_once_per_mode_and_query_kind(report):
         )
         lo, hi = r["ci95"]
         assert 0.0 <= lo <= hi <= 1.0
+        assert r.get("traced_as") == (
+            {"plain": "counterfactual"}.get(r["query"], r["query"]) if r["method"] == "default" else None
+        )
 
 
 def test_query_provenance_is_reported_per_pair(report):
