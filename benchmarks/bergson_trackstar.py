@@ -121,7 +121,7 @@ def tool_rows(
     checkpoint; its time). Selection ``out_of_world``: the tool runs with its own settings, and the derived
     corrections it is given use ``min_edit_gain`` 0, what the out-of-world choice for the canary world also takes."""
     total, last = sum(seconds.values()), list(seconds.values())[-1]
-    cell = cell_fields(size_name, tuned=False)
+    cell = cell_fields(size_name, tool)
     rows = []
     for query, cube in cubes.items():
         name = tool + ("" if query == "plain" else f"@{query}")

@@ -35,7 +35,7 @@ def measure(size_name: str, mode: str, seed: int) -> dict[str, Any] | None:
     ctx, queries, texts = mode_context(work / mode, prepared)
     bm25, _ = bm25_rankings(texts, queries)
     row = record(mode, "counterfactual", "bm25", ctx.score(bm25["plain"]), 0.0)
-    return {**cell_fields(size_name, tuned=False), "size": size_name, "seed": seed, "outputs": len(queries), **row}
+    return {**cell_fields(size_name, "bm25"), "size": size_name, "seed": seed, "outputs": len(queries), **row}
 
 
 def main() -> int:

@@ -182,7 +182,7 @@ def evaluate_mode(
     for kind in KINDS:
 
         def add(method: str, metrics: dict[str, PairMetrics], **more: Any) -> None:
-            records.append({**cell_fields(size_name), **record(mode, kind, method, metrics, 0.0, **more)})  # noqa: B023
+            records.append({**cell_fields(size_name, method), **record(mode, kind, method, metrics, 0.0, **more)})  # noqa: B023
 
         uniform = fps[_key(scoring(kind, query_weighting="uniform"))]
         s, b = score_cube(store, uniform, ckpts, qids, sids)

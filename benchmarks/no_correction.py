@@ -160,10 +160,8 @@ def evaluate(
     ckpts = [c for c in timings["index"] if c != "base"]
     rows = []
 
-    cell = cell_fields(size_name, model)
-
     def add(kind: str, method: str, matrix: Any) -> None:
-        rows.append({**cell, **record(mode, kind, method, ctx.score(matrix), 0.0)})
+        rows.append({**cell_fields(size_name, method, model), **record(mode, kind, method, ctx.score(matrix), 0.0)})
 
     add("counterfactual", "default", lineage_matrix(store, words[key["cf"]], whole, sids))
     if not shipped_only:

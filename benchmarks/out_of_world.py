@@ -147,7 +147,7 @@ def measure_cell(size_name: str, mode: str, seed: int, chosen: dict[str, Any]) -
     for (kind, selection, method), variant in variants.items():
         fp = timings["fingerprints"][json.dumps(variant, sort_keys=True)]
         row = record(mode, kind, method, ctx.score(lineage_matrix(store, fp, ctx.qids, ctx.sids)), 0.0)
-        rows.append({**cell_fields(size_name), "size": size_name, "seed": seed, "selection": selection,
+        rows.append({**cell_fields(size_name, method), "size": size_name, "seed": seed, "selection": selection,
                      "settings": variant["scoring"], **row})  # fmt: skip
     log_line(f"{size_name}/{mode}/seed {seed}: measured in {time.perf_counter() - t0:.0f} s")
     return rows

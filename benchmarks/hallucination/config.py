@@ -81,11 +81,16 @@ MODELS = {"smollm2": "SmolLM2-135M", "gemma3": "Gemma-3-270M"}  # --model: the b
 OUT_OF_WORLD = frozenset({"names", "paraphrase"})
 
 
-def cell_fields(size_name: str, model: str = "smollm2", tuned: bool = True) -> dict[str, str]:
+# Methods that run with no setting chosen on any benchmark world: word overlap, and the field's tools with their own
+# settings (every query kind and checkpoint choice of theirs: ``bergson_trackstar@counterfactual_last``).
+UNTUNED = frozenset({"bm25", "bergson_trackstar", "kronfluence_ekfac"})
+
+
+def cell_fields(size_name: str, method: str, model: str = "smollm2") -> dict[str, str]:
     """The fields every result row names its cell by: ``world``, ``model`` (:data:`MODELS`) and ``selection`` —
-    ``out_of_world`` where nothing the row ran with was chosen on this world (a world of :data:`OUT_OF_WORLD`, or
-    ``tuned = False``: another tool's own settings), else ``in_sample``."""
-    out = size_name in OUT_OF_WORLD or not tuned
+    ``out_of_world`` where nothing ``method`` ran with was chosen on this world (a world of :data:`OUT_OF_WORLD`, or
+    a method of :data:`UNTUNED`), else ``in_sample``."""
+    out = size_name in OUT_OF_WORLD or method.split("@")[0].removesuffix("_last") in UNTUNED
     return {
         "world": SIZES[size_name].world,
         "model": MODELS[model],

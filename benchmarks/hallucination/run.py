@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
             k: prepared[k] for k in ("n_train", "n_corrupted", "train_seconds", "generate_seconds", "per_pair")
         }
         result = evaluate_mode(work, base_dir, mode, size, args.seed, prepared, not args.cea_fp32, log_line)
-        report["results"] += [{**cell_fields(size_name), **r} for r in result.records]
+        report["results"] += [{**cell_fields(size_name, r["method"]), **r} for r in result.records]
         report["study"][mode] = result.study
         report["extra"][mode] = result.extra
     report["wall_seconds"] = time.perf_counter() - started
