@@ -24,8 +24,9 @@ without the correction; ``contrastive``: with it):
   s̃_T) and ``dda_denoise_only`` (mean_t s̃_t, λ = 0) of the default's own counterfactual query; the same four of the
   contrastive query (query ``contrastive``), and TracIn of the plain query (query ``plain``: the output alone).
 
-Each row also names its ``model``, its ``ap`` (the mean AP) and its ``selection``: ``out_of_world`` on the worlds
-of :data:`~benchmarks.hallucination.config.OUT_OF_WORLD`, built after every default was fixed, else ``in_sample``.
+Each row also names its ``model``, its ``ap`` (the mean AP) and its ``selection``
+(:func:`~benchmarks.hallucination.config.cell_fields`): ``out_of_world`` on the worlds built after every default was
+fixed and for BM25 (nothing to choose), else ``in_sample``.
 Beside them, per derivation and state, the share of outputs whose derived edit gains (> 0 nats), the mean gain and
 the share of edits that replace more than one token, from the ``derived_corrections`` view. Writes
 ``benchmarks/results/no_correction_<size>.{json,md}``.
