@@ -2,8 +2,9 @@
 
 Every quality row (a ``results`` row with a ``mean_auc``) of ``benchmarks/results/*.json`` names its cell
 (``world``, ``model``, ``mode``), its ``query``, ``method`` and ``selection``, and carries ``mean_auc``, ``ap`` and
-``ci95``; where it keeps per-pair metrics, its means are checked against them. The headline table's DDA cells are
-found among the committed ``selection = out_of_world`` rows, interval and seed spread included.
+``ci95``; where it keeps per-pair metrics, its means are checked against them. Every number of the README's results
+table (BM25, DDA with its interval and seed spread, the other method named) is found among the committed
+``selection = out_of_world`` rows.
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ CONTRACT = ("world", "model", "mode", "query", "method", "mean_auc", "ap", "ci95
 HEADLINE_WORLDS = {"canary news": "canary", "fictional people": "people", "invented names": "names",
                    "paraphrase": "paraphrase"}  # fmt: skip
 CELL = re.compile(r"\*\*(\d\.\d{3})\*\* \((\d\.\d{3})–(\d\.\d{3})")
+OTHER = re.compile(r"^(.+?) (\d\.\d{3}) / (\d\.\d{3})")  # the last column: "NAME no-correction / with"
+OTHER_METHODS = {"kronfluence EK-FAC": "kronfluence_ekfac", "TrackStar": "bergson_trackstar",
+                 "TracIn over checkpoints": "tracin_cp", "BM25": "bm25"}  # fmt: skip
 SEEDS = re.compile(r"(\d\.\d{3}) ± (\d\.\d{3})")
 
 
@@ -133,3 +137,23 @@ def test_the_readme_headline_quotes_only_out_of_world_rows():
                 summary = [(f"{s['mean_auc']:.3f}", f"{s['sd_auc']:.3f}") for s in seeds if s["method"] == "default"
                            and (s["world"], s["mode"], s["query"]) == (world, mode, query)]  # fmt: skip
                 assert spread.groups() in summary, f"{world}/{mode} {query}: {spread.groups()} not in {summary}"
+
+
+def test_the_readme_headline_s_bm25_and_other_method_columns_are_out_of_world_rows():
+    rows, _ = out_of_world_rows()
+
+    def aucs(world: str, mode: str, query: str, methods: set[str]) -> set[str]:
+        return {f"{r['mean_auc']:.3f}" for r in rows if (r["world"], r["mode"], r["query"]) == (world, mode, query)
+                and r["method"] in methods}  # fmt: skip
+
+    for world, mode, cells in headline():
+        bm25 = re.search(r"\d\.\d{3}", cells[1])
+        assert bm25, f"{world}/{mode}: {cells[1]!r}"
+        assert bm25.group() in aucs(world, mode, "counterfactual", {"bm25"}), f"{world}/{mode}: {cells[1]!r}"
+        other = OTHER.search(cells[4])
+        assert other, f"{world}/{mode}: {cells[4]!r}"
+        assert other.group(1) in OTHER_METHODS, f"{world}/{mode}: {cells[4]!r}"
+        method = OTHER_METHODS[other.group(1)]
+        for query, quoted_auc in (("counterfactual", other.group(2)), ("contrastive", other.group(3))):
+            named = {method, f"{method}@{query}"}
+            assert quoted_auc in aucs(world, mode, query, named), f"{world}/{mode} {query}: {cells[4]!r}"
