@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +38,9 @@ def quality_rows(report: Any) -> list[dict[str, Any]]:
     return [r for r in rows or [] if isinstance(r, dict) and "mean_auc" in r]
 
 
+@cache
 def committed() -> dict[str, dict[str, Any]]:
-    """Every committed results file with quality rows, by file name."""
+    """Every committed results file with quality rows, by file name (read once per session; never mutated)."""
     reports = {p.name: json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))}
     return {name: r for name, r in reports.items() if quality_rows(r)}
 
